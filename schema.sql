@@ -1,0 +1,129 @@
+-- mana-sync schema.
+--
+-- Applied at every start-up (and by `mana-sync migrate`) inside one transaction that first takes a
+-- transaction-level advisory lock, so two instances starting at once apply it one after the other.
+-- Every statement is additive and idempotent: it creates what is missing and never drops data. It also
+-- upgrades a database that today's (Go) server created, including the old `field_timestamps` column.
+
+CREATE TABLE IF NOT EXISTS sync_changes (
+    id             UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    app_id         TEXT NOT NULL,
+    table_name     TEXT NOT NULL,
+    record_id      TEXT NOT NULL,
+    user_id        TEXT NOT NULL,
+    op             TEXT NOT NULL CHECK (op IN ('insert', 'update', 'delete')),
+    data           JSONB,
+    field_meta     JSONB DEFAULT '{}',
+    client_id      TEXT NOT NULL,
+    created_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
+    schema_version INT NOT NULL DEFAULT 1,
+    actor          JSONB,
+    origin         TEXT,
+    space_id       TEXT
+);
+
+-- Columns that older databases lack.
+ALTER TABLE sync_changes ADD COLUMN IF NOT EXISTS field_meta JSONB DEFAULT '{}';
+ALTER TABLE sync_changes ADD COLUMN IF NOT EXISTS schema_version INT NOT NULL DEFAULT 1;
+ALTER TABLE sync_changes ADD COLUMN IF NOT EXISTS actor JSONB;
+ALTER TABLE sync_changes ADD COLUMN IF NOT EXISTS origin TEXT;
+ALTER TABLE sync_changes ADD COLUMN IF NOT EXISTS space_id TEXT;
+
+CREATE INDEX IF NOT EXISTS idx_sync_changes_user_app_created
+    ON sync_changes (user_id, app_id, created_at);
+CREATE INDEX IF NOT EXISTS idx_sync_changes_record
+    ON sync_changes (table_name, record_id, created_at);
+CREATE INDEX IF NOT EXISTS idx_sync_changes_user_app_table_created
+    ON sync_changes (user_id, app_id, table_name, created_at);
+
+-- Row-level security: a transaction sees and writes only the rows of the user it declared with
+-- set_config('app.current_user_id', ..., true). FORCE makes it bind the table owner too; superusers and
+-- BYPASSRLS roles are never bound, which is why the server must connect as an ordinary role.
+ALTER TABLE sync_changes ENABLE ROW LEVEL SECURITY;
+-- The backfill below must see every row, so RLS is lifted for the rest of this transaction only (DDL is
+-- transactional; other sessions wait on the table lock and never see it lifted).
+ALTER TABLE sync_changes NO FORCE ROW LEVEL SECURITY;
+
+-- Databases written by older servers keep per-field timestamps in `field_timestamps`.
+DO $$
+BEGIN
+    IF EXISTS (
+        SELECT 1 FROM information_schema.columns
+        WHERE table_schema = current_schema() AND table_name = 'sync_changes'
+          AND column_name = 'field_timestamps'
+    ) THEN
+        EXECUTE $sql$
+            UPDATE sync_changes SET field_meta = field_timestamps::jsonb
+            WHERE (field_meta IS NULL OR field_meta = '{}'::jsonb)
+              AND field_timestamps IS NOT NULL AND field_timestamps::jsonb <> '{}'::jsonb
+        $sql$;
+    END IF;
+END
+$$;
+
+ALTER TABLE sync_changes FORCE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS sync_changes_owner ON sync_changes;
+CREATE POLICY sync_changes_owner ON sync_changes
+    USING (user_id = current_setting('app.current_user_id', true))
+    WITH CHECK (user_id = current_setting('app.current_user_id', true));
+
+-- The per-user clock behind the cursor guarantee (SPEC §5).
+--
+-- Every row inserted into sync_changes, by this server or by any direct writer, is stamped by the trigger
+-- below while holding an exclusive per-user advisory lock until its transaction ends; stamps of one user
+-- are strictly increasing. Readers take the shared form of the same lock before they read, so they never
+-- read while a write of that user is in flight, and every later write is stamped after everything they saw.
+-- `last_at` is the newest stamp handed out to the user (or the newest cursor vouched for).
+CREATE TABLE IF NOT EXISTS sync_user_clock (
+    user_id TEXT PRIMARY KEY,
+    last_at TIMESTAMPTZ NOT NULL
+);
+REVOKE ALL ON sync_user_clock FROM PUBLIC;
+
+-- Stamps one row. Within a transaction the last stamp of a user is kept in a transaction-local setting, so
+-- only the first row of a user per transaction takes the lock and reads the clock table; the statement
+-- trigger further down writes the clock once per statement.
+-- SECURITY DEFINER: direct writers need no privileges on sync_user_clock.
+CREATE OR REPLACE FUNCTION sync_changes_stamp() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    setting_name text := 'mana_sync.clock_' || replace(hashtext(NEW.user_id)::text, '-', 'm');
+    remembered text := current_setting(setting_name, true);
+    previous timestamptz;
+    stamped timestamptz;
+BEGIN
+    IF remembered IS NOT NULL AND remembered <> ''
+       AND substr(remembered, position('|' in remembered) + 1) = NEW.user_id THEN
+        stamped := split_part(remembered, '|', 1)::timestamptz + interval '1 microsecond';
+    ELSE
+        PERFORM pg_advisory_xact_lock(1398361667, hashtext(NEW.user_id));
+        SELECT last_at INTO previous FROM sync_user_clock WHERE user_id = NEW.user_id;
+        IF previous IS NULL THEN
+            -- First write through this clock: continue after whatever an older server wrote.
+            SELECT max(created_at) INTO previous FROM sync_changes WHERE user_id = NEW.user_id;
+        END IF;
+        stamped := greatest(clock_timestamp(), previous + interval '1 microsecond');
+    END IF;
+    PERFORM set_config(setting_name, stamped::text || '|' || NEW.user_id, true);
+    NEW.created_at := stamped;
+    RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION sync_changes_advance_clock() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    INSERT INTO sync_user_clock AS clock (user_id, last_at)
+    SELECT user_id, max(created_at) FROM stamped_rows GROUP BY user_id
+    ON CONFLICT (user_id) DO UPDATE SET last_at = greatest(clock.last_at, excluded.last_at);
+    RETURN NULL;
+END
+$$;
+
+DROP TRIGGER IF EXISTS sync_changes_stamp ON sync_changes;
+CREATE TRIGGER sync_changes_stamp BEFORE INSERT ON sync_changes
+    FOR EACH ROW EXECUTE FUNCTION sync_changes_stamp();
+DROP TRIGGER IF EXISTS sync_changes_advance_clock ON sync_changes;
+CREATE TRIGGER sync_changes_advance_clock AFTER INSERT ON sync_changes
+    REFERENCING NEW TABLE AS stamped_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION sync_changes_advance_clock();

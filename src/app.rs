@@ -1,0 +1,168 @@
+//! Start-up: from a `Config` to a running `App` (database, schema, auth), and the shared state every
+//! request handler sees.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::auth::{AuthConfig, Authenticator};
+use crate::config::Config;
+use crate::devdb::{EmbeddedOptions, EmbeddedPostgres};
+use crate::log;
+use crate::store::{Migration, Store, StoreError, StoreOptions};
+
+/// Shared state of one server: cheap to reach from every connection through an `Arc`.
+pub struct App {
+    pub config: Config,
+    pub store: Store,
+    pub auth: Authenticator,
+    open_connections: AtomicUsize,
+}
+
+impl App {
+    pub fn open_connections(&self) -> usize {
+        self.open_connections.load(Ordering::Relaxed)
+    }
+
+    /// Counts an accepted connection until the returned guard is dropped.
+    pub fn connection_opened(self: &Arc<Self>) -> ConnectionGuard {
+        self.open_connections.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(self.clone())
+    }
+}
+
+pub struct ConnectionGuard(Arc<App>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A failure to start, with a message for the operator.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// The database the server talks to, and the embedded cluster when it runs one.
+pub struct Database {
+    pub config: tokio_postgres::Config,
+    pub embedded: Option<EmbeddedPostgres>,
+}
+
+/// `DATABASE_URL` when set; otherwise starts (or re-opens) the embedded cluster under the data directory.
+pub async fn open_database(config: &Config) -> Result<Database, StartError> {
+    let (url, embedded) = match &config.database_url {
+        Some(url) => (url.clone(), None),
+        None => {
+            log::info(
+                "DATABASE_URL is unset: starting the embedded PostgreSQL",
+                &[("dataDir", config.data_dir.display().to_string().into())],
+            );
+            let embedded = EmbeddedPostgres::start(EmbeddedOptions::new(&config.data_dir))
+                .await
+                .map_err(|e| StartError(format!("embedded PostgreSQL: {e}")))?;
+            (embedded.connection_string(), Some(embedded))
+        }
+    };
+    let parsed = url.parse::<tokio_postgres::Config>().map_err(|e| {
+        StartError(format!(
+            "DATABASE_URL is not a valid PostgreSQL connection string: {e}"
+        ))
+    })?;
+    Ok(Database {
+        config: parsed,
+        embedded,
+    })
+}
+
+pub fn auth_config(config: &Config) -> AuthConfig {
+    AuthConfig {
+        jwks_url: config.jwks_url.clone(),
+        jwks_file: config.jwks_file.clone(),
+        issuer: config.jwt_issuer.clone(),
+        audience: config.jwt_audience.clone(),
+        ..AuthConfig::default()
+    }
+}
+
+/// Opens the store, applies the schema (retrying for a while if the database is still coming up) and
+/// starts the key refresher.
+pub async fn build(
+    config: Config,
+    database: tokio_postgres::Config,
+) -> Result<Arc<App>, StartError> {
+    let store = Store::new(
+        database,
+        &StoreOptions {
+            pool_size: config.db_pool_size,
+            acquire_timeout: config.db_acquire_timeout,
+        },
+    );
+    migrate(&store).await?;
+    match store.bypasses_row_level_security().await {
+        Ok(true) => log::warn(
+            "connected as a superuser or BYPASSRLS role: row-level security does not bind it; \
+             connect as an ordinary role",
+            &[],
+        ),
+        Ok(false) => {}
+        Err(e) => log::warn(
+            "could not check the database role",
+            &[("error", e.to_string().into())],
+        ),
+    }
+    if let Some(url) = &config.mana_credits_url {
+        log::warn(
+            "MANA_CREDITS_URL is set but this build has no billing gate yet; requests are not checked",
+            &[("url", url.as_str().into())],
+        );
+    } else {
+        log::info("billing gate off: MANA_CREDITS_URL is unset", &[]);
+    }
+    let auth = Authenticator::new(auth_config(&config));
+    match auth.refresh().await {
+        Ok(keys) => log::info("signing keys loaded", &[("keys", keys.into())]),
+        Err(e) => log::warn(
+            "signing keys not loaded yet; will retry",
+            &[("error", e.into())],
+        ),
+    }
+    auth.spawn_refresher();
+    Ok(Arc::new(App {
+        config,
+        store,
+        auth,
+        open_connections: AtomicUsize::new(0),
+    }))
+}
+
+pub async fn migrate(store: &Store) -> Result<Migration, StartError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match store.migrate().await {
+            Ok(outcome) => {
+                log::info(
+                    "schema ready",
+                    &[("migration", format!("{outcome:?}").into())],
+                );
+                return Ok(outcome);
+            }
+            Err(StoreError::Unavailable(why)) if Instant::now() < deadline => {
+                log::warn(
+                    "database not reachable yet; retrying",
+                    &[("error", why.into())],
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(StartError(format!("applying schema.sql failed: {e}"))),
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! Configuration: read once from the environment at start-up, validated, then passed explicitly.
+//!
+//! No other module reads the environment. A bad value stops the server at start with a message that names
+//! the variable, instead of surfacing later as a confusing runtime failure.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything the server can be told.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bind_address: IpAddr,
+    pub port: u16,
+    /// `None`: run the embedded PostgreSQL under `data_dir` (SPEC §14).
+    pub database_url: Option<String>,
+    pub data_dir: PathBuf,
+    pub jwks_url: Option<String>,
+    pub jwks_file: Option<PathBuf>,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    pub cors_origins: Vec<String>,
+    pub mana_credits_url: Option<String>,
+    pub mana_service_key: Option<String>,
+    pub max_body_bytes: usize,
+    pub pull_page_size: usize,
+    pub pull_max_page_size: usize,
+    pub db_pool_size: usize,
+    pub db_acquire_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub shutdown_timeout: Duration,
+    pub log_level: crate::log::Level,
+}
+
+/// A configuration value that cannot be used; the message names the variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+pub const DEFAULT_JWKS_URL: &str = "http://localhost:3001/api/auth/jwks";
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads configuration through `lookup`, so tests can supply variables without touching the process.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let get = |name: &str| lookup(name).map(|v| v.trim().to_owned());
+        let set = |name: &str| get(name).filter(|v| !v.is_empty());
+
+        let database_url = set("DATABASE_URL");
+        let data_dir = PathBuf::from(set("MANA_SYNC_DATA_DIR").unwrap_or_else(|| "./data".into()));
+        // The dev key written by `mana-sync keygen` is trusted only with the embedded database, which is
+        // the development set-up; production always names its database and its JWKS.
+        let jwks_file = match set("JWKS_FILE") {
+            Some(path) => Some(PathBuf::from(path)),
+            None if database_url.is_none() => Some(data_dir.join("dev-jwks.json")),
+            None => None,
+        };
+        let jwks_url = match get("JWKS_URL") {
+            None => Some(DEFAULT_JWKS_URL.to_owned()),
+            Some(url) if url.is_empty() => None,
+            Some(url) if url.starts_with("http://") || url.starts_with("https://") => Some(url),
+            Some(url) => {
+                return Err(ConfigError(format!(
+                    "JWKS_URL={url:?} must be an http:// or https:// URL (or empty)"
+                )))
+            }
+        };
+        let mana_credits_url = match set("MANA_CREDITS_URL") {
+            Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
+                return Err(ConfigError(format!(
+                    "MANA_CREDITS_URL={url:?} must be an http:// or https:// URL"
+                )))
+            }
+            other => other,
+        };
+
+        let config = Config {
+            bind_address: parse(
+                &get,
+                "BIND_ADDRESS",
+                "0.0.0.0".parse().expect("valid"),
+                "an IP address",
+            )?,
+            port: parse(&get, "PORT", 3050, "a port number (0-65535)")?,
+            database_url,
+            data_dir,
+            jwks_url,
+            jwks_file,
+            jwt_issuer: set("JWT_ISSUER"),
+            // Unset means the default audience; set but empty means "do not check".
+            jwt_audience: match get("JWT_AUDIENCE") {
+                None => Some("mana".to_owned()),
+                Some(aud) if aud.is_empty() => None,
+                Some(aud) => Some(aud),
+            },
+            cors_origins: set("CORS_ORIGINS")
+                .map(|v| {
+                    v.split(',')
+                        .map(|o| o.trim().to_owned())
+                        .filter(|o| !o.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            mana_credits_url,
+            mana_service_key: set("MANA_SERVICE_KEY"),
+            max_body_bytes: positive(&get, "MAX_BODY_BYTES", 10 * 1024 * 1024)?,
+            pull_page_size: positive(&get, "PULL_PAGE_SIZE", 1000)?,
+            pull_max_page_size: positive(&get, "PULL_MAX_PAGE_SIZE", 5000)?,
+            db_pool_size: positive(&get, "DB_POOL_SIZE", 16)?,
+            db_acquire_timeout: Duration::from_millis(
+                positive(&get, "DB_ACQUIRE_TIMEOUT_MS", 5000)? as u64,
+            ),
+            header_read_timeout: Duration::from_millis(positive(
+                &get,
+                "HEADER_READ_TIMEOUT_MS",
+                10_000,
+            )? as u64),
+            max_connections: positive(&get, "MAX_CONNECTIONS", 10_000)?,
+            shutdown_timeout: Duration::from_millis(
+                positive(&get, "SHUTDOWN_TIMEOUT_MS", 10_000)? as u64
+            ),
+            log_level: parse(
+                &get,
+                "LOG_LEVEL",
+                crate::log::Level::Info,
+                "one of error, warn, info, debug",
+            )?,
+        };
+        if config.pull_page_size > config.pull_max_page_size {
+            return Err(ConfigError(format!(
+                "PULL_PAGE_SIZE={} must not exceed PULL_MAX_PAGE_SIZE={}",
+                config.pull_page_size, config.pull_max_page_size
+            )));
+        }
+        Ok(config)
+    }
+
+    /// A configuration for tests and tools: defaults, no environment.
+    pub fn defaults() -> Config {
+        Config::from_lookup(|_| None).expect("defaults are valid")
+    }
+}
+
+fn parse<T: std::str::FromStr>(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &str,
+    default: T,
+    expected: &str,
+) -> Result<T, ConfigError> {
+    match get(name) {
+        None => Ok(default),
+        Some(v) if v.is_empty() => Ok(default),
+        Some(v) => v
+            .parse()
+            .map_err(|_| ConfigError(format!("{name}={v:?} is not valid: expected {expected}"))),
+    }
+}
+
+fn positive(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &str,
+    default: usize,
+) -> Result<usize, ConfigError> {
+    match parse(get, name, default, "a positive integer")? {
+        0 => Err(ConfigError(format!(
+            "{name}=0 is not valid: expected a positive integer"
+        ))),
+        n => Ok(n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(move |name| {
+            vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let config = Config::defaults();
+        assert_eq!(config.port, 3050);
+        assert_eq!(config.jwks_url.as_deref(), Some(DEFAULT_JWKS_URL));
+        assert_eq!(config.jwt_audience.as_deref(), Some("mana"));
+        assert_eq!(config.jwt_issuer, None);
+        assert_eq!(config.max_body_bytes, 10 * 1024 * 1024);
+        assert_eq!(
+            (config.pull_page_size, config.pull_max_page_size),
+            (1000, 5000)
+        );
+        assert!(config.database_url.is_none());
+        assert_eq!(
+            config.jwks_file,
+            Some(PathBuf::from("./data/dev-jwks.json"))
+        );
+        assert!(config.mana_credits_url.is_none());
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (name, value) in [
+            ("PORT", "http"),
+            ("PORT", "70000"),
+            ("DB_POOL_SIZE", "0"),
+            ("MAX_BODY_BYTES", "-1"),
+            ("JWKS_URL", "ftp://x"),
+            ("MANA_CREDITS_URL", "localhost:3061"),
+            ("LOG_LEVEL", "loud"),
+            ("BIND_ADDRESS", "everywhere"),
+        ] {
+            let error = with(&[(name, value)]).expect_err(name);
+            assert!(error.0.starts_with(name), "{error}");
+        }
+        let error = with(&[("PULL_PAGE_SIZE", "6000")]).unwrap_err();
+        assert!(error.0.contains("PULL_PAGE_SIZE"), "{error}");
+    }
+
+    #[test]
+    fn empty_values_mean_what_the_spec_says() {
+        let config = with(&[
+            ("JWT_AUDIENCE", ""),
+            ("JWKS_URL", ""),
+            ("MANA_CREDITS_URL", ""),
+            ("PORT", ""),
+        ])
+        .unwrap();
+        assert_eq!(config.jwt_audience, None);
+        assert_eq!(config.jwks_url, None);
+        assert_eq!(config.mana_credits_url, None);
+        assert_eq!(config.port, 3050);
+        let config = with(&[
+            ("DATABASE_URL", "host=/tmp user=x"),
+            ("CORS_ORIGINS", "https://a.example, http://b:5173,"),
+        ])
+        .unwrap();
+        assert_eq!(
+            config.jwks_file, None,
+            "no dev key outside the embedded set-up"
+        );
+        assert_eq!(
+            config.cors_origins,
+            vec!["https://a.example", "http://b:5173"]
+        );
+    }
+}

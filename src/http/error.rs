@@ -1,0 +1,91 @@
+//! HTTP errors: the one place where failures become status codes and `{"error","message"}` bodies.
+
+use hyper::StatusCode;
+
+use crate::auth::AuthError;
+use crate::protocol::ProtocolError;
+use crate::store::StoreError;
+
+/// An error response. `code` is the stable API clients may branch on; `message` is for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    /// Seconds, for 503 and 429.
+    pub retry_after: Option<u32>,
+    /// For 405.
+    pub allow: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+            allow: None,
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+        }
+    }
+
+    pub fn body(&self) -> String {
+        serde_json::json!({ "error": self.code, "message": self.message }).to_string()
+    }
+}
+
+impl From<ProtocolError> for ApiError {
+    fn from(e: ProtocolError) -> ApiError {
+        ApiError::bad_request(e.code, e.message)
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        match e {
+            AuthError::KeysUnavailable => ApiError::unavailable(
+                e.code(),
+                format!("{e}; tokens cannot be verified right now"),
+            ),
+            _ => ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Unavailable(_) => ApiError::unavailable(
+                "database_unavailable",
+                "the database is unavailable; retry shortly",
+            ),
+            StoreError::Saturated => {
+                ApiError::unavailable("database_saturated", "the server is busy; retry shortly")
+            }
+            StoreError::Contention(_) => ApiError::unavailable(
+                "database_contention",
+                "the write collided with another; retry shortly",
+            ),
+            StoreError::Internal(_) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "internal error; it has been logged",
+            ),
+        }
+    }
+}

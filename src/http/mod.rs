@@ -1,0 +1,345 @@
+//! The HTTP layer: request in, response out.
+//!
+//! `handle` is the service function of every connection. It routes (`router`), authenticates, reads the
+//! body within its cap, calls the store and turns every failure into a JSON error (`error`). CORS headers
+//! are added here, to every response, so that browsers also see error bodies.
+
+pub mod error;
+pub mod router;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+
+use crate::app::App;
+use crate::auth::{self, Claims};
+use crate::protocol::{self, time};
+pub use error::ApiError;
+use router::{Route, Routing};
+
+/// The body type of every response (boxed so that streams can share it later).
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// Longest accepted `X-Client-Id`, in bytes.
+const MAX_CLIENT_ID_BYTES: usize = 512;
+
+pub async fn handle(
+    app: Arc<App>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let origin = request.headers().get(header::ORIGIN).cloned();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let mut response = match dispatch(&app, request).await {
+        Ok(response) => response,
+        Err(error) => {
+            if error.status.is_server_error() {
+                crate::log::warn(
+                    "request failed",
+                    &[
+                        ("method", method.as_str().into()),
+                        ("path", path.as_str().into()),
+                        ("status", error.status.as_u16().into()),
+                        ("error", error.code.into()),
+                    ],
+                );
+            }
+            error_response(&error)
+        }
+    };
+    cors(
+        &app.config.cors_origins,
+        origin.as_ref(),
+        response.headers_mut(),
+    );
+    Ok(response)
+}
+
+async fn dispatch(app: &App, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let route = match router::route(request.method(), request.uri().path()) {
+        Routing::Found(route) => route,
+        Routing::Preflight { allow } => return Ok(preflight(allow)),
+        Routing::MethodNotAllowed { allow } => {
+            return Err(ApiError {
+                allow: Some(allow),
+                ..ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("{} is not allowed here; allowed: {allow}", request.method()),
+                )
+            })
+        }
+        Routing::InvalidAppId => {
+            return Err(ApiError::bad_request(
+                "invalid_app_id",
+                "appId must be 1-64 characters of A-Z a-z 0-9 _ . -",
+            ))
+        }
+        Routing::NotFound => {
+            return Err(ApiError::not_found(format!(
+                "no route for {}",
+                request.uri().path()
+            )))
+        }
+    };
+    match route {
+        Route::Push { app: app_id } => push(app, request, &app_id).await,
+        Route::Pull { app: app_id } => pull(app, request, &app_id).await,
+        Route::Health => health(app).await,
+        // Owned by later work (real time, operations); they answer 404 until they exist.
+        Route::AppStream { .. }
+        | Route::UnifiedStream
+        | Route::UnifiedSocket
+        | Route::AppSocket { .. }
+        | Route::Metrics => Err(ApiError::not_found(format!(
+            "{} is not available in this version",
+            request.uri().path()
+        ))),
+    }
+}
+
+async fn push(
+    app: &App,
+    request: Request<Incoming>,
+    app_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let claims = authenticate(app, request.headers()).await?;
+    let header_device = client_id_header(request.headers())?;
+    check_content_type(request.headers())?;
+    let received_at = now_micros();
+    let body = read_body(request, app.config.max_body_bytes).await?;
+    let changeset = protocol::parse_changeset(&body, received_at)?;
+    drop(body);
+    let device = header_device.or_else(|| changeset.client_id.clone());
+    let response = app
+        .store
+        .push(
+            &claims.sub,
+            app_id,
+            device.as_deref(),
+            &changeset,
+            app.config.pull_page_size,
+        )
+        .await?;
+    Ok(json_response(StatusCode::OK, &response))
+}
+
+async fn pull(
+    app: &App,
+    request: Request<Incoming>,
+    app_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let claims = authenticate(app, request.headers()).await?;
+    let device = client_id_header(request.headers())?;
+    let query = protocol::parse_pull_query(
+        request.uri().query(),
+        app.config.pull_page_size,
+        app.config.pull_max_page_size,
+    )?;
+    let response = app
+        .store
+        .pull(&claims.sub, app_id, device.as_deref(), &query)
+        .await?;
+    Ok(json_response(StatusCode::OK, &response))
+}
+
+async fn health(app: &App) -> Result<Response<Body>, ApiError> {
+    let database = tokio::time::timeout(std::time::Duration::from_secs(2), app.store.ping()).await;
+    let database_ok = matches!(database, Ok(Ok(())));
+    let pool = app.store.pool_status();
+    let body = serde_json::json!({
+        "status": if database_ok { "ok" } else { "degraded" },
+        "service": "mana-sync",
+        "timestamp": time::format_millis(now_micros()),
+        "connections": app.open_connections(),
+        "database": if database_ok { "ok" } else { "unreachable" },
+        "pool": { "size": pool.max_size, "inUse": pool.in_use, "idle": pool.idle, "waiting": pool.waiting },
+    });
+    let status = if database_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok(json_response(status, &body))
+}
+
+async fn authenticate(app: &App, headers: &HeaderMap) -> Result<Claims, ApiError> {
+    let value = match headers.get(header::AUTHORIZATION) {
+        None => None,
+        Some(value) => Some(value.to_str().map_err(|_| {
+            ApiError::from(auth::AuthError::Malformed(
+                "Authorization header is not ASCII".into(),
+            ))
+        })?),
+    };
+    let token = auth::bearer_token(value)?;
+    let claims = app.auth.verify(token).await?;
+    // The user id ends up in SQL parameters and lock keys; keep it to something PostgreSQL can store.
+    if claims.sub.len() > 255 || claims.sub.contains('\0') {
+        return Err(auth::AuthError::Malformed(
+            "sub is longer than 255 bytes or contains U+0000".into(),
+        )
+        .into());
+    }
+    Ok(claims)
+}
+
+fn client_id_header(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("x-client-id") else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| {
+            ApiError::bad_request("invalid_client_id", "X-Client-Id must be printable ASCII")
+        })?
+        .trim();
+    if text.len() > MAX_CLIENT_ID_BYTES {
+        return Err(ApiError::bad_request(
+            "invalid_client_id",
+            format!("X-Client-Id is longer than {MAX_CLIENT_ID_BYTES} bytes"),
+        ));
+    }
+    Ok(Some(text.to_owned()).filter(|t| !t.is_empty()))
+}
+
+/// JSON bodies only. A missing Content-Type is tolerated (today's server never checked it).
+fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = value
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/json" || essence.ends_with("+json") {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("Content-Type must be application/json, not {essence:?}"),
+        ))
+    }
+}
+
+/// Reads the whole body, refusing more than `cap` bytes: a declared length over the cap is refused before
+/// reading anything, and a chunked body is cut off as soon as it grows past the cap.
+async fn read_body(request: Request<Incoming>, cap: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body exceeds the limit of {cap} bytes"),
+        )
+    };
+    if let Some(length) = request.headers().get(header::CONTENT_LENGTH) {
+        let length: u64 = length
+            .to_str()
+            .ok()
+            .and_then(|l| l.parse().ok())
+            .ok_or_else(|| {
+                ApiError::bad_request("invalid_content_length", "Content-Length is not a number")
+            })?;
+        if length > cap as u64 {
+            return Err(too_large());
+        }
+    }
+    match Limited::new(request.into_body(), cap).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(_) => Err(ApiError::bad_request(
+            "body_read_failed",
+            "the request body could not be read",
+        )),
+    }
+}
+
+fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(value).expect("serialising plain data cannot fail");
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+pub fn error_response(error: &ApiError) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(error.body())).boxed());
+    *response.status_mut() = error.status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(seconds) = error.retry_after {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    if let Some(allow) = error.allow {
+        headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+    }
+    if error.status == StatusCode::UNAUTHORIZED {
+        headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    response
+}
+
+/// Preflight: answered without authentication, for any path that exists.
+fn preflight(allow: &'static str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::new()).boxed());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let headers = response.headers_mut();
+    headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+/// CORS for an allowed origin: echo it (credentials are allowed, so `*` cannot be used), and on every
+/// response `Vary: Origin` so caches keep answers for different origins apart.
+fn cors(allowed: &[String], origin: Option<&HeaderValue>, headers: &mut HeaderMap) {
+    headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+    let Some(origin) = origin else { return };
+    let permitted = origin.to_str().is_ok_and(|o| {
+        allowed
+            .iter()
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(o))
+    });
+    if !permitted {
+        return;
+    }
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+        HeaderValue::from_static("true"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Authorization, Content-Type, X-Client-Id"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+}
+
+pub fn now_micros() -> time::Micros {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,16 @@
+//! mana-sync: the sync server for local-first apps.
+//!
+//! Browsers push batches of changes and pull what other devices wrote; PostgreSQL stores every change.
+//! See ARCHITECTURE.md for the map of this crate and the invariants it keeps.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod devdb;
+pub mod http;
+pub mod log;
+pub mod protocol;
+pub mod server;
+pub mod store;

@@ -1,0 +1,419 @@
+//! The push body: parsing and validation of a `Changeset`.
+//!
+//! Validation happens completely before anything touches the database, so a batch is either accepted as a
+//! whole or rejected with an error that names the offending change by its 0-based index. The body is first
+//! parsed into a `serde_json::Value` and then checked by hand, which gives precise messages ("change 149:
+//! op must be one of insert, update, delete") instead of serde's generic ones, and tolerates the unknown keys
+//! clients send.
+//!
+//! The output, [`Changeset`], is already in the shape the store writes: one [`NewChange`] per change with the
+//! op-specific `data` and `field_meta` documents computed here, so the store only moves values into SQL.
+
+use serde_json::{Map, Value};
+
+use super::time::{self, Micros};
+use super::{is_identifier, ProtocolError, SUPPORTED_SCHEMA_VERSION};
+
+/// Longest record id, client id or origin accepted, in bytes.
+pub const MAX_ID_BYTES: usize = 512;
+
+/// A validated push.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Changeset {
+    pub client_id: Option<String>,
+    /// The cursor the client pulled up to; the epoch when it sent none.
+    pub since: Micros,
+    pub changes: Vec<NewChange>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Op> {
+        match text {
+            "insert" => Some(Op::Insert),
+            "update" => Some(Op::Update),
+            "delete" => Some(Op::Delete),
+            _ => None,
+        }
+    }
+}
+
+/// One change, ready to be stored as a `sync_changes` row.
+///
+/// Storage layout (compatible with today's server and the direct writers): `data` holds the full record for
+/// inserts and the changed field values for updates and deletes; `field_meta` maps a field name to the `at`
+/// string it was written with. A delete also stores its `deletedAt` as the field `deletedAt`, so it survives
+/// in the row and is emitted again as the change's `deletedAt`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewChange {
+    pub table: String,
+    pub record_id: String,
+    pub op: Op,
+    pub data: Map<String, Value>,
+    pub field_meta: Map<String, Value>,
+    pub space_id: Option<String>,
+    pub actor: Option<Value>,
+    pub origin: Option<String>,
+    pub schema_version: i32,
+}
+
+/// Parses and validates a push body. `received_at` is the server's time, used for a delete that carries
+/// no `deletedAt` of its own (a delete must always have one, or the web client hard-deletes).
+pub fn parse_changeset(body: &[u8], received_at: Micros) -> Result<Changeset, ProtocolError> {
+    let root: Value = serde_json::from_slice(body).map_err(|e| {
+        ProtocolError::new(
+            "invalid_json",
+            format!("request body is not valid JSON: {e}"),
+        )
+    })?;
+    let Value::Object(mut root) = root else {
+        return Err(ProtocolError::new(
+            "invalid_body",
+            "request body must be a JSON object",
+        ));
+    };
+
+    let client_id = match root.get("clientId") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) => Some(check_plain_text(s, "clientId")?.to_owned()),
+        Some(_) => {
+            return Err(ProtocolError::new(
+                "invalid_body",
+                "clientId must be a string",
+            ))
+        }
+    };
+
+    let since = match root.get("since") {
+        None | Some(Value::Null) => time::EPOCH,
+        Some(Value::String(s)) if s.is_empty() => time::EPOCH,
+        Some(Value::String(s)) => time::parse_rfc3339(s).map_err(|e| {
+            ProtocolError::new(
+                "invalid_since",
+                format!("since {s:?} is not a valid cursor: {e}"),
+            )
+        })?,
+        Some(_) => {
+            return Err(ProtocolError::new(
+                "invalid_since",
+                "since must be a timestamp string",
+            ))
+        }
+    };
+
+    let batch_version = schema_version(root.get("schemaVersion"), "schemaVersion")?.unwrap_or(1);
+
+    let changes = match root.remove("changes") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(changes)) => changes,
+        Some(_) => {
+            return Err(ProtocolError::new(
+                "invalid_body",
+                "changes must be an array",
+            ))
+        }
+    };
+
+    let changes = changes
+        .into_iter()
+        .enumerate()
+        .map(|(index, change)| {
+            parse_change(change, batch_version, received_at).map_err(
+                |ChangeError(code, message)| {
+                    ProtocolError::new(code, format!("change {index}: {message}"))
+                },
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    Ok(Changeset {
+        client_id,
+        since,
+        changes,
+    })
+}
+
+/// Why one change was rejected: an error code (usually `invalid_change`) and a message without the index.
+struct ChangeError(&'static str, String);
+
+impl From<String> for ChangeError {
+    fn from(message: String) -> ChangeError {
+        ChangeError("invalid_change", message)
+    }
+}
+
+impl From<&str> for ChangeError {
+    fn from(message: &str) -> ChangeError {
+        ChangeError("invalid_change", message.to_owned())
+    }
+}
+
+impl From<ProtocolError> for ChangeError {
+    fn from(error: ProtocolError) -> ChangeError {
+        ChangeError(error.code, error.message)
+    }
+}
+
+fn parse_change(
+    change: Value,
+    batch_version: i32,
+    received_at: Micros,
+) -> Result<NewChange, ChangeError> {
+    let Value::Object(mut change) = change else {
+        return Err("must be a JSON object".into());
+    };
+
+    let table = match change.get("table") {
+        Some(Value::String(t)) if is_identifier(t) => t.clone(),
+        Some(Value::String(_)) => {
+            return Err("table must be 1-64 characters of A-Z a-z 0-9 _ . -".into())
+        }
+        None | Some(Value::Null) => return Err("table is missing".into()),
+        Some(_) => return Err("table must be a string".into()),
+    };
+    let record_id = match change.get("id") {
+        Some(Value::String(id)) if id.is_empty() => return Err("id must not be empty".into()),
+        Some(Value::String(id)) if id.len() > MAX_ID_BYTES => {
+            return Err(format!("id is longer than {MAX_ID_BYTES} bytes").into())
+        }
+        Some(Value::String(id)) => check_plain_text(id, "id")?.to_owned(),
+        None | Some(Value::Null) => return Err("id is missing".into()),
+        Some(_) => return Err("id must be a string".into()),
+    };
+    let op = match change.get("op") {
+        Some(Value::String(op)) => Op::parse(op)
+            .ok_or_else(|| format!("op {op:?} is not one of insert, update, delete"))?,
+        None | Some(Value::Null) => return Err("op is missing".into()),
+        Some(_) => return Err("op must be a string".into()),
+    };
+
+    let data = match change.remove("data") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(data)) => Some(data),
+        Some(_) => return Err("data must be an object".into()),
+    };
+    let fields = match change.remove("fields") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(fields)) => Some(parse_fields(fields)?),
+        Some(_) => return Err("fields must be an object".into()),
+    };
+    let deleted_at = match change.get("deletedAt") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(at)) => {
+            time::parse_rfc3339(at)
+                .map_err(|e| format!("deletedAt {at:?} is not a timestamp: {e}"))?;
+            Some(at.clone())
+        }
+        Some(_) => return Err("deletedAt must be a timestamp string".into()),
+    };
+
+    let space_id = match change.get("spaceId") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err("spaceId must be a string".into()),
+    }
+    .or_else(|| {
+        data.as_ref()
+            .and_then(|d| d.get("spaceId"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    })
+    .or_else(|| {
+        let fields = fields.as_ref()?;
+        let entry = fields.iter().find(|entry| entry.name == "spaceId")?;
+        entry.value.as_str().map(str::to_owned)
+    });
+    let actor = match change.remove("actor") {
+        None | Some(Value::Null) => None,
+        Some(actor) => Some(actor),
+    };
+    let origin = match change.get("origin") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(o)) if o.len() <= MAX_ID_BYTES => Some(o.clone()),
+        Some(Value::String(_)) => {
+            return Err(format!("origin is longer than {MAX_ID_BYTES} bytes").into())
+        }
+        Some(_) => return Err("origin must be a string".into()),
+    };
+    let schema_version =
+        schema_version(change.get("schemaVersion"), "schemaVersion")?.unwrap_or(batch_version);
+
+    // PostgreSQL's JSONB and TEXT cannot hold U+0000; reject it here rather than fail inside the transaction.
+    let nul_in = [
+        ("data", data.as_ref().is_some_and(map_has_nul)),
+        ("actor", actor.as_ref().is_some_and(value_has_nul)),
+        (
+            "fields",
+            fields
+                .iter()
+                .flatten()
+                .any(|f| f.name.contains('\0') || value_has_nul(&f.value)),
+        ),
+        (
+            "spaceId",
+            space_id.as_deref().is_some_and(|t| t.contains('\0')),
+        ),
+        (
+            "origin",
+            origin.as_deref().is_some_and(|t| t.contains('\0')),
+        ),
+    ];
+    if let Some((name, _)) = nul_in.iter().find(|(_, found)| *found) {
+        return Err(format!("{name} contains the character U+0000, which cannot be stored").into());
+    }
+
+    let (data, field_meta) = match op {
+        Op::Insert => match (data, fields) {
+            (Some(data), fields) => (data, fields.map(field_times).unwrap_or_default()),
+            (None, Some(fields)) => split_fields(fields),
+            (None, None) => return Err("an insert needs data".into()),
+        },
+        Op::Update => match (fields, data) {
+            (Some(fields), _) if !fields.is_empty() => split_fields(fields),
+            (_, Some(data)) if !data.is_empty() => (data, Map::new()),
+            _ => return Err("an update needs fields".into()),
+        },
+        Op::Delete => {
+            let (mut data, mut field_meta) = fields.map(split_fields).unwrap_or_default();
+            let deleted_at = deleted_at
+                .or_else(|| {
+                    // A client that marks deletion only as a field still gets a top-level deletedAt.
+                    let at = data.get("deletedAt").and_then(Value::as_str)?;
+                    time::parse_rfc3339(at).ok().map(|_| at.to_owned())
+                })
+                .unwrap_or_else(|| time::format_millis(received_at));
+            data.insert("deletedAt".into(), Value::String(deleted_at.clone()));
+            field_meta.insert("deletedAt".into(), Value::String(deleted_at));
+            (data, field_meta)
+        }
+    };
+
+    Ok(NewChange {
+        table,
+        record_id,
+        op,
+        data,
+        field_meta,
+        space_id,
+        actor,
+        origin,
+        schema_version,
+    })
+}
+
+/// One entry of `fields`: the value (`null` when the client sent none, i.e. set the field to undefined)
+/// and the original `at` string.
+#[derive(Debug)]
+struct FieldEntry {
+    name: String,
+    value: Value,
+    at: Option<String>,
+}
+
+fn parse_fields(fields: Map<String, Value>) -> Result<Vec<FieldEntry>, String> {
+    let mut parsed = Vec::with_capacity(fields.len());
+    for (name, entry) in fields {
+        let Value::Object(mut entry) = entry else {
+            return Err(format!("fields.{name} must be an object with value and at"));
+        };
+        let value = entry.remove("value").unwrap_or(Value::Null);
+        // `at` wins over the older clients' `updatedAt` when both are present.
+        let at = match entry
+            .get("at")
+            .filter(|v| !v.is_null())
+            .or_else(|| entry.get("updatedAt"))
+        {
+            None | Some(Value::Null) => None,
+            Some(Value::String(at)) => {
+                time::parse_rfc3339(at)
+                    .map_err(|e| format!("fields.{name}.at {at:?} is not a timestamp: {e}"))?;
+                Some(at.clone())
+            }
+            Some(_) => return Err(format!("fields.{name}.at must be a timestamp string")),
+        };
+        parsed.push(FieldEntry { name, value, at });
+    }
+    Ok(parsed)
+}
+
+/// Splits field entries into the stored `data` (values) and `field_meta` (timestamps) documents.
+fn split_fields(fields: Vec<FieldEntry>) -> (Map<String, Value>, Map<String, Value>) {
+    let mut values = Map::new();
+    let mut times = Map::new();
+    for FieldEntry { name, value, at } in fields {
+        if let Some(at) = at {
+            times.insert(name.clone(), Value::String(at));
+        }
+        values.insert(name, value);
+    }
+    (values, times)
+}
+
+fn field_times(fields: Vec<FieldEntry>) -> Map<String, Value> {
+    split_fields(fields).1
+}
+
+fn schema_version(value: Option<&Value>, name: &str) -> Result<Option<i32>, ProtocolError> {
+    let version = match value {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Number(n)) => n.as_i64().and_then(|n| i32::try_from(n).ok()),
+        Some(_) => None,
+    };
+    match version {
+        Some(v) if v > SUPPORTED_SCHEMA_VERSION => Err(ProtocolError::new(
+            "unsupported_schema_version",
+            format!("{name} {v} is newer than this server supports ({SUPPORTED_SCHEMA_VERSION})"),
+        )),
+        Some(v) => Ok(Some(v)),
+        None => Err(ProtocolError::new(
+            "invalid_body",
+            format!("{name} must be an integer"),
+        )),
+    }
+}
+
+/// Rejects text PostgreSQL cannot store or that has no business in an identifier-like value.
+fn check_plain_text<'a>(text: &'a str, name: &str) -> Result<&'a str, ProtocolError> {
+    if text.len() > MAX_ID_BYTES {
+        return Err(ProtocolError::new(
+            "invalid_body",
+            format!("{name} is longer than {MAX_ID_BYTES} bytes"),
+        ));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(ProtocolError::new(
+            "invalid_body",
+            format!("{name} contains control characters"),
+        ));
+    }
+    Ok(text)
+}
+
+fn value_has_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(value_has_nul),
+        Value::Object(map) => map_has_nul(map),
+        _ => false,
+    }
+}
+
+fn map_has_nul(map: &Map<String, Value>) -> bool {
+    map.iter()
+        .any(|(k, v)| k.contains('\0') || value_has_nul(v))
+}

@@ -1,0 +1,322 @@
+//! Timestamps and cursors.
+//!
+//! Two kinds of time strings cross the wire and they are treated very differently:
+//!
+//! * Field timestamps (`at`, `deletedAt`) are client data. They are validated as RFC 3339 so that the
+//!   merge can compare them as instants, but the original string is what gets stored and echoed back,
+//!   because clients compare them as strings.
+//! * Cursors (`since`, `syncedUntil`) are ours. They are always emitted in one fixed-width UTC form
+//!   (`2026-11-21T10:05:00.123456Z`) so that string order equals time order, which is what clients rely
+//!   on when they take the lexicographic minimum of several cursors. On input we accept any RFC 3339
+//!   timestamp a client may still hold (JavaScript's `toISOString()`, today's server's nanosecond form).
+//!
+//! Everything is microseconds since the Unix epoch (`i64`), PostgreSQL's own resolution. Finer input is
+//! truncated towards the past, which can only cause a duplicate, never a gap.
+
+use std::fmt;
+
+/// Microseconds since 1970-01-01T00:00:00Z.
+pub type Micros = i64;
+
+/// The cursor a client without any state starts from.
+pub const EPOCH: Micros = 0;
+
+/// Why a timestamp string was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimeError(&'static str);
+
+impl fmt::Display for TimeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for TimeError {}
+
+const MICROS_PER_SECOND: i64 = 1_000_000;
+const SECONDS_PER_DAY: i64 = 86_400;
+
+/// Parses an RFC 3339 timestamp (`YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`).
+///
+/// Lenient where clients are known to differ: `t`/space for the `T` separator, lowercase `z`, any number
+/// of fraction digits, and a space in place of `+` before the offset, because `+` in a query string that
+/// was not percent-encoded arrives as a space.
+pub fn parse_rfc3339(input: &str) -> Result<Micros, TimeError> {
+    let b = input.as_bytes();
+    if b.len() < 20 || b.len() > 64 {
+        return Err(TimeError(
+            "expected an RFC 3339 timestamp such as 2026-11-21T10:05:00.000Z",
+        ));
+    }
+    let year = digits(b, 0, 4)?;
+    expect(b, 4, b'-')?;
+    let month = digits(b, 5, 2)?;
+    expect(b, 7, b'-')?;
+    let day = digits(b, 8, 2)?;
+    if !matches!(b[10], b'T' | b't' | b' ') {
+        return Err(TimeError("expected 'T' between date and time"));
+    }
+    let hour = digits(b, 11, 2)?;
+    expect(b, 13, b':')?;
+    let minute = digits(b, 14, 2)?;
+    expect(b, 16, b':')?;
+    let second = digits(b, 17, 2)?;
+
+    if year < 1 || !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
+        return Err(TimeError("date out of range"));
+    }
+    if hour > 23 || minute > 59 || second > 59 {
+        return Err(TimeError("time of day out of range"));
+    }
+
+    let mut pos = 19;
+    let mut fraction_micros = 0i64;
+    if b[pos] == b'.' {
+        pos += 1;
+        let start = pos;
+        while pos < b.len() && b[pos].is_ascii_digit() {
+            if pos - start < 6 {
+                fraction_micros = fraction_micros * 10 + i64::from(b[pos] - b'0');
+            }
+            pos += 1;
+        }
+        let count = pos - start;
+        if count == 0 {
+            return Err(TimeError("expected digits after '.'"));
+        }
+        for _ in count..6 {
+            fraction_micros *= 10;
+        }
+    }
+
+    let offset_seconds = match b.get(pos) {
+        Some(b'Z' | b'z') if pos + 1 == b.len() => 0,
+        Some(&sign @ (b'+' | b'-' | b' ')) if pos + 6 == b.len() => {
+            let offset_hours = digits(b, pos + 1, 2)?;
+            expect(b, pos + 3, b':')?;
+            let offset_minutes = digits(b, pos + 4, 2)?;
+            if offset_hours > 23 || offset_minutes > 59 {
+                return Err(TimeError("UTC offset out of range"));
+            }
+            let magnitude = offset_hours * 3600 + offset_minutes * 60;
+            if sign == b'-' {
+                -magnitude
+            } else {
+                magnitude
+            }
+        }
+        _ => {
+            return Err(TimeError(
+                "expected 'Z' or a UTC offset such as +02:00 at the end",
+            ))
+        }
+    };
+
+    let days = days_from_civil(year, month, day);
+    let seconds = days * SECONDS_PER_DAY + hour * 3600 + minute * 60 + second - offset_seconds;
+    Ok(seconds * MICROS_PER_SECOND + fraction_micros)
+}
+
+/// Formats a cursor in the one fixed-width form this server emits: `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
+///
+/// Years outside 0001–9999 cannot be written in fixed width; they are clamped, which keeps the string
+/// order intact (PostgreSQL timestamps of real rows never get there).
+pub fn format_cursor(micros: Micros) -> String {
+    const MIN: Micros = -62_135_596_800_000_000; // 0001-01-01T00:00:00Z
+    const MAX: Micros = 253_402_300_799_999_999; // 9999-12-31T23:59:59.999999Z
+    let micros = micros.clamp(MIN, MAX);
+    let (date, time) = split(micros);
+    let (year, month, day) = civil_from_days(date);
+    let fraction = time % MICROS_PER_SECOND;
+    let seconds = time / MICROS_PER_SECOND;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{fraction:06}Z",
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60
+    )
+}
+
+/// Formats a time the way JavaScript's `toISOString()` does (milliseconds), for server-assigned field
+/// timestamps such as a missing `deletedAt`: clients compare those strings with their own.
+pub fn format_millis(micros: Micros) -> String {
+    let cursor = format_cursor(micros - micros.rem_euclid(1000));
+    format!("{}Z", &cursor[..23])
+}
+
+/// Splits into (days since epoch, microseconds into that day), flooring for times before 1970.
+fn split(micros: Micros) -> (i64, i64) {
+    let per_day = SECONDS_PER_DAY * MICROS_PER_SECOND;
+    (micros.div_euclid(per_day), micros.rem_euclid(per_day))
+}
+
+fn digits(b: &[u8], at: usize, count: usize) -> Result<i64, TimeError> {
+    let slice = b
+        .get(at..at + count)
+        .ok_or(TimeError("timestamp is truncated"))?;
+    let mut value = 0i64;
+    for &c in slice {
+        if !c.is_ascii_digit() {
+            return Err(TimeError("expected a digit"));
+        }
+        value = value * 10 + i64::from(c - b'0');
+    }
+    Ok(value)
+}
+
+fn expect(b: &[u8], at: usize, want: u8) -> Result<(), TimeError> {
+    match b.get(at) {
+        Some(&c) if c == want => Ok(()),
+        _ => Err(TimeError("malformed timestamp")),
+    }
+}
+
+fn is_leap(year: i64) -> bool {
+    year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
+}
+
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        2 if is_leap(year) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_forms_clients_hold() {
+        let cases = [
+            ("1970-01-01T00:00:00.000Z", 0),
+            ("1970-01-01T00:00:00Z", 0),
+            ("1970-01-01T00:00:00.000001Z", 1),
+            ("2026-11-21T10:05:00.123456Z", 1_795_255_500_123_456),
+            ("2026-11-21T10:05:00.123456789Z", 1_795_255_500_123_456),
+            ("2026-11-21T12:05:00.123+02:00", 1_795_255_500_123_000),
+            ("2026-11-21T12:05:00.123 02:00", 1_795_255_500_123_000),
+            ("2026-11-21T08:05:00.123-02:00", 1_795_255_500_123_000),
+            ("2026-11-21t10:05:00.1z", 1_795_255_500_100_000),
+            ("2026-11-21 10:05:00Z", 1_795_255_500_000_000),
+            ("1969-12-31T23:59:59.999999Z", -1),
+            ("2024-02-29T00:00:00Z", 1_709_164_800_000_000),
+        ];
+        for (input, want) in cases {
+            assert_eq!(parse_rfc3339(input), Ok(want), "{input}");
+        }
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_timestamp() {
+        for input in [
+            "",
+            "now",
+            "2026-11-21",
+            "2026-11-21T10:05:00",
+            "2026-11-21T10:05:00.Z",
+            "2026-13-01T00:00:00Z",
+            "2026-02-29T00:00:00Z",
+            "2026-11-31T00:00:00Z",
+            "2026-11-21T24:00:00Z",
+            "2026-11-21T10:60:00Z",
+            "2026-11-21T10:05:60Z",
+            "2026-11-21T10:05:00+2:00",
+            "2026-11-21T10:05:00+02:00x",
+            "2026-11-21T10:05:00ZZ",
+            "0000-01-01T00:00:00Z",
+            "２０２６-11-21T10:05:00Z",
+            "2026-11-21T10:05:00.123456789012345678901234567890123456789012345Z",
+        ] {
+            assert!(
+                parse_rfc3339(input).is_err(),
+                "{input:?} should be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn cursor_is_fixed_width_utc() {
+        assert_eq!(format_cursor(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            format_cursor(1_795_255_500_123_456),
+            "2026-11-21T10:05:00.123456Z"
+        );
+        assert_eq!(format_cursor(-1), "1969-12-31T23:59:59.999999Z");
+        assert_eq!(format_cursor(i64::MAX), "9999-12-31T23:59:59.999999Z");
+        assert_eq!(format_cursor(i64::MIN), "0001-01-01T00:00:00.000000Z");
+        assert_eq!(
+            format_millis(1_795_255_500_123_456),
+            "2026-11-21T10:05:00.123Z"
+        );
+        assert_eq!(format_millis(-1), "1969-12-31T23:59:59.999Z");
+    }
+
+    /// A deterministic xorshift generator: enough randomness for property tests without a dependency.
+    fn xorshift(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[test]
+    fn property_format_then_parse_round_trips_and_preserves_order() {
+        let mut state = 0x9E37_79B9_7F4A_7C15;
+        let range = 253_402_300_799_999_999i64 + 62_135_596_800_000_000;
+        let mut previous: Option<(i64, String)> = None;
+        for _ in 0..20_000 {
+            let micros = (xorshift(&mut state) % range as u64) as i64 - 62_135_596_800_000_000;
+            let text = format_cursor(micros);
+            assert_eq!(text.len(), 27);
+            assert_eq!(parse_rfc3339(&text), Ok(micros), "{text}");
+            if let Some((earlier, earlier_text)) = &previous {
+                assert_eq!(
+                    earlier.cmp(&micros),
+                    earlier_text.as_str().cmp(text.as_str())
+                );
+            }
+            previous = Some((micros, text));
+        }
+    }
+
+    #[test]
+    fn property_never_panics_on_arbitrary_bytes() {
+        let mut state = 42;
+        let alphabet = b"0123456789-:.TZz+ tx\xff";
+        for _ in 0..50_000 {
+            let len = (xorshift(&mut state) % 40) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| alphabet[(xorshift(&mut state) % alphabet.len() as u64) as usize])
+                .collect();
+            let text = String::from_utf8_lossy(&bytes);
+            let _ = parse_rfc3339(&text);
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The accept loop: connection cap, per-connection HTTP/1.1 service, graceful shutdown.
+//!
+//! Modelled on mini-redis: a semaphore permit is taken before `accept` and moved into the connection's
+//! task, so at most `max_connections` are served at once and the excess waits in the kernel's backlog;
+//! accept errors (e.g. out of file descriptors) back off instead of spinning. `serve` takes the shutdown
+//! signal as a future, so tests can run a server on port 0 and stop it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::app::App;
+use crate::log;
+
+/// Serves until `shutdown` resolves, then stops accepting and drains in-flight requests for at most the
+/// configured shutdown timeout.
+pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+    let permits = Arc::new(Semaphore::new(app.config.max_connections));
+    // Connections (and, later, upgraded sockets) watch this to begin their own graceful close.
+    let (draining, _) = watch::channel(false);
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.config.header_read_timeout)
+        .keep_alive(true);
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(5);
+
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => {
+                    backoff = Duration::from_millis(5);
+                    pair
+                }
+                Err(e) => {
+                    log::warn("accept failed; backing off", &[("error", e.to_string().into())]);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let guard = app.connection_opened();
+        let service_app = app.clone();
+        let service = service_fn(move |request| crate::http::handle(service_app.clone(), request));
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let mut drain = draining.subscribe();
+        tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = drain.changed() => {
+                    // Finish the request in flight, then close instead of keeping the connection alive.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                log::debug(
+                    "connection ended with an error",
+                    &[
+                        ("peer", peer.to_string().into()),
+                        ("error", e.to_string().into()),
+                    ],
+                );
+            }
+            drop(guard);
+            drop(permit);
+        });
+    }
+
+    drop(listener);
+    log::info(
+        "shutting down: draining connections",
+        &[("open", app.open_connections().into())],
+    );
+    let _ = draining.send(true);
+    let deadline = tokio::time::Instant::now() + app.config.shutdown_timeout;
+    while app.open_connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    match app.open_connections() {
+        0 => log::info("all connections drained", &[]),
+        open => log::warn(
+            "shutdown timeout reached with connections still open",
+            &[("open", open.into())],
+        ),
+    }
+    app.store.close();
+}
+
+/// A server running on a background task, for tests and embedding.
+pub struct ServerHandle {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// Binds `addr` (port 0 for any) and serves `app` until `stop` is called or the handle is dropped.
+    pub async fn start(app: Arc<App>, addr: SocketAddr) -> std::io::Result<ServerHandle> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, app, async move {
+            let _ = stopped.await;
+        }));
+        Ok(ServerHandle {
+            addr,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = terminate.recv() => log::info("SIGTERM received", &[]),
+        _ = interrupt.recv() => log::info("SIGINT received", &[]),
+    }
+}

@@ -1,0 +1,468 @@
+//! The store: the only module that speaks SQL.
+//!
+//! Every query runs inside a transaction that first declares the caller's user id
+//! (`set_config('app.current_user_id', …, true)`), so row-level security admits only that user's rows even
+//! if a query forgot its `user_id` filter. The same statement takes the user's advisory lock: the exclusive
+//! form for a push, the shared form for a read. Together with the stamping trigger in `schema.sql` that is
+//! what makes the cursor guarantee hold (see ARCHITECTURE.md, "The cursor").
+
+mod pool;
+mod timestamp;
+
+use std::time::Duration;
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+use crate::protocol::time::{self, Micros};
+use crate::protocol::{Changeset, PullQuery, StoredChange, SyncResponse};
+
+pub use pool::{Pool, PoolStatus, PooledConnection};
+use timestamp::PgTimestamp;
+
+/// The schema, applied at start-up.
+pub const SCHEMA_SQL: &str = include_str!("../../schema.sql");
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// PostgreSQL cannot be reached or the connection broke: retry later.
+    Unavailable(String),
+    /// Every pooled connection stayed busy for the whole acquire timeout: retry later.
+    Saturated,
+    /// The database aborted the transaction to resolve contention (deadlock, serialization): retry.
+    Contention(String),
+    /// Anything else: a bug or a broken database, never the client's fault.
+    Internal(String),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Unavailable(why) => write!(f, "database unavailable: {why}"),
+            StoreError::Saturated => f.write_str("database connection pool saturated"),
+            StoreError::Contention(why) => write!(f, "transaction aborted by contention: {why}"),
+            StoreError::Internal(why) => write!(f, "database error: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(error: tokio_postgres::Error) -> StoreError {
+        let text = error.to_string();
+        if error.is_closed() {
+            return StoreError::Unavailable(text);
+        }
+        match error.code().map(|c| c.code()) {
+            // No SQLSTATE: an I/O failure on the socket.
+            None => StoreError::Unavailable(text),
+            Some(code) if code.starts_with("08") => StoreError::Unavailable(text),
+            Some("57P01" | "57P02" | "57P03" | "53300" | "53400") => StoreError::Unavailable(text),
+            Some("40001" | "40P01" | "55P03") => StoreError::Contention(text),
+            Some(_) => StoreError::Internal(text),
+        }
+    }
+}
+
+/// Store tuning that comes from configuration.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub pool_size: usize,
+    pub acquire_timeout: Duration,
+}
+
+pub struct Store {
+    pool: Pool,
+}
+
+/// What the schema migration did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migration {
+    Applied,
+    AlreadyCurrent,
+}
+
+/// Advisory lock class of the per-user clock lock ("SYNC"); the migration lock uses the next class.
+const USER_LOCK_CLASS: i32 = 0x5359_4E43;
+const MIGRATION_LOCK_CLASS: i32 = USER_LOCK_CLASS + 1;
+
+const LOCK_SHARED: &str =
+    "SELECT set_config('app.current_user_id', $1, true), pg_advisory_xact_lock_shared(1398361667, hashtext($1))";
+const LOCK_EXCLUSIVE: &str =
+    "SELECT set_config('app.current_user_id', $1, true), pg_advisory_xact_lock(1398361667, hashtext($1))";
+
+/// $1 user, $2 app, $3 table, $4 since, $5 device ('' = none), $6 limit.
+const PULL_PAGE: &str = concat!(
+    "SELECT id::text, table_name, record_id, op, data, field_meta, created_at, schema_version, actor, origin, space_id ",
+    "FROM sync_changes WHERE user_id = $1 AND app_id = $2 AND table_name = $3 AND created_at > $4 ",
+    "AND ($5 = '' OR client_id <> $5) ORDER BY created_at, id LIMIT $6"
+);
+/// The rest of a group of rows sharing one timestamp at a page boundary ($4 = that time, $6 = last id).
+const PULL_TIES: &str = concat!(
+    "SELECT id::text, table_name, record_id, op, data, field_meta, created_at, schema_version, actor, origin, space_id ",
+    "FROM sync_changes WHERE user_id = $1 AND app_id = $2 AND table_name = $3 AND created_at = $4 ",
+    "AND ($5 = '' OR client_id <> $5) AND id > $6::text::uuid ORDER BY id"
+);
+/// The push response covers every table of the app. $1 user, $2 app, $3 since, $4 device, $5 limit.
+const APP_PAGE: &str = concat!(
+    "SELECT id::text, table_name, record_id, op, data, field_meta, created_at, schema_version, actor, origin, space_id ",
+    "FROM sync_changes WHERE user_id = $1 AND app_id = $2 AND created_at > $3 ",
+    "AND ($4 = '' OR client_id <> $4) ORDER BY created_at, id LIMIT $5"
+);
+const APP_TIES: &str = concat!(
+    "SELECT id::text, table_name, record_id, op, data, field_meta, created_at, schema_version, actor, origin, space_id ",
+    "FROM sync_changes WHERE user_id = $1 AND app_id = $2 AND created_at = $3 ",
+    "AND ($4 = '' OR client_id <> $4) AND id > $5::text::uuid ORDER BY id"
+);
+/// One multi-row insert for the whole batch; WITH ORDINALITY keeps the batch order, so stamps follow it.
+const INSERT_BATCH: &str = concat!(
+    "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, field_meta, client_id, ",
+    "schema_version, actor, origin, space_id) ",
+    "SELECT $1, t, r, $2, o, d, f, $3, v, a, g, s FROM unnest($4::text[], $5::text[], $6::text[], $7::jsonb[], ",
+    "$8::jsonb[], $9::int4[], $10::jsonb[], $11::text[], $12::text[]) WITH ORDINALITY AS u(t, r, o, d, f, v, a, g, s, n) ",
+    "ORDER BY n"
+);
+const CLOCK: &str = "SELECT last_at FROM sync_user_clock WHERE user_id = $1";
+/// Makes the user's clock at least `$2` (bounded to an hour ahead of the database's clock), so that every
+/// later write is stamped after a cursor handed out or accepted now. Runs only for users without a clock
+/// yet and for cursors from elsewhere (e.g. today's server) that are ahead of it.
+const CLOCK_ADVANCE: &str = concat!(
+    "INSERT INTO sync_user_clock AS clock (user_id, last_at) ",
+    "VALUES ($1, greatest(clock_timestamp(), least($2, clock_timestamp() + interval '1 hour'), ",
+    "(SELECT max(created_at) FROM sync_changes WHERE user_id = $1))) ",
+    "ON CONFLICT (user_id) DO UPDATE SET last_at = greatest(clock.last_at, excluded.last_at) RETURNING last_at"
+);
+
+impl Store {
+    pub fn new(config: tokio_postgres::Config, options: &StoreOptions) -> Store {
+        Store {
+            pool: Pool::new(config, options.pool_size, options.acquire_timeout),
+        }
+    }
+
+    pub fn pool_status(&self) -> PoolStatus {
+        self.pool.status()
+    }
+
+    pub fn close(&self) {
+        self.pool.close()
+    }
+
+    /// Applies `schema.sql` unless this exact version was applied before. Serialised across instances by an
+    /// advisory lock held for the migration's transaction.
+    pub async fn migrate(&self) -> Result<Migration, StoreError> {
+        let mut connection = self.pool.get().await?;
+        let checksum = format!("{:016x}", fnv1a(SCHEMA_SQL.as_bytes()));
+        let tx = connection.client.transaction().await?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, 0)",
+            &[&MIGRATION_LOCK_CLASS],
+        )
+        .await?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS sync_schema_migrations (
+                checksum TEXT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .await?;
+        let done = tx
+            .query_opt(
+                "SELECT 1 FROM sync_schema_migrations WHERE checksum = $1",
+                &[&checksum],
+            )
+            .await?;
+        if done.is_some() {
+            tx.commit().await?;
+            return Ok(Migration::AlreadyCurrent);
+        }
+        tx.batch_execute(SCHEMA_SQL).await?;
+        tx.execute(
+            "INSERT INTO sync_schema_migrations (checksum) VALUES ($1)",
+            &[&checksum],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Migration::Applied)
+    }
+
+    /// True when the connected role is a superuser or has BYPASSRLS, i.e. row-level security does not bind it.
+    pub async fn bypasses_row_level_security(&self) -> Result<bool, StoreError> {
+        let connection = self.pool.get().await?;
+        let row = connection
+            .client
+            .query_one(
+                "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// A cheap reachability check for /health.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let connection = self.pool.get().await?;
+        connection.client.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    /// Stores a whole batch in one transaction and returns the app's changes since `changeset.since` that
+    /// this device has not authored, paged like a pull.
+    pub async fn push(
+        &self,
+        user: &str,
+        app: &str,
+        device: Option<&str>,
+        changeset: &Changeset,
+        limit: usize,
+    ) -> Result<SyncResponse, StoreError> {
+        let device = device.unwrap_or("");
+        let since = PgTimestamp(changeset.since);
+        let limit_plus_one = page_limit(limit);
+        let mut connection = self.pool.get().await?;
+        let lock = connection.prepare(LOCK_EXCLUSIVE).await?;
+        let page = connection.prepare(APP_PAGE).await?;
+        let insert = connection.prepare(INSERT_BATCH).await?;
+        let tx = connection.client.transaction().await?;
+
+        tx.execute(&lock, &[&user]).await?;
+        let rows = tx
+            .query(&page, &[&user, &app, &since, &device, &limit_plus_one])
+            .await?;
+        let tx_ref = &tx;
+        let (rows, has_more) = complete_page(rows, limit, |at, last_id| async move {
+            tx_ref
+                .query(
+                    APP_TIES,
+                    &[&user, &app, &PgTimestamp(at), &device, &last_id],
+                )
+                .await
+        })
+        .await?;
+
+        if !changeset.changes.is_empty() {
+            let columns = BatchColumns::from(changeset);
+            let params: [&(dyn ToSql + Sync); 12] = [
+                &app,
+                &user,
+                &device,
+                &columns.tables,
+                &columns.record_ids,
+                &columns.ops,
+                &columns.data,
+                &columns.field_meta,
+                &columns.schema_versions,
+                &columns.actors,
+                &columns.origins,
+                &columns.space_ids,
+            ];
+            tx.execute(&insert, &params).await?;
+        }
+
+        let synced_until = match rows.last() {
+            Some(last) if has_more => last.created_at,
+            _ => vouched_cursor(&tx, user, changeset.since).await?,
+        };
+        tx.commit().await?;
+        Ok(response(rows, synced_until, has_more))
+    }
+
+    /// Changes of one collection since a cursor, excluding the device's own, paged.
+    pub async fn pull(
+        &self,
+        user: &str,
+        app: &str,
+        device: Option<&str>,
+        query: &PullQuery,
+    ) -> Result<SyncResponse, StoreError> {
+        let device = device.unwrap_or("");
+        let table = query.collection.as_str();
+        let limit_plus_one = page_limit(query.limit);
+        let mut connection = self.pool.get().await?;
+        let lock = connection.prepare(LOCK_SHARED).await?;
+        let page = connection.prepare(PULL_PAGE).await?;
+        let tx = connection.client.transaction().await?;
+
+        // The lock is its own statement: in READ COMMITTED the page query's snapshot is taken when it
+        // starts, i.e. only after every in-flight write of this user has committed.
+        tx.execute(&lock, &[&user]).await?;
+        let rows = tx
+            .query(
+                &page,
+                &[
+                    &user,
+                    &app,
+                    &table,
+                    &PgTimestamp(query.since),
+                    &device,
+                    &limit_plus_one,
+                ],
+            )
+            .await?;
+        let tx_ref = &tx;
+        let (rows, has_more) = complete_page(rows, query.limit, |at, last_id| async move {
+            tx_ref
+                .query(
+                    PULL_TIES,
+                    &[&user, &app, &table, &PgTimestamp(at), &device, &last_id],
+                )
+                .await
+        })
+        .await?;
+        let synced_until = match rows.last() {
+            Some(last) if has_more => last.created_at,
+            _ => vouched_cursor(&tx, user, query.since).await?,
+        };
+        tx.commit().await?;
+        Ok(response(rows, synced_until, has_more))
+    }
+
+    /// Runs `body` on a connection inside a transaction bound to `user` by row-level security (without the
+    /// cursor lock). Used by tests and tools that need to look at a user's rows the way the server does.
+    pub async fn with_user_transaction<T>(
+        &self,
+        user: &str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        map: impl Fn(&Row) -> T,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut connection = self.pool.get().await?;
+        let tx = connection.client.transaction().await?;
+        tx.execute(
+            "SELECT set_config('app.current_user_id', $1, true)",
+            &[&user],
+        )
+        .await?;
+        let rows = tx.query(sql, params).await?;
+        tx.commit().await?;
+        Ok(rows.iter().map(map).collect())
+    }
+}
+
+fn page_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX - 1).max(1) + 1
+}
+
+/// Turns the `limit + 1` rows of a page query into a page. When more rows exist than fit, the page ends at
+/// the last row that fits, and if rows sharing that row's timestamp were cut off they are fetched too: the
+/// cursor is a timestamp, so a page must never end in the middle of a group of equal timestamps (only rows
+/// written by older servers share one; this server stamps every row of a user distinctly).
+async fn complete_page<F, Fut>(
+    rows: Vec<Row>,
+    limit: usize,
+    ties: F,
+) -> Result<(Vec<StoredChange>, bool), StoreError>
+where
+    F: FnOnce(Micros, String) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Row>, tokio_postgres::Error>>,
+{
+    let has_more = rows.len() > limit;
+    let mut changes: Vec<StoredChange> = rows
+        .iter()
+        .take(limit)
+        .map(stored_change)
+        .collect::<Result<_, _>>()?;
+    if has_more {
+        let next = stored_change(&rows[limit])?;
+        if let Some(last) = changes.last() {
+            if last.created_at == next.created_at {
+                let rest = ties(last.created_at, last.event_id.clone()).await?;
+                for row in &rest {
+                    changes.push(stored_change(row)?);
+                }
+            }
+        }
+    }
+    Ok((changes, has_more))
+}
+
+/// The newest cursor the server can vouch for: under the user's lock, every change of this user stamped at
+/// or before the user's clock is visible now, and every later one will be stamped after it.
+async fn vouched_cursor(
+    tx: &tokio_postgres::Transaction<'_>,
+    user: &str,
+    since: Micros,
+) -> Result<Micros, StoreError> {
+    let clock: Option<PgTimestamp> = tx.query_opt(CLOCK, &[&user]).await?.map(|row| row.get(0));
+    let clock = match clock {
+        Some(clock) if clock.0 >= since => clock.0,
+        _ => {
+            tx.query_one(CLOCK_ADVANCE, &[&user, &PgTimestamp(since)])
+                .await?
+                .get::<_, PgTimestamp>(0)
+                .0
+        }
+    };
+    // Never the epoch itself: a client that stores it re-uploads everything at every start.
+    Ok(clock.max(since).max(time::EPOCH + 1))
+}
+
+fn stored_change(row: &Row) -> Result<StoredChange, StoreError> {
+    let read = || -> Result<StoredChange, tokio_postgres::Error> {
+        Ok(StoredChange {
+            event_id: row.try_get(0)?,
+            table: row.try_get(1)?,
+            record_id: row.try_get(2)?,
+            op: row.try_get(3)?,
+            data: row.try_get(4)?,
+            field_meta: row.try_get(5)?,
+            created_at: row.try_get::<_, PgTimestamp>(6)?.0,
+            schema_version: row.try_get(7)?,
+            actor: row.try_get(8)?,
+            origin: row.try_get(9)?,
+            space_id: row.try_get(10)?,
+        })
+    };
+    read().map_err(|e| StoreError::Internal(format!("unexpected row shape in sync_changes: {e}")))
+}
+
+fn response(rows: Vec<StoredChange>, synced_until: Micros, has_more: bool) -> SyncResponse {
+    SyncResponse {
+        server_changes: rows.iter().map(StoredChange::to_wire).collect(),
+        conflicts: Vec::new(),
+        synced_until: time::format_cursor(synced_until),
+        has_more,
+    }
+}
+
+/// The batch as one array per column, the shape `unnest` turns back into rows.
+struct BatchColumns {
+    tables: Vec<String>,
+    record_ids: Vec<String>,
+    ops: Vec<&'static str>,
+    data: Vec<serde_json::Value>,
+    field_meta: Vec<serde_json::Value>,
+    schema_versions: Vec<i32>,
+    actors: Vec<Option<serde_json::Value>>,
+    origins: Vec<Option<String>>,
+    space_ids: Vec<Option<String>>,
+}
+
+impl From<&Changeset> for BatchColumns {
+    fn from(changeset: &Changeset) -> BatchColumns {
+        let changes = &changeset.changes;
+        BatchColumns {
+            tables: changes.iter().map(|c| c.table.clone()).collect(),
+            record_ids: changes.iter().map(|c| c.record_id.clone()).collect(),
+            ops: changes.iter().map(|c| c.op.as_str()).collect(),
+            data: changes
+                .iter()
+                .map(|c| serde_json::Value::Object(c.data.clone()))
+                .collect(),
+            field_meta: changes
+                .iter()
+                .map(|c| serde_json::Value::Object(c.field_meta.clone()))
+                .collect(),
+            schema_versions: changes.iter().map(|c| c.schema_version).collect(),
+            actors: changes.iter().map(|c| c.actor.clone()).collect(),
+            origins: changes.iter().map(|c| c.origin.clone()).collect(),
+            space_ids: changes.iter().map(|c| c.space_id.clone()).collect(),
+        }
+    }
+}
+
+/// FNV-1a, to recognise a schema version already applied (not a security boundary).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}

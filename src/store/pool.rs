@@ -1,0 +1,182 @@
+//! A small bounded pool of PostgreSQL connections.
+//!
+//! Hand-written because what it must do is short and specific: at most `max_size` connections, a waiter
+//! gives up after `acquire_timeout` (the HTTP layer turns that into 503 + Retry-After instead of letting an
+//! unbounded queue build up), broken connections are dropped instead of being handed out again, and every
+//! connection keeps its own prepared statements.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_postgres::{Client, NoTls, Statement};
+
+use super::StoreError;
+
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: tokio_postgres::Config,
+    idle: Mutex<Vec<Connection>>,
+    permits: Arc<Semaphore>,
+    max_size: usize,
+    acquire_timeout: Duration,
+    waiting: AtomicUsize,
+}
+
+/// One open connection with its statement cache.
+pub struct Connection {
+    pub client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+impl Connection {
+    /// Prepares `sql` once per connection and reuses it afterwards.
+    pub async fn prepare(&mut self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql).await?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+}
+
+/// A connection on loan; it goes back to the pool when dropped, unless it broke.
+pub struct PooledConnection {
+    connection: Option<Connection>,
+    inner: Arc<Inner>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for PooledConnection {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.connection
+            .as_ref()
+            .expect("connection present until drop")
+    }
+}
+
+impl std::ops::DerefMut for PooledConnection {
+    fn deref_mut(&mut self) -> &mut Connection {
+        self.connection
+            .as_mut()
+            .expect("connection present until drop")
+    }
+}
+
+impl Drop for PooledConnection {
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            if !connection.client.is_closed() {
+                self.inner.idle.lock().push(connection);
+            }
+        }
+    }
+}
+
+/// Pool occupancy, for /health and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStatus {
+    pub max_size: usize,
+    pub in_use: usize,
+    pub idle: usize,
+    pub waiting: usize,
+}
+
+impl Pool {
+    pub fn new(config: tokio_postgres::Config, max_size: usize, acquire_timeout: Duration) -> Pool {
+        let max_size = max_size.max(1);
+        Pool {
+            inner: Arc::new(Inner {
+                config,
+                idle: Mutex::new(Vec::new()),
+                permits: Arc::new(Semaphore::new(max_size)),
+                max_size,
+                acquire_timeout,
+                waiting: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    pub async fn get(&self) -> Result<PooledConnection, StoreError> {
+        let inner = &self.inner;
+        inner.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit =
+            tokio::time::timeout(inner.acquire_timeout, inner.permits.clone().acquire_owned())
+                .await;
+        inner.waiting.fetch_sub(1, Ordering::Relaxed);
+        let permit = match permit {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_closed)) => {
+                return Err(StoreError::Unavailable("connection pool is closed".into()))
+            }
+            Err(_elapsed) => return Err(StoreError::Saturated),
+        };
+
+        loop {
+            let candidate = inner.idle.lock().pop();
+            match candidate {
+                Some(connection) if connection.client.is_closed() => continue,
+                Some(connection) => {
+                    return Ok(PooledConnection {
+                        connection: Some(connection),
+                        inner: inner.clone(),
+                        _permit: permit,
+                    })
+                }
+                None => break,
+            }
+        }
+
+        let connect = inner.config.connect(NoTls);
+        let (client, connection) = match tokio::time::timeout(inner.acquire_timeout, connect).await
+        {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => {
+                return Err(StoreError::Unavailable(format!(
+                    "cannot connect to PostgreSQL: {e}"
+                )))
+            }
+            Err(_) => {
+                return Err(StoreError::Unavailable(
+                    "timed out connecting to PostgreSQL".into(),
+                ))
+            }
+        };
+        // The connection future owns the socket; it ends when the client is dropped or the socket fails.
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(PooledConnection {
+            connection: Some(Connection {
+                client,
+                statements: HashMap::new(),
+            }),
+            inner: inner.clone(),
+            _permit: permit,
+        })
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let available = self.inner.permits.available_permits();
+        PoolStatus {
+            max_size: self.inner.max_size,
+            in_use: self.inner.max_size - available,
+            idle: self.inner.idle.lock().len(),
+            waiting: self.inner.waiting.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Drops idle connections and refuses new loans; used at shutdown.
+    pub fn close(&self) {
+        self.inner.permits.close();
+        self.inner.idle.lock().clear();
+    }
+}
