@@ -1,0 +1,1 @@
+//! The cursor guarantee (SPEC §5).

@@ -1,0 +1,1 @@
+//! Push and pull (SPEC §2-4).

@@ -1,0 +1,383 @@
+//! Test support: a real server on port 0 against the real PostgreSQL test cluster, a real HTTP client,
+//! signing keys, and direct database access for checking what was (not) written.
+//!
+//! One PostgreSQL cluster serves the whole test binary (`devdb::test_cluster`); tests keep apart by using
+//! their own user ids (`unique_user`) or, where they need a pristine schema, their own database.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use mana_sync::app::{self, App};
+use mana_sync::auth::devkeys;
+use mana_sync::config::Config;
+use mana_sync::devdb;
+use mana_sync::server::ServerHandle;
+use serde_json::{json, Value};
+
+pub const EPOCH: &str = "1970-01-01T00:00:00.000Z";
+
+/// The signing key every test server trusts (through a JWKS file).
+pub struct TestKeys {
+    pub kid: String,
+    pub key: SigningKey,
+    pub dir: PathBuf,
+    pub jwks_path: PathBuf,
+}
+
+pub fn keys() -> &'static TestKeys {
+    static KEYS: OnceLock<TestKeys> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("mana-sync-test-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (key_path, jwks_path) = devkeys::write_dev_keys(&dir).expect("writing test keys");
+        let (kid, key) = devkeys::load_signing_key(&key_path).expect("reading test key");
+        TestKeys {
+            kid,
+            key,
+            dir,
+            jwks_path,
+        }
+    })
+}
+
+/// A token for `user` from the trusted key, valid for 15 minutes, with the default audience.
+pub fn token(user: &str) -> String {
+    let keys = keys();
+    devkeys::mint_token(
+        &keys.kid,
+        &keys.key,
+        user,
+        Duration::from_secs(900),
+        None,
+        Some("mana"),
+        mana_sync::auth::unix_now(),
+    )
+}
+
+/// A user id no other test uses.
+pub fn unique_user(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn cluster() -> &'static devdb::TestCluster {
+    devdb::test_cluster()
+}
+
+/// The configuration of a test server: the shared cluster, the test key, port 0.
+pub fn test_config() -> Config {
+    let mut config = Config::defaults();
+    config.database_url = Some(cluster().conn_string.clone());
+    config.jwks_url = None;
+    config.jwks_file = Some(keys().jwks_path.clone());
+    config.port = 0;
+    config.bind_address = "127.0.0.1".parse().unwrap();
+    config.shutdown_timeout = Duration::from_secs(5);
+    config
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    handle: Option<ServerHandle>,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        TestServer::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let mut config = test_config();
+        adjust(&mut config);
+        let database = config
+            .database_url
+            .clone()
+            .expect("tests name their database");
+        let app = app::build(config, database.parse().expect("valid connection string"))
+            .await
+            .expect("server starts");
+        let handle = ServerHandle::start(app.clone(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .expect("bind");
+        TestServer {
+            addr: handle.addr,
+            app,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.stop().await;
+        }
+    }
+
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Reply {
+        request(method, &self.url(path), headers, body).await
+    }
+
+    /// `POST /sync/{app}` as `user` from `device` (sent as X-Client-Id when given).
+    pub async fn push(&self, user: &str, app: &str, device: Option<&str>, body: &Value) -> Reply {
+        let token = token(user);
+        let auth = format!("Bearer {token}");
+        let mut headers = vec![
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ];
+        if let Some(device) = device {
+            headers.push(("x-client-id", device));
+        }
+        self.request(
+            "POST",
+            &format!("/sync/{app}"),
+            &headers,
+            Some(body.to_string().into_bytes()),
+        )
+        .await
+    }
+
+    /// `GET /sync/{app}/pull` as `user` from `device`.
+    pub async fn pull(
+        &self,
+        user: &str,
+        app: &str,
+        device: Option<&str>,
+        collection: &str,
+        since: &str,
+        limit: Option<usize>,
+    ) -> Reply {
+        let token = token(user);
+        let auth = format!("Bearer {token}");
+        let mut headers = vec![("authorization", auth.as_str())];
+        if let Some(device) = device {
+            headers.push(("x-client-id", device));
+        }
+        let mut path = format!(
+            "/sync/{app}/pull?collection={collection}&since={}",
+            encode(since)
+        );
+        if let Some(limit) = limit {
+            path.push_str(&format!("&limit={limit}"));
+        }
+        self.request("GET", &path, &headers, None).await
+    }
+
+    /// Pulls page after page from `since` until `hasMore` is false; returns every change and the last cursor.
+    pub async fn pull_all(
+        &self,
+        user: &str,
+        app: &str,
+        device: Option<&str>,
+        collection: &str,
+        since: &str,
+        limit: Option<usize>,
+    ) -> (Vec<Value>, String) {
+        let mut cursor = since.to_owned();
+        let mut changes = Vec::new();
+        for _ in 0..10_000 {
+            let reply = self
+                .pull(user, app, device, collection, &cursor, limit)
+                .await;
+            assert_eq!(reply.status, 200, "{}", reply.text);
+            changes.extend(
+                reply.body["serverChanges"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .cloned(),
+            );
+            cursor = reply.body["syncedUntil"].as_str().unwrap().to_owned();
+            if reply.body["hasMore"] != json!(true) {
+                return (changes, cursor);
+            }
+        }
+        panic!("pull_all did not finish");
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        // A test that panicked before `stop`: the runtime ending aborts the server task.
+        let _ = self.handle.take();
+    }
+}
+
+/// Percent-encodes a query value.
+pub fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// An HTTP response as the tests look at it.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub text: String,
+    /// The body parsed as JSON (`Value::Null` when it is not JSON).
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Asserts a JSON error with this status and code.
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status, status, "{}", self.text);
+        assert_eq!(self.body["error"], json!(code), "{}", self.text);
+        assert!(
+            self.body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{}",
+            self.text
+        );
+        assert_eq!(self.header("content-type"), Some("application/json"));
+    }
+
+    pub fn changes(&self) -> &Vec<Value> {
+        self.body["serverChanges"]
+            .as_array()
+            .expect("serverChanges")
+    }
+}
+
+/// A real HTTP/1.1 request with ureq, off the async threads.
+pub async fn request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> Reply {
+    let method = method.to_owned();
+    let url = url.to_owned();
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let agent = ureq::Agent::new_with_config(
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .allow_non_standard_methods(true)
+                .timeout_global(Some(Duration::from_secs(60)))
+                .build(),
+        );
+        let mut builder = ureq::http::Request::builder()
+            .method(method.as_str())
+            .uri(&url);
+        for (name, value) in &headers {
+            builder = builder.header(name, value);
+        }
+        let result = match body {
+            Some(body) => agent.run(builder.body(body).unwrap()),
+            None => agent.run(builder.body(()).unwrap()),
+        };
+        let mut response = result.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(u64::MAX)
+            .read_to_vec()
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Reply {
+            status,
+            headers,
+            text,
+            body,
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// A superuser connection to the shared test database (bypasses row-level security: for inspection).
+pub async fn superuser() -> tokio_postgres::Client {
+    connect(
+        &cluster()
+            .conn_string
+            .replace("user=mana_sync", "user=postgres"),
+    )
+    .await
+}
+
+/// A connection as the ordinary role the server uses (bound by row-level security).
+pub async fn app_role() -> tokio_postgres::Client {
+    connect(&cluster().conn_string).await
+}
+
+pub async fn connect(conn_string: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(conn_string, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// Rows of `user` in `sync_changes`, counted past row-level security.
+pub async fn count_rows(user: &str) -> i64 {
+    superuser()
+        .await
+        .query_one(
+            "SELECT count(*) FROM sync_changes WHERE user_id = $1",
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// An insert change of `table`/`id` with `data`.
+pub fn insert(table: &str, id: &str, data: Value) -> Value {
+    json!({"table": table, "id": id, "op": "insert", "data": data})
+}
+
+/// An update change setting `field` to `value` at `at`.
+pub fn update(table: &str, id: &str, field: &str, value: Value, at: &str) -> Value {
+    json!({"table": table, "id": id, "op": "update", "fields": {field: {"value": value, "at": at}}})
+}
+
+pub fn changeset(changes: Vec<Value>) -> Value {
+    json!({"since": EPOCH, "changes": changes})
+}
