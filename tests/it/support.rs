@@ -76,6 +76,7 @@ pub fn cluster() -> &'static devdb::TestCluster {
 
 /// The configuration of a test server: the shared cluster, the test key, port 0.
 pub fn test_config() -> Config {
+    mana_sync::log::set_level(mana_sync::log::Level::Warn);
     let mut config = Config::defaults();
     config.database_url = Some(cluster().conn_string.clone());
     config.jwks_url = None;
@@ -380,4 +381,76 @@ pub fn update(table: &str, id: &str, field: &str, value: Value, at: &str) -> Val
 
 pub fn changeset(changes: Vec<Value>) -> Value {
     json!({"since": EPOCH, "changes": changes})
+}
+
+/// Sends `head` (request line and headers, without the blank line) and then `body` on a plain TCP
+/// connection, writing the body from another thread and ignoring write errors: the server may answer
+/// (413) and close before the body is through, and the answer is what the test wants to read.
+pub async fn raw_request(addr: SocketAddr, head: String, body: Vec<u8>) -> Reply {
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        stream
+            .write_all(format!("{head}\r\n\r\n").as_bytes())
+            .expect("write head");
+        let mut writer = stream.try_clone().unwrap();
+        let sender = std::thread::spawn(move || {
+            for chunk in body.chunks(64 * 1024) {
+                if writer.write_all(chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut response = Vec::new();
+        let mut buffer = [0u8; 64 * 1024];
+        // Read until the headers and the announced body are in (or the server closes).
+        loop {
+            match stream.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => response.extend_from_slice(&buffer[..n]),
+            }
+            if let Some(end) = find(&response, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&response[..end]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|l| l.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if response.len() >= end + 4 + length {
+                    break;
+                }
+            }
+        }
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        let _ = sender.join();
+        let end = find(&response, b"\r\n\r\n").expect("a complete response head");
+        let head = String::from_utf8_lossy(&response[..end]).into_owned();
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+            .collect();
+        let text = String::from_utf8_lossy(&response[end + 4..]).into_owned();
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Reply {
+            status,
+            headers,
+            text,
+            body,
+        }
+    })
+    .await
+    .unwrap()
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
