@@ -1,1 +1,406 @@
-//! The cursor guarantee (SPEC §5).
+//! The cursor guarantee (SPEC §5): a device that keeps pulling from the cursor it was given receives every
+//! change of its user that it did not author — including changes whose transaction was in flight when the
+//! cursor was handed out, changes written by other programs straight into `sync_changes`, and changes that
+//! share a timestamp at a page boundary.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+/// A direct writer as the real system has them: its own connection, a transaction that declares the user,
+/// `id` and `created_at` left to their defaults, an `update` with per-field timestamps.
+const DIRECT_INSERT: &str = "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, field_meta, client_id, origin) \
+     VALUES ($1, $2, $3, $4, 'update', $5, $6, 'mcp-server', 'agent')";
+
+async fn begin_as(client: &tokio_postgres::Client, user: &str) {
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .execute(
+            "SELECT set_config('app.current_user_id', $1, true)",
+            &[&user],
+        )
+        .await
+        .unwrap();
+}
+
+async fn direct_insert(client: &tokio_postgres::Client, user: &str, table: &str, id: &str) {
+    client
+        .execute(
+            DIRECT_INSERT,
+            &[
+                &"app",
+                &table,
+                &id,
+                &user,
+                &json!({"title": id}),
+                &json!({"title": "2026-11-21T10:05:00.000Z"}),
+            ],
+        )
+        .await
+        .unwrap();
+}
+
+fn ids(changes: &[Value]) -> BTreeSet<String> {
+    changes
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_in_flight_while_another_device_pulls_is_not_skipped() {
+    let server = TestServer::start().await;
+    let user = unique_user("inflight");
+    let writer = app_role().await;
+
+    // The write is in flight (row inserted, not committed) when the other device pulls; it commits while
+    // that pull is running.
+    begin_as(&writer, &user).await;
+    direct_insert(&writer, &user, "t", "held").await;
+    let (first, ()) = tokio::join!(
+        server.pull(&user, "app", Some("reader"), "t", EPOCH, None),
+        async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            writer.batch_execute("COMMIT").await.unwrap();
+        }
+    );
+    assert_eq!(first.status, 200, "{}", first.text);
+    let cursor = first.body["syncedUntil"].as_str().unwrap();
+    let (rest, _) = server
+        .pull_all(&user, "app", Some("reader"), "t", cursor, None)
+        .await;
+    let mut seen = ids(first.changes());
+    seen.extend(ids(&rest));
+    assert!(
+        seen.contains("held"),
+        "the held write reached the reader: {seen:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_that_began_before_the_cursor_and_wrote_after_it_is_delivered() {
+    let server = TestServer::start().await;
+    let user = unique_user("early");
+    let writer = app_role().await;
+    assert_eq!(
+        server
+            .push(
+                &user,
+                "app",
+                Some("a"),
+                &changeset(vec![insert("t", "before", json!({}))])
+            )
+            .await
+            .status,
+        200
+    );
+
+    // Today's server stamps rows with the transaction's start time: this row would land behind the cursor.
+    begin_as(&writer, &user).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let first = server
+        .pull(&user, "app", Some("reader"), "t", EPOCH, None)
+        .await;
+    assert_eq!(ids(first.changes()), BTreeSet::from(["before".to_owned()]));
+    let cursor = first.body["syncedUntil"].as_str().unwrap().to_owned();
+    direct_insert(&writer, &user, "t", "slow").await;
+    writer.batch_execute("COMMIT").await.unwrap();
+
+    let (rest, _) = server
+        .pull_all(&user, "app", Some("reader"), "t", &cursor, None)
+        .await;
+    assert_eq!(ids(&rest), BTreeSet::from(["slow".to_owned()]));
+
+    // The same through HTTP: a push blocked behind the open transaction commits after a pull's cursor.
+    begin_as(&writer, &user).await;
+    direct_insert(&writer, &user, "t", "locked").await;
+    let blocked = {
+        let url = server.url("/sync/app");
+        let auth = format!("Bearer {}", token(&user));
+        let body = changeset(vec![insert("t", "pushed", json!({}))])
+            .to_string()
+            .into_bytes();
+        tokio::spawn(async move {
+            request(
+                "POST",
+                &url,
+                &[("authorization", &auth), ("x-client-id", "pusher")],
+                Some(body),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    writer.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(blocked.await.unwrap().status, 200);
+    let (rest, _) = server
+        .pull_all(&user, "app", Some("reader"), "t", &cursor, None)
+        .await;
+    assert_eq!(
+        ids(&rest),
+        BTreeSet::from(["slow".to_owned(), "locked".to_owned(), "pushed".to_owned()])
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_written_directly_into_sync_changes_are_delivered_in_the_documented_shape() {
+    let server = TestServer::start().await;
+    let user = unique_user("direct");
+    let writer = app_role().await;
+    begin_as(&writer, &user).await;
+    direct_insert(&writer, &user, "notes", "with-times").await;
+    writer
+        .execute(
+            "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, client_id, origin) \
+             VALUES ('app', 'notes', 'no-times', $1, 'update', '{\"body\": \"hi\", \"n\": 2}', 'mcp-server', 'agent')",
+            &[&user],
+        )
+        .await
+        .unwrap();
+    writer.batch_execute("COMMIT").await.unwrap();
+
+    let reply = server
+        .pull(&user, "app", Some("browser"), "notes", EPOCH, None)
+        .await;
+    let changes = reply.changes();
+    assert_eq!(changes.len(), 2, "{}", reply.text);
+    assert_eq!(
+        changes[0]["fields"],
+        json!({"title": {"value": "with-times", "at": "2026-11-21T10:05:00.000Z"}})
+    );
+    assert_eq!(changes[0]["origin"], json!("agent"));
+    assert_eq!(
+        changes[1]["fields"],
+        json!({"body": {"value": "hi"}, "n": {"value": 2}})
+    );
+    assert_eq!(changes[1]["op"], json!("update"));
+    assert!(changes
+        .iter()
+        .all(|c| c.get("actor").is_none() && c.get("spaceId").is_none()));
+
+    // A direct writer's device id suppresses echo like any other: it never gets its own rows back.
+    let reply = server
+        .pull(&user, "app", Some("mcp-server"), "notes", EPOCH, None)
+        .await;
+    assert!(reply.changes().is_empty());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_sharing_a_timestamp_at_a_page_boundary_are_all_delivered() {
+    let server = TestServer::start().await;
+    let user = unique_user("ties");
+    // Today's server stamped every row of a transaction with the same now(); write such rows with the
+    // stamping trigger switched off, as a database it filled would hold them.
+    let admin = superuser().await;
+    admin
+        .batch_execute("BEGIN; SET LOCAL session_replication_role = replica")
+        .await
+        .unwrap();
+    for (i, at) in (0..10)
+        .map(|i| (i, "2026-01-01 00:00:00+00"))
+        .chain((10..15).map(|i| (i, "2026-01-01 00:00:01+00")))
+    {
+        admin
+            .execute(
+                "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, client_id, created_at) \
+                 VALUES ('app', 't', $1, $2, 'insert', '{}', 'old-device', $3::text::timestamptz)",
+                &[&format!("r{i:02}"), &user, &at],
+            )
+            .await
+            .unwrap();
+    }
+    admin.batch_execute("COMMIT").await.unwrap();
+
+    let mut cursor = EPOCH.to_owned();
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let reply = server
+            .pull(&user, "app", Some("new"), "t", &cursor, Some(4))
+            .await;
+        seen.extend(
+            reply
+                .changes()
+                .iter()
+                .map(|c| c["id"].as_str().unwrap().to_owned()),
+        );
+        cursor = reply.body["syncedUntil"].as_str().unwrap().to_owned();
+        if reply.body["hasMore"] == json!(false) {
+            break;
+        }
+    }
+    let expected: Vec<String> = (0..15).map(|i| format!("r{i:02}")).collect();
+    let mut sorted = seen.clone();
+    sorted.sort();
+    assert_eq!(sorted, expected, "each exactly once: {seen:?}");
+
+    // New writes after legacy rows are stamped after them, even with the legacy rows in the future.
+    server
+        .push(
+            &user,
+            "app",
+            Some("w"),
+            &changeset(vec![insert("t", "new", json!({}))]),
+        )
+        .await;
+    let (rest, _) = server
+        .pull_all(&user, "app", Some("new"), "t", &cursor, None)
+        .await;
+    assert_eq!(ids(&rest), BTreeSet::from(["new".to_owned()]));
+    server.stop().await;
+}
+
+/// A small deterministic generator, so a failing run can be replayed from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn randomized_concurrent_writers_and_pullers_lose_nothing() {
+    // Two server instances on one database, HTTP writers on both, a direct SQL writer, and pullers that
+    // keep pulling while all of that happens.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    println!("seed {seed}");
+    let servers = Arc::new([TestServer::start().await, TestServer::start().await]);
+    let user = unique_user("random");
+    let tables = ["a", "b"];
+    let writers_done = Arc::new(tokio::sync::Notify::new());
+    let done_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let mut writer_tasks = Vec::new();
+    for w in 0..4u64 {
+        let servers = servers.clone();
+        let user = user.clone();
+        writer_tasks.push(tokio::spawn(async move {
+            let mut rng = Rng(seed.wrapping_add(w * 7919) | 1);
+            let device = format!("writer-{w}");
+            let mut written = Vec::new();
+            for batch in 0..25 {
+                let size = 1 + rng.below(12);
+                let changes: Vec<Value> = (0..size)
+                    .map(|i| {
+                        let id = format!("{device}-{batch}-{i}");
+                        written.push(id.clone());
+                        insert(tables[rng.below(2) as usize], &id, json!({"n": i}))
+                    })
+                    .collect();
+                let server = &servers[rng.below(2) as usize];
+                let reply = server
+                    .push(&user, "app", Some(&device), &json!({"changes": changes}))
+                    .await;
+                assert_eq!(reply.status, 200, "{}", reply.text);
+            }
+            written
+        }));
+    }
+    let direct = {
+        let user = user.clone();
+        tokio::spawn(async move {
+            let mut rng = Rng(seed ^ 0xABCD | 1);
+            let writer = app_role().await;
+            let mut written = Vec::new();
+            for batch in 0..25 {
+                begin_as(&writer, &user).await;
+                for i in 0..1 + rng.below(4) {
+                    let id = format!("direct-{batch}-{i}");
+                    direct_insert(&writer, &user, tables[rng.below(2) as usize], &id).await;
+                    written.push(id);
+                    tokio::time::sleep(Duration::from_millis(rng.below(5))).await;
+                }
+                writer.batch_execute("COMMIT").await.unwrap();
+            }
+            written
+        })
+    };
+
+    let mut puller_tasks = Vec::new();
+    for p in 0..3usize {
+        let servers = servers.clone();
+        let user = user.clone();
+        let done_flag = done_flag.clone();
+        let writers_done = writers_done.clone();
+        puller_tasks.push(tokio::spawn(async move {
+            let device = format!("puller-{p}");
+            let mut cursors: HashMap<&str, String> =
+                tables.iter().map(|t| (*t, EPOCH.to_owned())).collect();
+            let mut seen = BTreeSet::new();
+            let mut final_round = false;
+            loop {
+                let finished = done_flag.load(std::sync::atomic::Ordering::SeqCst);
+                for table in tables {
+                    let server = &servers[p % 2];
+                    let limit = [3, 10, 1000][p];
+                    let (changes, cursor) = server
+                        .pull_all(
+                            &user,
+                            "app",
+                            Some(&device),
+                            table,
+                            &cursors[table],
+                            Some(limit),
+                        )
+                        .await;
+                    seen.extend(ids(&changes));
+                    cursors.insert(table, cursor);
+                }
+                if final_round {
+                    return seen;
+                }
+                // One more full round after the writers finished, from the cursors held.
+                final_round = finished;
+                if !finished {
+                    tokio::select! {
+                        () = writers_done.notified() => {}
+                        () = tokio::time::sleep(Duration::from_millis(5)) => {}
+                    }
+                }
+            }
+        }));
+    }
+
+    let mut expected = BTreeSet::new();
+    for task in writer_tasks {
+        expected.extend(task.await.unwrap());
+    }
+    expected.extend(direct.await.unwrap());
+    done_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    writers_done.notify_waiters();
+    for (p, task) in puller_tasks.into_iter().enumerate() {
+        let seen = task.await.unwrap();
+        let missing: Vec<_> = expected.difference(&seen).collect();
+        assert!(
+            missing.is_empty(),
+            "seed {seed}: puller {p} missed {} changes: {missing:?}",
+            missing.len()
+        );
+    }
+    assert_eq!(count_rows(&user).await as usize, expected.len());
+    match Arc::try_unwrap(servers) {
+        Ok([a, b]) => {
+            a.stop().await;
+            b.stop().await;
+        }
+        Err(_) => unreachable!("all tasks finished"),
+    }
+}
