@@ -5,3 +5,4 @@ mod support;
 
 mod cursor;
 mod push_pull;
+mod storage;
