@@ -3,6 +3,9 @@
 
 mod support;
 
+mod auth;
+mod cli;
 mod cursor;
+mod http_errors;
 mod push_pull;
 mod storage;
