@@ -110,12 +110,23 @@ BEGIN
 END
 $$;
 
+-- Once per statement: advance the clock, and tell every listening server instance which users, apps and
+-- tables changed (channel mana_sync_changes, delivered at commit). mana-sync's own pushes send that hint
+-- themselves and set mana_sync.notified; the trigger covers the programs that write the table directly.
 CREATE OR REPLACE FUNCTION sync_changes_advance_clock() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
     INSERT INTO sync_user_clock AS clock (user_id, last_at)
     SELECT user_id, max(created_at) FROM stamped_rows GROUP BY user_id
     ON CONFLICT (user_id) DO UPDATE SET last_at = greatest(clock.last_at, excluded.last_at);
+    IF coalesce(current_setting('mana_sync.notified', true), '') = '' THEN
+        PERFORM pg_notify('mana_sync_changes', CASE WHEN length(hint) <= 7900 THEN hint
+                          ELSE json_build_object('u', u, 'a', a, 'c', c)::text END)
+        FROM (SELECT user_id AS u, app_id AS a, client_id AS c,
+                     json_build_object('u', user_id, 'a', app_id, 'c', client_id,
+                                       't', array_agg(DISTINCT table_name))::text AS hint
+              FROM stamped_rows GROUP BY user_id, app_id, client_id) AS hints;
+    END IF;
     RETURN NULL;
 END
 $$;

@@ -5,9 +5,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
+
 use crate::auth::{AuthConfig, Authenticator};
 use crate::config::Config;
 use crate::devdb::{EmbeddedOptions, EmbeddedPostgres};
+use crate::hub::Hub;
 use crate::log;
 use crate::store::{Migration, Store, StoreError, StoreOptions};
 
@@ -16,6 +19,11 @@ pub struct App {
     pub config: Config,
     pub store: Store,
     pub auth: Authenticator,
+    pub hub: Arc<Hub>,
+    /// Set to `true` when the server starts shutting down; upgraded sockets and streams watch it.
+    pub shutdown: watch::Sender<bool>,
+    /// Tells this instance's own cross-instance hints apart from other instances'.
+    pub instance_id: String,
     open_connections: AtomicUsize,
 }
 
@@ -130,18 +138,48 @@ pub async fn build(
     let auth = Authenticator::new(auth_config(&config));
     match auth.refresh().await {
         Ok(keys) => log::info("signing keys loaded", &[("keys", keys.into())]),
+        Err(e) if auth.key_count() > 0 => log::warn(
+            "a signing key source failed; using the keys that loaded",
+            &[("keys", auth.key_count().into()), ("error", e.into())],
+        ),
         Err(e) => log::warn(
-            "signing keys not loaded yet; will retry",
+            "no signing keys loaded yet; will retry",
             &[("error", e.into())],
         ),
     }
     auth.spawn_refresher();
-    Ok(Arc::new(App {
+    let hub = Arc::new(Hub::new(
+        config.notify_queue_capacity,
+        config.ws_max_per_user,
+    ));
+    let app = Arc::new(App {
         config,
         store,
         auth,
+        hub,
+        shutdown: watch::channel(false).0,
+        instance_id: instance_id(),
         open_connections: AtomicUsize::new(0),
-    }))
+    });
+    crate::notify::spawn_listener(app.clone());
+    Ok(app)
+}
+
+/// A random id for this process (not a secret: it only has to differ between instances).
+fn instance_id() -> String {
+    let mut bytes = [0u8; 8];
+    if let Ok(mut random) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut random, &mut bytes);
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{:016x}{:08x}",
+        u64::from_le_bytes(bytes) ^ nanos as u64,
+        std::process::id()
+    )
 }
 
 pub async fn migrate(store: &Store) -> Result<Migration, StartError> {

@@ -31,6 +31,17 @@ pub struct Config {
     pub max_connections: usize,
     pub shutdown_timeout: Duration,
     pub log_level: crate::log::Level,
+    /// A WebSocket must authenticate within this.
+    pub ws_auth_timeout: Duration,
+    pub ws_max_per_user: usize,
+    /// Added to a token's expiry before its socket is closed (at most 60 s per the contract).
+    pub ws_token_leeway: Duration,
+    pub ws_messages_per_second: u32,
+    /// Hints waiting per connection before it counts as a slow consumer.
+    pub notify_queue_capacity: usize,
+    /// A socket or stream write that takes longer closes the connection as a slow consumer.
+    pub write_timeout: Duration,
+    pub sse_heartbeat: Duration,
 }
 
 /// A configuration value that cannot be used; the message names the variable.
@@ -119,25 +130,34 @@ impl Config {
             pull_page_size: positive(&get, "PULL_PAGE_SIZE", 1000)?,
             pull_max_page_size: positive(&get, "PULL_MAX_PAGE_SIZE", 5000)?,
             db_pool_size: positive(&get, "DB_POOL_SIZE", 16)?,
-            db_acquire_timeout: Duration::from_millis(
-                positive(&get, "DB_ACQUIRE_TIMEOUT_MS", 5000)? as u64,
-            ),
-            header_read_timeout: Duration::from_millis(positive(
-                &get,
-                "HEADER_READ_TIMEOUT_MS",
-                10_000,
-            )? as u64),
+            db_acquire_timeout: millis(&get, "DB_ACQUIRE_TIMEOUT_MS", 5000)?,
+            header_read_timeout: millis(&get, "HEADER_READ_TIMEOUT_MS", 10_000)?,
             max_connections: positive(&get, "MAX_CONNECTIONS", 10_000)?,
-            shutdown_timeout: Duration::from_millis(
-                positive(&get, "SHUTDOWN_TIMEOUT_MS", 10_000)? as u64
-            ),
+            shutdown_timeout: millis(&get, "SHUTDOWN_TIMEOUT_MS", 10_000)?,
             log_level: parse(
                 &get,
                 "LOG_LEVEL",
                 crate::log::Level::Info,
                 "one of error, warn, info, debug",
             )?,
+            ws_auth_timeout: millis(&get, "WS_AUTH_TIMEOUT_MS", 10_000)?,
+            ws_max_per_user: positive(&get, "WS_MAX_PER_USER", 50)?,
+            ws_token_leeway: Duration::from_secs(parse(
+                &get,
+                "WS_TOKEN_LEEWAY_SECS",
+                30u64,
+                "0-60 seconds",
+            )?),
+            ws_messages_per_second: positive(&get, "WS_MESSAGES_PER_SECOND", 10)? as u32,
+            notify_queue_capacity: positive(&get, "NOTIFY_QUEUE_CAPACITY", 64)?,
+            write_timeout: millis(&get, "WRITE_TIMEOUT_MS", 10_000)?,
+            sse_heartbeat: millis(&get, "SSE_HEARTBEAT_MS", 30_000)?,
         };
+        if config.ws_token_leeway > Duration::from_secs(60) {
+            return Err(ConfigError(
+                "WS_TOKEN_LEEWAY_SECS must be at most 60".into(),
+            ));
+        }
         if config.pull_page_size > config.pull_max_page_size {
             return Err(ConfigError(format!(
                 "PULL_PAGE_SIZE={} must not exceed PULL_MAX_PAGE_SIZE={}",
@@ -179,6 +199,14 @@ fn positive(
         ))),
         n => Ok(n),
     }
+}
+
+fn millis(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &str,
+    default: usize,
+) -> Result<Duration, ConfigError> {
+    Ok(Duration::from_millis(positive(get, name, default)? as u64))
 }
 
 #[cfg(test)]

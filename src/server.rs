@@ -14,7 +14,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::app::App;
@@ -24,8 +24,6 @@ use crate::log;
 /// configured shutdown timeout.
 pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
     let permits = Arc::new(Semaphore::new(app.config.max_connections));
-    // Connections (and, later, upgraded sockets) watch this to begin their own graceful close.
-    let (draining, _) = watch::channel(false);
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -61,7 +59,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
-        let mut drain = draining.subscribe();
+        let mut drain = app.shutdown.subscribe();
         tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
             let result = tokio::select! {
@@ -91,9 +89,12 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         "shutting down: draining connections",
         &[("open", app.open_connections().into())],
     );
-    let _ = draining.send(true);
+    // Connections, upgraded sockets and streams watch this to begin their own graceful close.
+    app.shutdown.send_replace(true);
     let deadline = tokio::time::Instant::now() + app.config.shutdown_timeout;
-    while app.open_connections() > 0 && tokio::time::Instant::now() < deadline {
+    while (app.open_connections() > 0 || app.hub.counts(None).0 > 0)
+        && tokio::time::Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     match app.open_connections() {

@@ -81,11 +81,14 @@ impl From<StoreError> for ApiError {
                 "database_contention",
                 "the write collided with another; retry shortly",
             ),
-            StoreError::Internal(_) => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal_error",
-                "internal error; it has been logged",
-            ),
+            StoreError::Internal(why) => {
+                crate::log::error("database error", &[("error", why.into())]);
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "internal error; it has been logged",
+                )
+            }
         }
     }
 }

@@ -17,9 +17,14 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
+use std::collections::BTreeSet;
+
 use crate::app::App;
 use crate::auth::{self, Claims};
+use crate::hub::Interest;
+use crate::notify;
 use crate::protocol::{self, time};
+use crate::{sse, ws};
 pub use error::ApiError;
 use router::{Route, Routing};
 
@@ -61,7 +66,7 @@ pub async fn handle(
     Ok(response)
 }
 
-async fn dispatch(app: &App, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn dispatch(app: &Arc<App>, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let route = match router::route(request.method(), request.uri().path()) {
         Routing::Found(route) => route,
         Routing::Preflight { allow } => return Ok(preflight(allow)),
@@ -91,13 +96,15 @@ async fn dispatch(app: &App, request: Request<Incoming>) -> Result<Response<Body
     match route {
         Route::Push { app: app_id } => push(app, request, &app_id).await,
         Route::Pull { app: app_id } => pull(app, request, &app_id).await,
+        Route::AppStream { app: app_id } => stream(app, request, sse::Scope::App(app_id)).await,
+        Route::UnifiedStream => stream(app, request, sse::Scope::Unified).await,
+        Route::UnifiedSocket => ws::upgrade(app.clone(), request, Interest::Apps(None)),
+        Route::AppSocket { app: app_id } => {
+            ws::upgrade(app.clone(), request, Interest::App(app_id))
+        }
         Route::Health => health(app).await,
-        // Owned by later work (real time, operations); they answer 404 until they exist.
-        Route::AppStream { .. }
-        | Route::UnifiedStream
-        | Route::UnifiedSocket
-        | Route::AppSocket { .. }
-        | Route::Metrics => Err(ApiError::not_found(format!(
+        // Owned by the operations work; answers 404 until it exists.
+        Route::Metrics => Err(ApiError::not_found(format!(
             "{} is not available in this version",
             request.uri().path()
         ))),
@@ -117,6 +124,16 @@ async fn push(
     let changeset = protocol::parse_changeset(&body, received_at)?;
     drop(body);
     let device = header_device.or_else(|| changeset.client_id.clone());
+    let tables: BTreeSet<String> = changeset.changes.iter().map(|c| c.table.clone()).collect();
+    let hint = (!tables.is_empty()).then(|| {
+        notify::hint_payload(
+            &app.instance_id,
+            &claims.sub,
+            app_id,
+            &tables,
+            device.as_deref(),
+        )
+    });
     let response = app
         .store
         .push(
@@ -125,8 +142,14 @@ async fn push(
             device.as_deref(),
             &changeset,
             app.config.pull_page_size,
+            hint.as_deref(),
         )
         .await?;
+    // Committed: tell this instance's other connections now (other instances hear it from PostgreSQL).
+    if !tables.is_empty() {
+        app.hub
+            .notify(&claims.sub, app_id, Some(&tables), device.as_deref());
+    }
     Ok(json_response(StatusCode::OK, &response))
 }
 
@@ -149,6 +172,16 @@ async fn pull(
     Ok(json_response(StatusCode::OK, &response))
 }
 
+async fn stream(
+    app: &Arc<App>,
+    request: Request<Incoming>,
+    scope: sse::Scope,
+) -> Result<Response<Body>, ApiError> {
+    let claims = authenticate(app, request.headers()).await?;
+    let device = client_id_header(request.headers())?;
+    sse::open(app.clone(), request, scope, claims.sub, device).await
+}
+
 async fn health(app: &App) -> Result<Response<Body>, ApiError> {
     let database = tokio::time::timeout(std::time::Duration::from_secs(2), app.store.ping()).await;
     let database_ok = matches!(database, Ok(Ok(())));
@@ -157,7 +190,9 @@ async fn health(app: &App) -> Result<Response<Body>, ApiError> {
         "status": if database_ok { "ok" } else { "degraded" },
         "service": "mana-sync",
         "timestamp": time::format_millis(now_micros()),
-        "connections": app.open_connections(),
+        "connections": app.hub.counts(None).0,
+        "users": app.hub.counts(None).1,
+        "httpConnections": app.open_connections(),
         "database": if database_ok { "ok" } else { "unreachable" },
         "pool": { "size": pool.max_size, "inUse": pool.in_use, "idle": pool.idle, "waiting": pool.waiting },
     });

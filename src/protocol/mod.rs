@@ -5,6 +5,7 @@
 
 pub mod changeset;
 pub mod query;
+pub mod realtime;
 pub mod time;
 pub mod wire;
 

@@ -54,13 +54,21 @@ impl From<tokio_postgres::Error> for StoreError {
         if error.is_closed() {
             return StoreError::Unavailable(text);
         }
-        match error.code().map(|c| c.code()) {
-            // No SQLSTATE: an I/O failure on the socket.
-            None => StoreError::Unavailable(text),
-            Some(code) if code.starts_with("08") => StoreError::Unavailable(text),
-            Some("57P01" | "57P02" | "57P03" | "53300" | "53400") => StoreError::Unavailable(text),
-            Some("40001" | "40P01" | "55P03") => StoreError::Contention(text),
-            Some(_) => StoreError::Internal(text),
+        if let Some(code) = error.code() {
+            return match code.code() {
+                c if c.starts_with("08") => StoreError::Unavailable(text),
+                "57P01" | "57P02" | "57P03" | "53300" | "53400" => StoreError::Unavailable(text),
+                "40001" | "40P01" | "55P03" => StoreError::Contention(text),
+                _ => StoreError::Internal(text),
+            };
+        }
+        // No SQLSTATE: the socket failed (unavailable) or we sent or read something wrong (a bug).
+        let io_failure =
+            std::error::Error::source(&error).is_some_and(|source| source.is::<std::io::Error>());
+        if io_failure || text.starts_with("error connecting") || text.contains("timeout") {
+            StoreError::Unavailable(text)
+        } else {
+            StoreError::Internal(text)
         }
     }
 }
@@ -91,6 +99,12 @@ const LOCK_SHARED: &str =
     "SELECT set_config('app.current_user_id', $1, true), pg_advisory_xact_lock_shared(1398361667, hashtext($1))";
 const LOCK_EXCLUSIVE: &str =
     "SELECT set_config('app.current_user_id', $1, true), pg_advisory_xact_lock(1398361667, hashtext($1))";
+/// The same for a push that writes: it also queues the cross-instance hint (delivered by PostgreSQL only
+/// if the transaction commits) and tells the schema's trigger that this writer notified by itself.
+const LOCK_EXCLUSIVE_NOTIFY: &str = concat!(
+    "SELECT set_config('app.current_user_id', $1, true), set_config('mana_sync.notified', 'on', true), ",
+    "pg_advisory_xact_lock(1398361667, hashtext($1)), pg_notify('mana_sync_changes', $2)"
+);
 
 /// $1 user, $2 app, $3 table, $4 since, $5 device ('' = none), $6 limit.
 const PULL_PAGE: &str = concat!(
@@ -123,6 +137,33 @@ const INSERT_BATCH: &str = concat!(
     "$8::jsonb[], $9::int4[], $10::jsonb[], $11::text[], $12::text[]) WITH ORDINALITY AS u(t, r, o, d, f, v, a, g, s, n) ",
     "ORDER BY n"
 );
+/// A stream's page: like APP_PAGE, limited to some tables. $6 = the tables.
+const APP_TABLES_PAGE: &str = concat!(
+    "SELECT id::text, table_name, record_id, op, data, field_meta, created_at, schema_version, actor, origin, space_id ",
+    "FROM sync_changes WHERE user_id = $1 AND app_id = $2 AND created_at > $3 ",
+    "AND ($4 = '' OR client_id <> $4) AND table_name = ANY($6) ORDER BY created_at, id LIMIT $5"
+);
+const APP_TABLES_TIES: &str = concat!(
+    "SELECT id::text, table_name, record_id, op, data, field_meta, created_at, schema_version, actor, origin, space_id ",
+    "FROM sync_changes WHERE user_id = $1 AND app_id = $2 AND created_at = $3 ",
+    "AND ($4 = '' OR client_id <> $4) AND table_name = ANY($6) AND id > $5::text::uuid ORDER BY id"
+);
+/// Distinct tables of one app of a user, by skipping through the index instead of scanning every row.
+const APP_TABLES: &str = concat!(
+    "WITH RECURSIVE t(name) AS (",
+    "(SELECT table_name FROM sync_changes WHERE user_id = $1 AND app_id = $2 ORDER BY table_name LIMIT 1) ",
+    "UNION ALL SELECT (SELECT table_name FROM sync_changes WHERE user_id = $1 AND app_id = $2 ",
+    "AND table_name > t.name ORDER BY table_name LIMIT 1) FROM t WHERE t.name IS NOT NULL) ",
+    "SELECT name FROM t WHERE name IS NOT NULL LIMIT 1000"
+);
+/// Distinct apps of a user, the same way.
+const USER_APPS: &str = concat!(
+    "WITH RECURSIVE a(name) AS (",
+    "(SELECT app_id FROM sync_changes WHERE user_id = $1 ORDER BY app_id LIMIT 1) ",
+    "UNION ALL SELECT (SELECT app_id FROM sync_changes WHERE user_id = $1 ",
+    "AND app_id > a.name ORDER BY app_id LIMIT 1) FROM a WHERE a.name IS NOT NULL) ",
+    "SELECT name FROM a WHERE name IS NOT NULL LIMIT 1000"
+);
 const CLOCK: &str = "SELECT last_at FROM sync_user_clock WHERE user_id = $1";
 /// Makes the user's clock at least `$2` (bounded to an hour ahead of the database's clock), so that every
 /// later write is stamped after a cursor handed out or accepted now. Runs only for users without a clock
@@ -139,6 +180,19 @@ impl Store {
         Store {
             pool: Pool::new(config, options.pool_size, options.acquire_timeout),
         }
+    }
+
+    /// A connection of its own, outside the pool (the notification listener keeps one open for good).
+    pub async fn connect_dedicated(
+        &self,
+    ) -> Result<
+        (
+            tokio_postgres::Client,
+            tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+        ),
+        StoreError,
+    > {
+        Ok(self.pool.config().connect(tokio_postgres::NoTls).await?)
     }
 
     pub fn pool_status(&self) -> PoolStatus {
@@ -214,17 +268,24 @@ impl Store {
         device: Option<&str>,
         changeset: &Changeset,
         limit: usize,
+        notification: Option<&str>,
     ) -> Result<SyncResponse, StoreError> {
         let device = device.unwrap_or("");
         let since = PgTimestamp(changeset.since);
         let limit_plus_one = page_limit(limit);
         let mut connection = self.pool.get().await?;
-        let lock = connection.prepare(LOCK_EXCLUSIVE).await?;
+        let lock = match notification {
+            Some(_) => connection.prepare(LOCK_EXCLUSIVE_NOTIFY).await?,
+            None => connection.prepare(LOCK_EXCLUSIVE).await?,
+        };
         let page = connection.prepare(APP_PAGE).await?;
         let insert = connection.prepare(INSERT_BATCH).await?;
         let tx = connection.client.transaction().await?;
 
-        tx.execute(&lock, &[&user]).await?;
+        match notification {
+            Some(payload) => tx.execute(&lock, &[&user, &payload]).await?,
+            None => tx.execute(&lock, &[&user]).await?,
+        };
         let rows = tx
             .query(&page, &[&user, &app, &since, &device, &limit_plus_one])
             .await?;
@@ -314,6 +375,86 @@ impl Store {
         };
         tx.commit().await?;
         Ok(response(rows, synced_until, has_more))
+    }
+
+    /// Changes of an app since a cursor (optionally only some tables), excluding the device's own, paged:
+    /// what a stream delivers.
+    pub async fn app_changes(
+        &self,
+        user: &str,
+        app: &str,
+        tables: Option<&[String]>,
+        device: Option<&str>,
+        since: Micros,
+        limit: usize,
+    ) -> Result<SyncResponse, StoreError> {
+        let device = device.unwrap_or("");
+        let limit_plus_one = page_limit(limit);
+        let mut connection = self.pool.get().await?;
+        let lock = connection.prepare(LOCK_SHARED).await?;
+        let page = match tables {
+            Some(_) => connection.prepare(APP_TABLES_PAGE).await?,
+            None => connection.prepare(APP_PAGE).await?,
+        };
+        let tx = connection.client.transaction().await?;
+        tx.execute(&lock, &[&user]).await?;
+        let since_param = PgTimestamp(since);
+        let rows = match tables {
+            Some(tables) => {
+                tx.query(
+                    &page,
+                    &[&user, &app, &since_param, &device, &limit_plus_one, &tables],
+                )
+                .await?
+            }
+            None => {
+                tx.query(
+                    &page,
+                    &[&user, &app, &since_param, &device, &limit_plus_one],
+                )
+                .await?
+            }
+        };
+        let tx_ref = &tx;
+        let (rows, has_more) = complete_page(rows, limit, |at, last_id| async move {
+            match tables {
+                Some(tables) => {
+                    tx_ref
+                        .query(
+                            APP_TABLES_TIES,
+                            &[&user, &app, &PgTimestamp(at), &device, &last_id, &tables],
+                        )
+                        .await
+                }
+                None => {
+                    tx_ref
+                        .query(
+                            APP_TIES,
+                            &[&user, &app, &PgTimestamp(at), &device, &last_id],
+                        )
+                        .await
+                }
+            }
+        })
+        .await?;
+        let synced_until = match rows.last() {
+            Some(last) if has_more => last.created_at,
+            _ => vouched_cursor(&tx, user, since).await?,
+        };
+        tx.commit().await?;
+        Ok(response(rows, synced_until, has_more))
+    }
+
+    /// The tables a user has written in one app (for the nudge a legacy socket gets after `auth-ok`).
+    pub async fn app_tables(&self, user: &str, app: &str) -> Result<Vec<String>, StoreError> {
+        self.with_user_transaction(user, APP_TABLES, &[&user, &app], |row| row.get(0))
+            .await
+    }
+
+    /// The apps a user has written to (for nudging a unified socket to pull everything).
+    pub async fn user_apps(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        self.with_user_transaction(user, USER_APPS, &[&user], |row| row.get(0))
+            .await
     }
 
     /// Runs `body` on a connection inside a transaction bound to `user` by row-level security (without the

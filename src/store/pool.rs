@@ -164,6 +164,10 @@ impl Pool {
         })
     }
 
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.inner.config
+    }
+
     pub fn status(&self) -> PoolStatus {
         let available = self.inner.permits.available_permits();
         PoolStatus {

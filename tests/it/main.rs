@@ -8,4 +8,5 @@ mod cli;
 mod cursor;
 mod http_errors;
 mod push_pull;
+mod realtime;
 mod storage;

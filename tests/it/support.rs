@@ -454,3 +454,170 @@ pub async fn raw_request(addr: SocketAddr, head: String, body: Vec<u8>) -> Reply
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
+
+/// A WebSocket client connection.
+pub type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// What the next frame from the server was.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Received {
+    Json(Value),
+    Closed {
+        code: u16,
+        reason: String,
+    },
+    /// The connection ended without a close frame.
+    Ended,
+    Nothing,
+}
+
+impl TestServer {
+    pub async fn socket(&self, path: &str) -> Socket {
+        let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{}{}", self.addr, path))
+            .await
+            .expect("ws connect");
+        socket
+    }
+
+    /// Opens `path`, authenticates as `user` (with `client_id`) and expects `auth-ok`.
+    pub async fn authed_socket(&self, path: &str, user: &str, client_id: Option<&str>) -> Socket {
+        let mut socket = self.socket(path).await;
+        send_json(
+            &mut socket,
+            &json!({"type": "auth", "token": token(user), "clientId": client_id}),
+        )
+        .await;
+        assert_eq!(
+            next_frame(&mut socket, Duration::from_secs(10)).await,
+            Received::Json(json!({"type": "auth-ok"}))
+        );
+        socket
+    }
+}
+
+pub async fn send_json(socket: &mut Socket, value: &Value) {
+    use futures_util::SinkExt;
+    socket
+        .send(tokio_tungstenite::tungstenite::Message::text(
+            value.to_string(),
+        ))
+        .await
+        .expect("ws send");
+}
+
+/// The next text or close frame within `wait` (pings and pongs are skipped).
+pub async fn next_frame(socket: &mut Socket, wait: Duration) -> Received {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, socket.next()).await {
+            Err(_) => return Received::Nothing,
+            Ok(None) | Ok(Some(Err(_))) => return Received::Ended,
+            Ok(Some(Ok(Message::Text(text)))) => {
+                return Received::Json(
+                    serde_json::from_str(text.as_str()).expect("server sends JSON"),
+                )
+            }
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                let (code, reason) = frame
+                    .map(|f| (u16::from(f.code), f.reason.to_string()))
+                    .unwrap_or((1005, String::new()));
+                return Received::Closed { code, reason };
+            }
+            Ok(Some(Ok(_))) => continue,
+        }
+    }
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: Option<String>,
+    pub data: Value,
+}
+
+/// An open SSE response, read line by line on a thread of its own.
+pub struct SseClient {
+    pub status: u16,
+    pub events: tokio::sync::mpsc::UnboundedReceiver<SseEvent>,
+    /// Raw text as received, to check the exact line format.
+    pub raw: Arc<std::sync::Mutex<String>>,
+}
+
+impl SseClient {
+    pub async fn open(url: &str, headers: &[(&str, &str)]) -> SseClient {
+        let url = url.to_owned();
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        let (status_tx, status_rx) = tokio::sync::oneshot::channel();
+        let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let raw = Arc::new(std::sync::Mutex::new(String::new()));
+        let raw_writer = raw.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let agent = ureq::Agent::new_with_config(
+                ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .build(),
+            );
+            let mut builder = ureq::http::Request::builder().method("GET").uri(&url);
+            for (name, value) in &headers {
+                builder = builder.header(name, value);
+            }
+            let mut response = match agent.run(builder.body(()).unwrap()) {
+                Ok(response) => response,
+                Err(_) => return,
+            };
+            let _ = status_tx.send(response.status().as_u16());
+            let reader =
+                std::io::BufReader::new(response.body_mut().with_config().limit(u64::MAX).reader());
+            let (mut event, mut id, mut data) = (String::new(), None, String::new());
+            for line in reader.lines() {
+                let Ok(line) = line else { return };
+                raw_writer.lock().unwrap().push_str(&format!("{line}\n"));
+                if line.is_empty() {
+                    if !event.is_empty() || !data.is_empty() {
+                        let parsed = SseEvent {
+                            event: std::mem::take(&mut event),
+                            id: id.take(),
+                            data: serde_json::from_str(&std::mem::take(&mut data))
+                                .unwrap_or(Value::Null),
+                        };
+                        if events_tx.send(parsed).is_err() {
+                            return;
+                        }
+                    }
+                } else if let Some(value) = line.strip_prefix("event: ") {
+                    event = value.to_owned();
+                } else if let Some(value) = line.strip_prefix("id: ") {
+                    id = Some(value.to_owned());
+                } else if let Some(value) = line.strip_prefix("data: ") {
+                    data.push_str(value);
+                }
+            }
+        });
+        let status = status_rx.await.unwrap_or(0);
+        SseClient {
+            status,
+            events,
+            raw,
+        }
+    }
+
+    /// The next event other than a heartbeat, within `wait`.
+    pub async fn next_change(&mut self, wait: Duration) -> Option<SseEvent> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(event)) if event.event == "heartbeat" => continue,
+                Ok(event) => return event,
+                Err(_) => return None,
+            }
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! Server-Sent Events: `GET /sync/{appId}/stream` (one app) and `GET /sync/stream` (many apps, one
+//! connection: browsers allow only six HTTP/1.1 connections per origin).
+//!
+//! A stream first delivers the whole backlog since its cursor, page after page, then waits for the hub's
+//! hints and delivers what is new, with a heartbeat every 30 s. It reads through the same store query as a
+//! pull, under the same per-user lock, so it never skips a change a pull would have returned. Events of the
+//! unified stream carry an `id:` — the cursor up to which every listed app has been delivered — so a client
+//! can resume with `Last-Event-ID` without a gap.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::app::App;
+use crate::http::{ApiError, Body};
+use crate::hub::{Evicted, Hint, Interest, Kind, Registration};
+use crate::log;
+use crate::protocol::realtime::{parse_stream_query, sse_event};
+use crate::protocol::time::{format_cursor, Micros};
+use crate::protocol::WireChange;
+use crate::store::StoreError;
+
+/// Which stream a request opened.
+pub enum Scope {
+    /// One app; `collections` limits the tables.
+    App(String),
+    /// Several apps (`apps=`; all of the user's apps when absent).
+    Unified,
+}
+
+pub async fn open(
+    app: Arc<App>,
+    request: Request<Incoming>,
+    scope: Scope,
+    user: String,
+    device: Option<String>,
+) -> Result<Response<Body>, ApiError> {
+    let last_event_id = match request.headers().get("last-event-id") {
+        None => None,
+        Some(value) => Some(value.to_str().map_err(|_| {
+            ApiError::bad_request("invalid_last_event_id", "Last-Event-ID is not a cursor")
+        })?),
+    };
+    let list = match scope {
+        Scope::App(_) => "collections",
+        Scope::Unified => "apps",
+    };
+    let query = parse_stream_query(request.uri().query(), list, last_event_id)?;
+    let (interest, cursors, tables, unified) = match scope {
+        Scope::App(app_id) => {
+            let tables = query
+                .names
+                .map(|names| names.into_iter().collect::<Vec<_>>());
+            (
+                Interest::App(app_id.clone()),
+                BTreeMap::from([(app_id, query.since)]),
+                tables,
+                false,
+            )
+        }
+        Scope::Unified => {
+            let apps = match &query.names {
+                Some(apps) => apps.iter().cloned().collect(),
+                None => app.store.user_apps(&user).await?,
+            };
+            let cursors = apps.into_iter().map(|a| (a, query.since)).collect();
+            (Interest::Apps(query.names), cursors, None, true)
+        }
+    };
+    let registration = app
+        .hub
+        .register(&user, interest, Kind::Stream, device.clone())
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                "too many streams",
+            )
+        })?;
+
+    let (sender, receiver) = mpsc::channel::<Bytes>(8);
+    let stream = Stream {
+        app: app.clone(),
+        user,
+        device,
+        tables,
+        unified,
+        start: query.since,
+        cursors,
+        sender,
+    };
+    tokio::spawn(stream.run(registration));
+
+    let mut response = Response::new(ChannelBody(receiver).boxed());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+struct Stream {
+    app: Arc<App>,
+    user: String,
+    device: Option<String>,
+    tables: Option<Vec<String>>,
+    unified: bool,
+    /// Where an app the stream learns about later starts.
+    start: Micros,
+    /// Per app: everything up to here has been delivered.
+    cursors: BTreeMap<String, Micros>,
+    sender: mpsc::Sender<Bytes>,
+}
+
+/// Why a stream ended.
+enum End {
+    ClientGone,
+    Stalled,
+    Store(StoreError),
+}
+
+impl Stream {
+    async fn run(mut self, registration: Registration) {
+        let mut shutdown = self.app.shutdown.subscribe();
+        let all: Vec<String> = self.cursors.keys().cloned().collect();
+        let mut result = self.deliver(&all).await;
+        let mut heartbeat = tokio::time::interval(self.app.config.sse_heartbeat);
+        heartbeat.tick().await;
+        while result.is_ok() {
+            result = tokio::select! {
+                hints = registration.subscriber.next_hints() => match hints {
+                    Ok(hints) => {
+                        let apps = self.apps_for(hints).await;
+                        self.deliver(&apps).await
+                    }
+                    Err(Evicted::SlowConsumer) => Err(End::Stalled),
+                },
+                _ = heartbeat.tick() => self.send(sse_event("heartbeat", None, "{}")).await,
+                () = self.sender.closed() => Err(End::ClientGone),
+                _ = shutdown.changed() => break,
+            };
+        }
+        match result {
+            Err(End::Stalled) => self.app.hub.count_slow_consumer(),
+            Err(End::Store(e)) => {
+                // The client reconnects with Last-Event-ID (or its cursors) and resumes.
+                log::warn(
+                    "closing a stream after a database error",
+                    &[("error", e.to_string().into())],
+                );
+            }
+            _ => {}
+        }
+    }
+
+    async fn apps_for(&mut self, hints: Vec<Hint>) -> Vec<String> {
+        let mut apps = BTreeSet::new();
+        for hint in hints {
+            match hint {
+                Hint::Changed { app, .. } => {
+                    apps.insert(app);
+                }
+                Hint::Resync => {
+                    if self.unified {
+                        for app in self
+                            .app
+                            .store
+                            .user_apps(&self.user)
+                            .await
+                            .unwrap_or_default()
+                        {
+                            apps.insert(app);
+                        }
+                    }
+                    apps.extend(self.cursors.keys().cloned());
+                }
+            }
+        }
+        for app in &apps {
+            // An app this stream had not seen before starts at the stream's own starting point.
+            self.cursors.entry(app.clone()).or_insert(self.start);
+        }
+        apps.into_iter().collect()
+    }
+
+    /// Delivers everything new in `apps`, page by page.
+    async fn deliver(&mut self, apps: &[String]) -> Result<(), End> {
+        let limit = self.app.config.pull_page_size;
+        for app_id in apps {
+            loop {
+                let since = self.cursors[app_id];
+                let page = self
+                    .app
+                    .store
+                    .app_changes(
+                        &self.user,
+                        app_id,
+                        self.tables.as_deref(),
+                        self.device.as_deref(),
+                        since,
+                        limit,
+                    )
+                    .await
+                    .map_err(End::Store)?;
+                let synced_until =
+                    crate::protocol::time::parse_rfc3339(&page.synced_until).unwrap_or(since);
+                let groups = group_by_table(page.server_changes);
+                let count = groups.len();
+                for (index, (table, changes)) in groups.into_iter().enumerate() {
+                    let mut data = json!({
+                        "table": table, "changes": changes, "syncedUntil": page.synced_until, "hasMore": page.has_more,
+                    });
+                    let id = if self.unified {
+                        data["appId"] = json!(app_id);
+                        // Only once the page's last event is out has this app reached `synced_until`.
+                        let reached = if index + 1 == count {
+                            synced_until
+                        } else {
+                            since
+                        };
+                        Some(format_cursor(self.resume_point(app_id, reached)))
+                    } else {
+                        None
+                    };
+                    self.send(sse_event("changes", id.as_deref(), &data.to_string()))
+                        .await?;
+                }
+                self.cursors.insert(app_id.clone(), synced_until.max(since));
+                if !page.has_more {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The cursor up to which every app of this stream has been delivered, with `app` at `reached`.
+    fn resume_point(&self, app: &str, reached: Micros) -> Micros {
+        self.cursors
+            .iter()
+            .map(|(a, c)| if a == app { reached } else { *c })
+            .min()
+            .unwrap_or(reached)
+    }
+
+    async fn send(&self, event: String) -> Result<(), End> {
+        match tokio::time::timeout(
+            self.app.config.write_timeout,
+            self.sender.send(Bytes::from(event)),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::ClientGone),
+            Err(_) => Err(End::Stalled),
+        }
+    }
+}
+
+/// Splits a page into per-table groups, keeping the order within each table.
+fn group_by_table(changes: Vec<WireChange>) -> Vec<(String, Vec<WireChange>)> {
+    let mut groups: Vec<(String, Vec<WireChange>)> = Vec::new();
+    for change in changes {
+        match groups.iter_mut().find(|(table, _)| *table == change.table) {
+            Some((_, group)) => group.push(change),
+            None => groups.push((change.table.clone(), vec![change])),
+        }
+    }
+    groups
+}
+
+/// A response body fed by a channel: each message is one chunk on the wire.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|bytes| Ok(Frame::data(bytes))))
+    }
+}
