@@ -138,3 +138,37 @@ DROP TRIGGER IF EXISTS sync_changes_advance_clock ON sync_changes;
 CREATE TRIGGER sync_changes_advance_clock AFTER INSERT ON sync_changes
     REFERENCING NEW TABLE AS stamped_rows
     FOR EACH STATEMENT EXECUTE FUNCTION sync_changes_advance_clock();
+
+-- The merged current state of every record (SPEC §6), maintained beside the log in the same transaction as
+-- the push that changes it. `state` is the field-level LWW map (see src/merge.rs): per field the winning
+-- value, its original `at` string, its instant and its writer. `updated_at` is the stamp of the newest log
+-- row folded into the record; snapshots page through records in that order.
+CREATE TABLE IF NOT EXISTS sync_records (
+    user_id        TEXT NOT NULL,
+    app_id         TEXT NOT NULL,
+    table_name     TEXT NOT NULL,
+    record_id      TEXT NOT NULL,
+    state          JSONB NOT NULL,
+    deleted        BOOLEAN NOT NULL DEFAULT false,
+    updated_at     TIMESTAMPTZ NOT NULL,
+    event_id       UUID,
+    actor          JSONB,
+    origin         TEXT,
+    space_id       TEXT,
+    schema_version INT NOT NULL DEFAULT 1,
+    PRIMARY KEY (user_id, app_id, table_name, record_id)
+);
+CREATE INDEX IF NOT EXISTS idx_sync_records_user_app_updated ON sync_records (user_id, app_id, updated_at);
+CREATE INDEX IF NOT EXISTS idx_sync_records_user_app_table_updated
+    ON sync_records (user_id, app_id, table_name, updated_at);
+ALTER TABLE sync_records ENABLE ROW LEVEL SECURITY;
+ALTER TABLE sync_records FORCE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS sync_records_owner ON sync_records;
+CREATE POLICY sync_records_owner ON sync_records
+    USING (user_id = current_setting('app.current_user_id', true))
+    WITH CHECK (user_id = current_setting('app.current_user_id', true));
+
+-- Up to which stamp a user's log rows are folded into sync_records. Rows written directly into
+-- sync_changes by other programs (and every row of a database today's server filled) are folded lazily,
+-- under the user's exclusive lock, before the state is next read or written.
+ALTER TABLE sync_user_clock ADD COLUMN IF NOT EXISTS folded_at TIMESTAMPTZ;

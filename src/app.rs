@@ -1,7 +1,7 @@
 //! Start-up: from a `Config` to a running `App` (database, schema, auth), and the shared state every
 //! request handler sees.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,8 @@ pub struct App {
     pub shutdown: watch::Sender<bool>,
     /// Tells this instance's own cross-instance hints apart from other instances'.
     pub instance_id: String,
+    /// Log rows removed by compaction since start.
+    pub rows_pruned: AtomicU64,
     open_connections: AtomicUsize,
 }
 
@@ -112,6 +114,7 @@ pub async fn build(
         &StoreOptions {
             pool_size: config.db_pool_size,
             acquire_timeout: config.db_acquire_timeout,
+            retention: config.log_retention,
         },
     );
     migrate(&store).await?;
@@ -159,10 +162,41 @@ pub async fn build(
         hub,
         shutdown: watch::channel(false).0,
         instance_id: instance_id(),
+        rows_pruned: AtomicU64::new(0),
         open_connections: AtomicUsize::new(0),
     });
     crate::notify::spawn_listener(app.clone());
+    spawn_compactor(app.clone());
     Ok(app)
+}
+
+/// Prunes the log every `compaction_interval` when a retention is configured (SPEC §6).
+fn spawn_compactor(app: Arc<App>) {
+    if app.config.log_retention.is_none() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut shutdown = app.shutdown.subscribe();
+        let mut ticks = tokio::time::interval(app.config.compaction_interval);
+        ticks.tick().await;
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            match app.store.compact(1000).await {
+                Ok(Some(pruned)) => {
+                    app.rows_pruned.fetch_add(pruned, Ordering::Relaxed);
+                    log::info("log compaction done", &[("rowsPruned", pruned.into())]);
+                }
+                Ok(None) => log::debug(
+                    "log compaction skipped: another instance is running it",
+                    &[],
+                ),
+                Err(e) => log::warn("log compaction failed", &[("error", e.to_string().into())]),
+            }
+        }
+    });
 }
 
 /// A random id for this process (not a secret: it only has to differ between instances).

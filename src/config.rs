@@ -42,6 +42,9 @@ pub struct Config {
     /// A socket or stream write that takes longer closes the connection as a slow consumer.
     pub write_timeout: Duration,
     pub sse_heartbeat: Duration,
+    /// Log rows older than this are pruned (clients behind it get a snapshot); `None`: keep everything.
+    pub log_retention: Option<Duration>,
+    pub compaction_interval: Duration,
 }
 
 /// A configuration value that cannot be used; the message names the variable.
@@ -152,6 +155,13 @@ impl Config {
             notify_queue_capacity: positive(&get, "NOTIFY_QUEUE_CAPACITY", 64)?,
             write_timeout: millis(&get, "WRITE_TIMEOUT_MS", 10_000)?,
             sse_heartbeat: millis(&get, "SSE_HEARTBEAT_MS", 30_000)?,
+            log_retention: match set("LOG_RETENTION_SECS") {
+                None => None,
+                Some(_) => Some(Duration::from_secs(
+                    positive(&get, "LOG_RETENTION_SECS", 1)? as u64,
+                )),
+            },
+            compaction_interval: millis(&get, "COMPACTION_INTERVAL_MS", 600_000)?,
         };
         if config.ws_token_leeway > Duration::from_secs(60) {
             return Err(ConfigError(

@@ -12,6 +12,7 @@ pub mod devdb;
 pub mod http;
 pub mod hub;
 pub mod log;
+pub mod merge;
 pub mod notify;
 pub mod protocol;
 pub mod server;

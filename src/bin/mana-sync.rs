@@ -168,6 +168,7 @@ async fn migrate() -> Result<(), String> {
         &mana_sync::store::StoreOptions {
             pool_size: 1,
             acquire_timeout: config.db_acquire_timeout,
+            retention: config.log_retention,
         },
     );
     let outcome = app::migrate(&store).await.map_err(|e| e.to_string());

@@ -24,6 +24,8 @@ pub struct Changeset {
     /// The cursor the client pulled up to; the epoch when it sent none.
     pub since: Micros,
     pub changes: Vec<NewChange>,
+    /// When the server received the push: the time of fields that carry none (SPEC §6).
+    pub received_at: Micros,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +147,7 @@ pub fn parse_changeset(body: &[u8], received_at: Micros) -> Result<Changeset, Pr
         client_id,
         since,
         changes,
+        received_at,
     })
 }
 

@@ -7,6 +7,7 @@
 //! what makes the cursor guarantee hold (see ARCHITECTURE.md, "The cursor").
 
 mod pool;
+pub mod records;
 mod timestamp;
 
 use std::time::Duration;
@@ -15,9 +16,10 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use crate::protocol::time::{self, Micros};
-use crate::protocol::{Changeset, PullQuery, StoredChange, SyncResponse};
+use crate::protocol::{Changeset, NewChange, PullQuery, StoredChange, SyncResponse, WireChange};
 
 pub use pool::{Pool, PoolStatus, PooledConnection};
+use records::ReadMode;
 use timestamp::PgTimestamp;
 
 /// The schema, applied at start-up.
@@ -78,10 +80,13 @@ impl From<tokio_postgres::Error> for StoreError {
 pub struct StoreOptions {
     pub pool_size: usize,
     pub acquire_timeout: Duration,
+    /// Log rows older than this may be pruned; clients behind it get a snapshot. `None`: keep everything.
+    pub retention: Option<Duration>,
 }
 
 pub struct Store {
     pool: Pool,
+    retention: Option<Duration>,
 }
 
 /// What the schema migration did.
@@ -135,7 +140,7 @@ const INSERT_BATCH: &str = concat!(
     "schema_version, actor, origin, space_id) ",
     "SELECT $1, t, r, $2, o, d, f, $3, v, a, g, s FROM unnest($4::text[], $5::text[], $6::text[], $7::jsonb[], ",
     "$8::jsonb[], $9::int4[], $10::jsonb[], $11::text[], $12::text[]) WITH ORDINALITY AS u(t, r, o, d, f, v, a, g, s, n) ",
-    "ORDER BY n"
+    "ORDER BY n RETURNING id::text, table_name, record_id, created_at"
 );
 /// A stream's page: like APP_PAGE, limited to some tables. $6 = the tables.
 const APP_TABLES_PAGE: &str = concat!(
@@ -164,6 +169,16 @@ const USER_APPS: &str = concat!(
     "AND app_id > a.name ORDER BY app_id LIMIT 1) FROM a WHERE a.name IS NOT NULL) ",
     "SELECT name FROM a WHERE name IS NOT NULL LIMIT 1000"
 );
+/// Deletes the oldest log rows of a user before a cutoff, at most $3 of them.
+const PRUNE: &str = concat!(
+    "DELETE FROM sync_changes WHERE id IN (SELECT id FROM sync_changes WHERE user_id = $1 AND created_at < $2 ",
+    "ORDER BY created_at LIMIT $3)"
+);
+/// Pruning stays this far behind the horizon that reads use, so that instances whose clocks differ by less
+/// never prune rows another instance still serves from the log.
+const PRUNE_MARGIN_MICROS: Micros = 5 * 60 * 1_000_000;
+/// After a push merged its own rows (and any pending ones), everything up to the clock is folded.
+const MARK_ALL_FOLDED: &str = "UPDATE sync_user_clock SET folded_at = last_at WHERE user_id = $1";
 const CLOCK: &str = "SELECT last_at FROM sync_user_clock WHERE user_id = $1";
 /// Makes the user's clock at least `$2` (bounded to an hour ahead of the database's clock), so that every
 /// later write is stamped after a cursor handed out or accepted now. Runs only for users without a clock
@@ -179,6 +194,7 @@ impl Store {
     pub fn new(config: tokio_postgres::Config, options: &StoreOptions) -> Store {
         Store {
             pool: Pool::new(config, options.pool_size, options.acquire_timeout),
+            retention: options.retention,
         }
     }
 
@@ -259,8 +275,9 @@ impl Store {
         Ok(())
     }
 
-    /// Stores a whole batch in one transaction and returns the app's changes since `changeset.since` that
-    /// this device has not authored, paged like a pull.
+    /// Stores a whole batch in one transaction: merges it into the record state (per field, the later
+    /// `at` wins), logs what won, and returns the app's changes since `changeset.since` that this device
+    /// has not authored (a snapshot when `since` asks for one), paged like a pull, plus the conflicts.
     pub async fn push(
         &self,
         user: &str,
@@ -271,37 +288,61 @@ impl Store {
         notification: Option<&str>,
     ) -> Result<SyncResponse, StoreError> {
         let device = device.unwrap_or("");
-        let since = PgTimestamp(changeset.since);
-        let limit_plus_one = page_limit(limit);
         let mut connection = self.pool.get().await?;
         let lock = match notification {
             Some(_) => connection.prepare(LOCK_EXCLUSIVE_NOTIFY).await?,
             None => connection.prepare(LOCK_EXCLUSIVE).await?,
         };
-        let page = connection.prepare(APP_PAGE).await?;
         let insert = connection.prepare(INSERT_BATCH).await?;
+        let mode = records::read_mode(changeset.since, self.horizon());
+        let page_statement = connection.prepare(Tables::All.page_sql()).await?;
         let tx = connection.client.transaction().await?;
-
         match notification {
             Some(payload) => tx.execute(&lock, &[&user, &payload]).await?,
             None => tx.execute(&lock, &[&user]).await?,
         };
-        let rows = tx
-            .query(&page, &[&user, &app, &since, &device, &limit_plus_one])
-            .await?;
-        let tx_ref = &tx;
-        let (rows, has_more) = complete_page(rows, limit, |at, last_id| async move {
-            tx_ref
-                .query(
-                    APP_TIES,
-                    &[&user, &app, &PgTimestamp(at), &device, &last_id],
-                )
-                .await
-        })
+        records::fold_pending(&tx, user).await?;
+        let page = read_page(
+            &tx,
+            &page_statement,
+            user,
+            app,
+            Tables::All,
+            device,
+            mode,
+            limit,
+        )
         .await?;
 
-        if !changeset.changes.is_empty() {
-            let columns = BatchColumns::from(changeset);
+        // Merge the batch into the record state; only what wins goes to the log.
+        let keys = changeset
+            .changes
+            .iter()
+            .map(|c| (app.to_owned(), c.table.clone(), c.record_id.clone()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut batch = records::Batch::load(&tx, user, keys).await?;
+        let mut log_rows = Vec::new();
+        let mut conflicts = Vec::new();
+        let mut lost: std::collections::BTreeSet<(String, String)> = Default::default();
+        for change in &changeset.changes {
+            let (winners, losers) = batch.apply(app, change, device, changeset.received_at);
+            let state = batch
+                .state(app, &change.table, &change.record_id)
+                .expect("applied above");
+            log_rows.extend(records::winning_row(change, &winners, state));
+            for conflict in losers {
+                conflicts.push(records::conflict_json(
+                    &change.table,
+                    &change.record_id,
+                    &conflict,
+                ));
+                lost.insert((change.table.clone(), change.record_id.clone()));
+            }
+        }
+        if !log_rows.is_empty() {
+            let columns = BatchColumns::from(log_rows.as_slice());
             let params: [&(dyn ToSql + Sync); 12] = [
                 &app,
                 &user,
@@ -316,18 +357,49 @@ impl Store {
                 &columns.origins,
                 &columns.space_ids,
             ];
-            tx.execute(&insert, &params).await?;
+            for row in tx.query(&insert, &params).await? {
+                let at: PgTimestamp = row.try_get(3)?;
+                batch.stamped(app, row.try_get(1)?, row.try_get(2)?, row.try_get(0)?, at.0);
+            }
         }
-
-        let synced_until = match rows.last() {
-            Some(last) if has_more => last.created_at,
-            _ => vouched_cursor(&tx, user, changeset.since).await?,
+        // Never hand the pushing device a value older than the one the server now holds: a page entry for a
+        // record this batch touched (read before the merge) and every record where a pushed field lost are
+        // answered with the record's whole merged state instead. That also lets a device converge whose
+        // cursor is already past the change that beat it.
+        let touched: std::collections::BTreeSet<(String, String)> = changeset
+            .changes
+            .iter()
+            .map(|c| (c.table.clone(), c.record_id.clone()))
+            .collect();
+        let mut refreshed = lost;
+        let mut server_changes: Vec<WireChange> = Vec::with_capacity(page.changes.len());
+        for change in page.changes {
+            let key = (change.table.clone(), change.id.clone());
+            if touched.contains(&key) {
+                refreshed.insert(key);
+            } else {
+                server_changes.push(change);
+            }
+        }
+        for (table, id) in &refreshed {
+            server_changes.extend(batch.current_entry(app, table, id));
+        }
+        batch.save(&tx, user).await?;
+        tx.execute(MARK_ALL_FOLDED, &[&user]).await?;
+        let synced_until = match page.next {
+            Some(next) => next,
+            None => vouched_cursor(&tx, user, changeset.since).await?,
         };
         tx.commit().await?;
-        Ok(response(rows, synced_until, has_more))
+        Ok(SyncResponse {
+            server_changes,
+            conflicts,
+            synced_until: time::format_cursor(synced_until),
+            has_more: page.next.is_some(),
+        })
     }
 
-    /// Changes of one collection since a cursor, excluding the device's own, paged.
+    /// Changes of one collection since a cursor, excluding the device's own, paged (or a snapshot).
     pub async fn pull(
         &self,
         user: &str,
@@ -335,46 +407,16 @@ impl Store {
         device: Option<&str>,
         query: &PullQuery,
     ) -> Result<SyncResponse, StoreError> {
-        let device = device.unwrap_or("");
-        let table = query.collection.as_str();
-        let limit_plus_one = page_limit(query.limit);
-        let mut connection = self.pool.get().await?;
-        let lock = connection.prepare(LOCK_SHARED).await?;
-        let page = connection.prepare(PULL_PAGE).await?;
-        let tx = connection.client.transaction().await?;
-
-        // The lock is its own statement: in READ COMMITTED the page query's snapshot is taken when it
-        // starts, i.e. only after every in-flight write of this user has committed.
-        tx.execute(&lock, &[&user]).await?;
-        let rows = tx
-            .query(
-                &page,
-                &[
-                    &user,
-                    &app,
-                    &table,
-                    &PgTimestamp(query.since),
-                    &device,
-                    &limit_plus_one,
-                ],
-            )
-            .await?;
-        let tx_ref = &tx;
-        let (rows, has_more) = complete_page(rows, query.limit, |at, last_id| async move {
-            tx_ref
-                .query(
-                    PULL_TIES,
-                    &[&user, &app, &table, &PgTimestamp(at), &device, &last_id],
-                )
-                .await
-        })
-        .await?;
-        let synced_until = match rows.last() {
-            Some(last) if has_more => last.created_at,
-            _ => vouched_cursor(&tx, user, query.since).await?,
-        };
-        tx.commit().await?;
-        Ok(response(rows, synced_until, has_more))
+        let tables = Tables::One(&query.collection);
+        self.read(
+            user,
+            app,
+            tables,
+            device.unwrap_or(""),
+            query.since,
+            query.limit,
+        )
+        .await
     }
 
     /// Changes of an app since a cursor (optionally only some tables), excluding the device's own, paged:
@@ -388,61 +430,130 @@ impl Store {
         since: Micros,
         limit: usize,
     ) -> Result<SyncResponse, StoreError> {
-        let device = device.unwrap_or("");
-        let limit_plus_one = page_limit(limit);
+        let tables = tables.map(Tables::Some).unwrap_or(Tables::All);
+        self.read(user, app, tables, device.unwrap_or(""), since, limit)
+            .await
+    }
+
+    async fn read(
+        &self,
+        user: &str,
+        app: &str,
+        tables: Tables<'_>,
+        device: &str,
+        since: Micros,
+        limit: usize,
+    ) -> Result<SyncResponse, StoreError> {
+        let mode = records::read_mode(since, self.horizon());
         let mut connection = self.pool.get().await?;
-        let lock = connection.prepare(LOCK_SHARED).await?;
-        let page = match tables {
-            Some(_) => connection.prepare(APP_TABLES_PAGE).await?,
-            None => connection.prepare(APP_PAGE).await?,
+        // A snapshot reads the record state, which must first absorb rows other programs wrote: that
+        // writes, so it takes the exclusive lock. Snapshots are rare (a new device, or one behind the
+        // retention horizon); log reads take the shared lock.
+        let lock = match mode {
+            ReadMode::Log(_) => connection.prepare(LOCK_SHARED).await?,
+            ReadMode::Snapshot(_) => connection.prepare(LOCK_EXCLUSIVE).await?,
         };
+        let page_statement = connection.prepare(tables.page_sql()).await?;
         let tx = connection.client.transaction().await?;
+        // The lock is its own statement: in READ COMMITTED the page query's snapshot is taken when it
+        // starts, i.e. only after every in-flight write of this user has committed.
         tx.execute(&lock, &[&user]).await?;
-        let since_param = PgTimestamp(since);
-        let rows = match tables {
-            Some(tables) => {
-                tx.query(
-                    &page,
-                    &[&user, &app, &since_param, &device, &limit_plus_one, &tables],
-                )
-                .await?
-            }
-            None => {
-                tx.query(
-                    &page,
-                    &[&user, &app, &since_param, &device, &limit_plus_one],
-                )
-                .await?
-            }
-        };
-        let tx_ref = &tx;
-        let (rows, has_more) = complete_page(rows, limit, |at, last_id| async move {
-            match tables {
-                Some(tables) => {
-                    tx_ref
-                        .query(
-                            APP_TABLES_TIES,
-                            &[&user, &app, &PgTimestamp(at), &device, &last_id, &tables],
-                        )
-                        .await
-                }
-                None => {
-                    tx_ref
-                        .query(
-                            APP_TIES,
-                            &[&user, &app, &PgTimestamp(at), &device, &last_id],
-                        )
-                        .await
-                }
-            }
-        })
-        .await?;
-        let synced_until = match rows.last() {
-            Some(last) if has_more => last.created_at,
-            _ => vouched_cursor(&tx, user, since).await?,
+        if let ReadMode::Snapshot(_) = mode {
+            records::fold_pending(&tx, user).await?;
+        }
+        let page = read_page(&tx, &page_statement, user, app, tables, device, mode, limit).await?;
+        let synced_until = match page.next {
+            Some(next) => next,
+            None => vouched_cursor(&tx, user, since).await?,
         };
         tx.commit().await?;
-        Ok(response(rows, synced_until, has_more))
+        Ok(SyncResponse {
+            server_changes: page.changes,
+            conflicts: Vec::new(),
+            synced_until: time::format_cursor(synced_until),
+            has_more: page.next.is_some(),
+        })
+    }
+
+    /// Prunes one user's log rows older than the retention horizon (minus a safety margin for clock skew
+    /// between instances), in bounded batches, after folding them into the record state. Runs under the
+    /// user's exclusive lock, so it never interleaves with a read of that user. Returns rows pruned.
+    pub async fn compact_user(&self, user: &str, batch: i64) -> Result<u64, StoreError> {
+        let Some(retention) = self.retention else {
+            return Ok(0);
+        };
+        let cutoff = PgTimestamp(
+            crate::http::now_micros() - retention.as_micros() as Micros - PRUNE_MARGIN_MICROS,
+        );
+        let mut pruned = 0;
+        loop {
+            let mut connection = self.pool.get().await?;
+            let tx = connection.client.transaction().await?;
+            tx.execute(LOCK_EXCLUSIVE, &[&user]).await?;
+            records::fold_pending(&tx, user).await?;
+            let deleted = tx.execute(PRUNE, &[&user, &cutoff, &batch]).await?;
+            tx.commit().await?;
+            pruned += deleted;
+            if deleted < batch as u64 {
+                return Ok(pruned);
+            }
+        }
+    }
+
+    /// Users known to the clock table after `after`, in order (compaction walks them in slices).
+    pub async fn users_after(&self, after: &str, limit: i64) -> Result<Vec<String>, StoreError> {
+        let connection = self.pool.get().await?;
+        let rows = connection
+            .client
+            .query(
+                "SELECT user_id FROM sync_user_clock WHERE user_id > $1 ORDER BY user_id LIMIT $2",
+                &[&after, &limit],
+            )
+            .await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    /// Runs one compaction pass over every user if no other instance is running one (single-flight through a
+    /// session advisory lock on a connection of its own, released when it closes). Returns rows pruned, or
+    /// `None` when another instance holds the lock or no retention is configured.
+    pub async fn compact(&self, batch: i64) -> Result<Option<u64>, StoreError> {
+        if self.retention.is_none() {
+            return Ok(None);
+        }
+        let (leader, connection) = self.connect_dedicated().await?;
+        let driver = tokio::spawn(connection);
+        let result = async {
+            let row = leader
+                .query_one(
+                    "SELECT pg_try_advisory_lock($1, 2)",
+                    &[&MIGRATION_LOCK_CLASS],
+                )
+                .await?;
+            if !row.get::<_, bool>(0) {
+                return Ok(None);
+            }
+            let mut pruned = 0;
+            let mut after = String::new();
+            loop {
+                let users = self.users_after(&after, 500).await?;
+                for user in &users {
+                    pruned += self.compact_user(user, batch).await?;
+                }
+                match users.last() {
+                    Some(last) if users.len() == 500 => after = last.clone(),
+                    _ => return Ok(Some(pruned)),
+                }
+            }
+        }
+        .await;
+        drop(leader);
+        let _ = driver.await;
+        result
+    }
+
+    fn horizon(&self) -> Option<Micros> {
+        self.retention
+            .map(|retention| crate::http::now_micros() - retention.as_micros() as Micros)
     }
 
     /// The tables a user has written in one app (for the nudge a legacy socket gets after `auth-ok`).
@@ -556,12 +667,117 @@ fn stored_change(row: &Row) -> Result<StoredChange, StoreError> {
     read().map_err(|e| StoreError::Internal(format!("unexpected row shape in sync_changes: {e}")))
 }
 
-fn response(rows: Vec<StoredChange>, synced_until: Micros, has_more: bool) -> SyncResponse {
-    SyncResponse {
-        server_changes: rows.iter().map(StoredChange::to_wire).collect(),
-        conflicts: Vec::new(),
-        synced_until: time::format_cursor(synced_until),
-        has_more,
+/// Which tables a read covers.
+#[derive(Clone, Copy)]
+enum Tables<'a> {
+    All,
+    One(&'a str),
+    Some(&'a [String]),
+}
+
+impl Tables<'_> {
+    fn page_sql(self) -> &'static str {
+        match self {
+            Tables::All => APP_PAGE,
+            Tables::One(_) => PULL_PAGE,
+            Tables::Some(_) => APP_TABLES_PAGE,
+        }
+    }
+}
+
+/// One page of changes; `next` is the cursor to continue from when more remain.
+struct Page {
+    changes: Vec<WireChange>,
+    next: Option<Micros>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn read_page(
+    tx: &tokio_postgres::Transaction<'_>,
+    page_statement: &tokio_postgres::Statement,
+    user: &str,
+    app: &str,
+    tables: Tables<'_>,
+    device: &str,
+    mode: ReadMode,
+    limit: usize,
+) -> Result<Page, StoreError> {
+    match mode {
+        ReadMode::Snapshot(from) => {
+            let list: Option<Vec<String>> = match tables {
+                Tables::All => None,
+                Tables::One(table) => Some(vec![table.to_owned()]),
+                Tables::Some(list) => Some(list.to_vec()),
+            };
+            let (entries, has_more) =
+                records::snapshot_page(tx, user, app, list.as_deref(), from, limit).await?;
+            let next = if has_more {
+                entries.last().map(|(at, _)| records::snapshot_cursor(*at))
+            } else {
+                None
+            };
+            Ok(Page {
+                changes: entries.into_iter().map(|(_, change)| change).collect(),
+                next,
+            })
+        }
+        ReadMode::Log(since) => {
+            let limit_plus_one = page_limit(limit);
+            let since = PgTimestamp(since);
+            let rows = match tables {
+                Tables::All => {
+                    tx.query(
+                        page_statement,
+                        &[&user, &app, &since, &device, &limit_plus_one],
+                    )
+                    .await?
+                }
+                Tables::One(table) => {
+                    tx.query(
+                        page_statement,
+                        &[&user, &app, &table, &since, &device, &limit_plus_one],
+                    )
+                    .await?
+                }
+                Tables::Some(list) => {
+                    tx.query(
+                        page_statement,
+                        &[&user, &app, &since, &device, &limit_plus_one, &list],
+                    )
+                    .await?
+                }
+            };
+            let (rows, has_more) = complete_page(rows, limit, |at, last_id| async move {
+                let at = PgTimestamp(at);
+                match tables {
+                    Tables::All => {
+                        tx.query(APP_TIES, &[&user, &app, &at, &device, &last_id])
+                            .await
+                    }
+                    Tables::One(table) => {
+                        tx.query(PULL_TIES, &[&user, &app, &table, &at, &device, &last_id])
+                            .await
+                    }
+                    Tables::Some(list) => {
+                        tx.query(
+                            APP_TABLES_TIES,
+                            &[&user, &app, &at, &device, &last_id, &list],
+                        )
+                        .await
+                    }
+                }
+            })
+            .await?;
+            let next = if has_more {
+                rows.last().map(|row| row.created_at)
+            } else {
+                None
+            };
+            Ok(Page {
+                changes: rows.iter().map(StoredChange::to_wire).collect(),
+                next,
+            })
+        }
     }
 }
 
@@ -578,9 +794,8 @@ struct BatchColumns {
     space_ids: Vec<Option<String>>,
 }
 
-impl From<&Changeset> for BatchColumns {
-    fn from(changeset: &Changeset) -> BatchColumns {
-        let changes = &changeset.changes;
+impl From<&[NewChange]> for BatchColumns {
+    fn from(changes: &[NewChange]) -> BatchColumns {
         BatchColumns {
             tables: changes.iter().map(|c| c.table.clone()).collect(),
             record_ids: changes.iter().map(|c| c.record_id.clone()).collect(),

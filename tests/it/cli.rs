@@ -375,7 +375,7 @@ fn pull_tasks(served: &Served, token: &str, device: &str) -> Vec<Value> {
     let auth = format!("Bearer {token}");
     let (status, body) = http(
         "GET",
-        &served.url("/sync/todo/pull?collection=tasks&since=1970-01-01T00:00:00.000Z"),
+        &served.url("/sync/todo/pull?collection=tasks&since=2000-01-01T00:00:00.000Z"),
         &[("authorization", &auth), ("x-client-id", device)],
         None,
     )
@@ -434,7 +434,7 @@ fn embedded_default_end_to_end() {
     // No token: the embedded set-up still requires one.
     let (status, body) = http(
         "GET",
-        &served.url("/sync/todo/pull?collection=tasks&since=1970-01-01T00:00:00.000Z"),
+        &served.url("/sync/todo/pull?collection=tasks&since=2000-01-01T00:00:00.000Z"),
         &[],
         None,
     )
@@ -444,7 +444,7 @@ fn embedded_default_end_to_end() {
     let auth = format!("Bearer {token}");
     let push = json!({
         "clientId": "dev-a",
-        "since": "1970-01-01T00:00:00.000Z",
+        "since": "2000-01-01T00:00:00.000Z",
         "changes": [{"table": "tasks", "id": "task-1", "op": "insert",
                      "data": {"id": "task-1", "title": "Buy milk"}}],
     });

@@ -62,7 +62,7 @@ async fn a_write_in_flight_while_another_device_pulls_is_not_skipped() {
     begin_as(&writer, &user).await;
     direct_insert(&writer, &user, "t", "held").await;
     let (first, ()) = tokio::join!(
-        server.pull(&user, "app", Some("reader"), "t", EPOCH, None),
+        server.pull(&user, "app", Some("reader"), "t", LOG_START, None),
         async {
             tokio::time::sleep(Duration::from_millis(300)).await;
             writer.batch_execute("COMMIT").await.unwrap();
@@ -104,7 +104,7 @@ async fn a_transaction_that_began_before_the_cursor_and_wrote_after_it_is_delive
     begin_as(&writer, &user).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     let first = server
-        .pull(&user, "app", Some("reader"), "t", EPOCH, None)
+        .pull(&user, "app", Some("reader"), "t", LOG_START, None)
         .await;
     assert_eq!(ids(first.changes()), BTreeSet::from(["before".to_owned()]));
     let cursor = first.body["syncedUntil"].as_str().unwrap().to_owned();
@@ -166,7 +166,7 @@ async fn rows_written_directly_into_sync_changes_are_delivered_in_the_documented
     writer.batch_execute("COMMIT").await.unwrap();
 
     let reply = server
-        .pull(&user, "app", Some("browser"), "notes", EPOCH, None)
+        .pull(&user, "app", Some("browser"), "notes", LOG_START, None)
         .await;
     let changes = reply.changes();
     assert_eq!(changes.len(), 2, "{}", reply.text);
@@ -186,7 +186,7 @@ async fn rows_written_directly_into_sync_changes_are_delivered_in_the_documented
 
     // A direct writer's device id suppresses echo like any other: it never gets its own rows back.
     let reply = server
-        .pull(&user, "app", Some("mcp-server"), "notes", EPOCH, None)
+        .pull(&user, "app", Some("mcp-server"), "notes", LOG_START, None)
         .await;
     assert!(reply.changes().is_empty());
     server.stop().await;
@@ -218,7 +218,7 @@ async fn rows_sharing_a_timestamp_at_a_page_boundary_are_all_delivered() {
     }
     admin.batch_execute("COMMIT").await.unwrap();
 
-    let mut cursor = EPOCH.to_owned();
+    let mut cursor = LOG_START.to_owned();
     let mut seen = Vec::new();
     for _ in 0..10 {
         let reply = server
@@ -343,7 +343,7 @@ async fn randomized_concurrent_writers_and_pullers_lose_nothing() {
         puller_tasks.push(tokio::spawn(async move {
             let device = format!("puller-{p}");
             let mut cursors: HashMap<&str, String> =
-                tables.iter().map(|t| (*t, EPOCH.to_owned())).collect();
+                tables.iter().map(|t| (*t, LOG_START.to_owned())).collect();
             let mut seen = BTreeSet::new();
             let mut final_round = false;
             loop {

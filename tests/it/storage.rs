@@ -24,7 +24,7 @@ async fn a_user_can_never_read_or_write_another_users_rows_even_without_a_user_f
     }
     // Over HTTP: same app, same collection, same device id: only one's own rows.
     let reply = server
-        .pull(&alice, "app", Some("other"), "t", EPOCH, None)
+        .pull(&alice, "app", Some("other"), "t", LOG_START, None)
         .await;
     assert_eq!(reply.changes().len(), 3);
     assert!(!reply.text.contains(&bob));
@@ -111,7 +111,7 @@ async fn upgrades_a_database_that_todays_server_created_and_filled() {
             "todo",
             Some("new-phone"),
             "tasks",
-            EPOCH,
+            LOG_START,
             None,
         )
         .await;
@@ -171,6 +171,7 @@ async fn the_migration_is_idempotent_and_safe_from_two_instances_at_once() {
     let options = StoreOptions {
         pool_size: 2,
         acquire_timeout: std::time::Duration::from_secs(10),
+        retention: None,
     };
     let stores: Vec<Store> = (0..3)
         .map(|_| Store::new(database.parse().unwrap(), &options))

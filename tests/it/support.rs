@@ -20,7 +20,11 @@ use mana_sync::devdb;
 use mana_sync::server::ServerHandle;
 use serde_json::{json, Value};
 
+/// The cursor of a device that has never synced: it gets a snapshot of the merged state (SPEC §6).
 pub const EPOCH: &str = "1970-01-01T00:00:00.000Z";
+/// A log cursor before any row this suite writes: reads from it page through the log itself, which is
+/// what tests of the log's wire shape want.
+pub const LOG_START: &str = "2000-01-01T00:00:00.000Z";
 
 /// The signing key every test server trusts (through a JWKS file).
 pub struct TestKeys {
@@ -380,7 +384,7 @@ pub fn update(table: &str, id: &str, field: &str, value: Value, at: &str) -> Val
 }
 
 pub fn changeset(changes: Vec<Value>) -> Value {
-    json!({"since": EPOCH, "changes": changes})
+    json!({"since": LOG_START, "changes": changes})
 }
 
 /// Sends `head` (request line and headers, without the blank line) and then `body` on a plain TCP

@@ -1,0 +1,610 @@
+//! The merged record state (SPEC §6): maintained in `sync_records` beside the log, read for snapshots.
+//!
+//! The merge itself is the pure `crate::merge`; this module moves record states between PostgreSQL and
+//! that merge, always inside a transaction that holds the user's exclusive lock:
+//!
+//! * `fold_pending` brings the state up to date with log rows it has not seen: rows other programs wrote
+//!   straight into `sync_changes`, and every row of a database today's server filled (that is how the
+//!   state is built from an existing log — lazily, per user, on first use).
+//! * `Batch` applies a push: per field, the later `at` wins; the log row of a change records only the
+//!   fields that won (a change whose every field lost adds nothing), losers become `conflicts`.
+//!
+//! Snapshots page through records in the order of their newest stamp. Their cursors live in a range no
+//! log cursor can take (1970-01-02 to 2000-01-01), so a client that follows `hasMore` keeps getting
+//! snapshot pages until the snapshot is complete, and only then a log cursor (see `snapshot_cursor`).
+
+use std::collections::HashMap;
+
+use serde_json::{json, Map, Value};
+use tokio_postgres::Transaction;
+
+use super::timestamp::PgTimestamp;
+use super::StoreError;
+use crate::merge::{self, ChangeKind, IncomingChange, RecordState};
+use crate::protocol::time::{self, Micros};
+use crate::protocol::{NewChange, Op, WireChange};
+
+/// Where snapshot cursors start: anything before is "no cursor", i.e. a fresh snapshot.
+pub const SNAPSHOT_FLOOR: Micros = 86_400_000_000; // 1970-01-02T00:00:00Z
+/// Where snapshot cursors end and log cursors begin.
+pub const SNAPSHOT_CEIL: Micros = 946_684_800_000_000; // 2000-01-01T00:00:00Z
+/// Snapshot positions are stamps at this resolution (µs), so that 60 years of stamps fit the range.
+const SNAPSHOT_RESOLUTION: Micros = 2;
+/// A snapshot page holds at least this many records, so that re-reading the last bucket still advances.
+pub const MIN_SNAPSHOT_PAGE: usize = 16;
+
+/// How a `since` is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Log rows after this cursor.
+    Log(Micros),
+    /// Records whose newest stamp is at or after this position.
+    Snapshot(Micros),
+}
+
+/// A `since` before the snapshot range (the epoch, or nothing), or older than the retention horizon,
+/// starts a snapshot; one inside the range continues one; anything else reads the log.
+pub fn read_mode(since: Micros, horizon: Option<Micros>) -> ReadMode {
+    if since < SNAPSHOT_FLOOR {
+        ReadMode::Snapshot(Micros::MIN)
+    } else if since < SNAPSHOT_CEIL {
+        ReadMode::Snapshot(SNAPSHOT_CEIL + (since - SNAPSHOT_FLOOR) * SNAPSHOT_RESOLUTION)
+    } else if horizon.is_some_and(|h| since < h) {
+        ReadMode::Snapshot(Micros::MIN)
+    } else {
+        ReadMode::Log(since)
+    }
+}
+
+/// The cursor of a snapshot page that ended at a record stamped `position`: re-reading from it repeats
+/// at most one bucket of records (duplicates are allowed), never skips one.
+pub fn snapshot_cursor(position: Micros) -> Micros {
+    SNAPSHOT_FLOOR + (position.max(SNAPSHOT_CEIL) - SNAPSHOT_CEIL) / SNAPSHOT_RESOLUTION
+}
+
+/// One row of `sync_records` as loaded for merging.
+#[derive(Debug, Clone, Default)]
+struct Record {
+    state: RecordState,
+    changed: bool,
+    updated_at: Micros,
+    event_id: Option<String>,
+    actor: Option<Value>,
+    origin: Option<String>,
+    space_id: Option<String>,
+    schema_version: i32,
+}
+
+type Key = (String, String, String); // app, table, record id
+
+/// States of the records a batch touches, loaded in one round trip.
+pub struct Batch {
+    records: HashMap<Key, Record>,
+}
+
+const LOAD: &str = concat!(
+    "SELECT app_id, table_name, record_id, state, updated_at, event_id::text, actor, origin, space_id, schema_version ",
+    "FROM sync_records WHERE user_id = $1 ",
+    "AND (app_id, table_name, record_id) IN (SELECT * FROM unnest($2::text[], $3::text[], $4::text[]))"
+);
+const UPSERT: &str = concat!(
+    "INSERT INTO sync_records (user_id, app_id, table_name, record_id, state, deleted, updated_at, event_id, ",
+    "actor, origin, space_id, schema_version) ",
+    "SELECT $1, p, t, r, s, d, u, e::uuid, a, o, sp, v FROM unnest($2::text[], $3::text[], $4::text[], ",
+    "$5::jsonb[], $6::bool[], $7::timestamptz[], $8::text[], $9::jsonb[], $10::text[], $11::text[], $12::int4[]) ",
+    "AS x(p, t, r, s, d, u, e, a, o, sp, v) ",
+    "ON CONFLICT (user_id, app_id, table_name, record_id) DO UPDATE SET state = excluded.state, ",
+    "deleted = excluded.deleted, updated_at = excluded.updated_at, event_id = excluded.event_id, ",
+    "actor = excluded.actor, origin = excluded.origin, space_id = coalesce(excluded.space_id, sync_records.space_id), ",
+    "schema_version = excluded.schema_version"
+);
+const PENDING: &str = concat!(
+    "SELECT id::text, app_id, table_name, record_id, op, data, field_meta, client_id, created_at, ",
+    "schema_version, actor, origin, space_id FROM sync_changes WHERE user_id = $1 AND created_at > $2 ",
+    "ORDER BY created_at, id LIMIT 2000"
+);
+const FOLD_STATE: &str = "SELECT last_at, folded_at FROM sync_user_clock WHERE user_id = $1";
+const MARK_FOLDED: &str = concat!(
+    "INSERT INTO sync_user_clock AS c (user_id, last_at, folded_at) VALUES ($1, $2, $2) ",
+    "ON CONFLICT (user_id) DO UPDATE SET last_at = greatest(c.last_at, excluded.last_at), ",
+    "folded_at = greatest(coalesce(c.folded_at, '-infinity'), excluded.folded_at)"
+);
+
+impl Batch {
+    pub async fn load(
+        tx: &Transaction<'_>,
+        user: &str,
+        keys: Vec<Key>,
+    ) -> Result<Batch, StoreError> {
+        let mut records: HashMap<Key, Record> = HashMap::new();
+        if keys.is_empty() {
+            return Ok(Batch { records });
+        }
+        let apps: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+        let tables: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+        let ids: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
+        for row in tx.query(LOAD, &[&user, &apps, &tables, &ids]).await? {
+            let state: Value = row.try_get(3)?;
+            let state = RecordState::from_json(&state)
+                .ok_or_else(|| StoreError::Internal("unreadable state in sync_records".into()))?;
+            let record = Record {
+                state,
+                changed: false,
+                updated_at: row.try_get::<_, PgTimestamp>(4)?.0,
+                event_id: row.try_get(5)?,
+                actor: row.try_get(6)?,
+                origin: row.try_get(7)?,
+                space_id: row.try_get(8)?,
+                schema_version: row.try_get(9)?,
+            };
+            records.insert((row.get(0), row.get(1), row.get(2)), record);
+        }
+        Ok(Batch { records })
+    }
+
+    /// Merges one change into its record. Returns the fields that won and the conflicts.
+    pub fn apply(
+        &mut self,
+        app: &str,
+        change: &NewChange,
+        client_id: &str,
+        received_at: Micros,
+    ) -> (Vec<String>, Vec<merge::FieldConflict>) {
+        let key = (
+            app.to_owned(),
+            change.table.clone(),
+            change.record_id.clone(),
+        );
+        let record = self.records.entry(key).or_default();
+        let deleted_at = match change.op {
+            Op::Delete => change.data.get(merge::DELETED_AT).and_then(Value::as_str),
+            _ => None,
+        };
+        let received_text = time::format_millis(received_at);
+        let incoming = IncomingChange {
+            kind: kind_of(change.op),
+            values: &change.data,
+            times: &change.field_meta,
+            deleted_at,
+            client_id,
+            received_at,
+            received_at_text: &received_text,
+        };
+        let (winners, conflicts) = merge::apply(&mut record.state, &incoming);
+        if !winners.is_empty() || (change.op == Op::Insert && change.data.is_empty()) {
+            record.changed = true;
+            record.actor = change.actor.clone();
+            record.origin = change.origin.clone();
+            record.space_id = change.space_id.clone().or(record.space_id.take());
+            record.schema_version = change.schema_version;
+        }
+        (winners, conflicts)
+    }
+
+    /// The current state of a record (after `apply`), for answering conflicts.
+    pub fn state(&self, app: &str, table: &str, id: &str) -> Option<&RecordState> {
+        self.records
+            .get(&(app.to_owned(), table.to_owned(), id.to_owned()))
+            .map(|r| &r.state)
+    }
+
+    /// The record's whole current state as a snapshot entry: what a device gets instead of older values.
+    pub fn current_entry(&self, app: &str, table: &str, id: &str) -> Option<WireChange> {
+        let record = self
+            .records
+            .get(&(app.to_owned(), table.to_owned(), id.to_owned()))?;
+        Some(entry(
+            table,
+            id,
+            &record.state,
+            record.event_id.clone(),
+            record.actor.clone(),
+            record.origin.clone(),
+            record.space_id.clone(),
+            record.schema_version,
+        ))
+    }
+
+    /// Notes which log row (id, stamp) last changed a record.
+    pub fn stamped(&mut self, app: &str, table: &str, id: &str, event_id: String, at: Micros) {
+        if let Some(record) =
+            self.records
+                .get_mut(&(app.to_owned(), table.to_owned(), id.to_owned()))
+        {
+            if at >= record.updated_at {
+                record.updated_at = at;
+                record.event_id = Some(event_id);
+            }
+        }
+    }
+
+    /// Writes every changed record back in one round trip.
+    pub async fn save(self, tx: &Transaction<'_>, user: &str) -> Result<(), StoreError> {
+        let changed: Vec<(Key, Record)> = self
+            .records
+            .into_iter()
+            .filter(|(_, r)| r.changed)
+            .collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let apps: Vec<&str> = changed.iter().map(|(k, _)| k.0.as_str()).collect();
+        let tables: Vec<&str> = changed.iter().map(|(k, _)| k.1.as_str()).collect();
+        let ids: Vec<&str> = changed.iter().map(|(k, _)| k.2.as_str()).collect();
+        let states: Vec<Value> = changed.iter().map(|(_, r)| r.state.to_json()).collect();
+        let deleted: Vec<bool> = changed.iter().map(|(_, r)| r.state.is_deleted()).collect();
+        let updated: Vec<PgTimestamp> = changed
+            .iter()
+            .map(|(_, r)| PgTimestamp(r.updated_at))
+            .collect();
+        let events: Vec<Option<&str>> =
+            changed.iter().map(|(_, r)| r.event_id.as_deref()).collect();
+        let actors: Vec<Option<&Value>> = changed.iter().map(|(_, r)| r.actor.as_ref()).collect();
+        let origins: Vec<Option<&str>> = changed.iter().map(|(_, r)| r.origin.as_deref()).collect();
+        let spaces: Vec<Option<&str>> =
+            changed.iter().map(|(_, r)| r.space_id.as_deref()).collect();
+        let versions: Vec<i32> = changed
+            .iter()
+            .map(|(_, r)| r.schema_version.max(1))
+            .collect();
+        tx.execute(
+            UPSERT,
+            &[
+                &user, &apps, &tables, &ids, &states, &deleted, &updated, &events, &actors,
+                &origins, &spaces, &versions,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+fn kind_of(op: Op) -> ChangeKind {
+    match op {
+        Op::Insert => ChangeKind::Insert,
+        Op::Update => ChangeKind::Update,
+        Op::Delete => ChangeKind::Delete,
+    }
+}
+
+/// The log row a change leaves after merging: only the fields that won. `None` when nothing won.
+pub fn winning_row(
+    change: &NewChange,
+    winners: &[String],
+    state: &RecordState,
+) -> Option<NewChange> {
+    // An insert of an empty record has no field to win with, but the record must still come to exist.
+    if change.op == Op::Insert && change.data.is_empty() {
+        return Some(change.clone());
+    }
+    if winners.is_empty() {
+        return None;
+    }
+    let all_won = winners.len() == state_fields_of(change).len();
+    if change.op == Op::Insert && all_won {
+        return Some(change.clone());
+    }
+    let mut data = Map::new();
+    let mut field_meta = Map::new();
+    for field in winners {
+        if let Some(version) = state.fields.get(field) {
+            data.insert(field.clone(), version.value.clone());
+            field_meta.insert(field.clone(), Value::String(version.at.clone()));
+        }
+    }
+    // A delete stays a delete only if its tombstone won; otherwise what won is an update.
+    let op = if change.op == Op::Delete && winners.iter().any(|f| f == merge::DELETED_AT) {
+        Op::Delete
+    } else {
+        Op::Update
+    };
+    Some(NewChange {
+        op,
+        data,
+        field_meta,
+        ..change.clone()
+    })
+}
+
+/// The fields a change carries, as the merge sees them (inserts: every key of data; deletes: plus the
+/// tombstone).
+fn state_fields_of(change: &NewChange) -> Vec<&String> {
+    change.data.keys().collect()
+}
+
+/// A conflict as the push response reports it.
+pub fn conflict_json(table: &str, id: &str, conflict: &merge::FieldConflict) -> Value {
+    json!({
+        "table": table, "id": id, "field": conflict.field,
+        "clientValue": conflict.client_value, "clientTimestamp": conflict.client_at,
+        "serverValue": conflict.server_value, "serverTimestamp": conflict.server_at,
+    })
+}
+
+/// Brings the user's record states up to date with log rows not folded yet. Needs the exclusive lock.
+pub async fn fold_pending(tx: &Transaction<'_>, user: &str) -> Result<(), StoreError> {
+    let state = tx.query_opt(FOLD_STATE, &[&user]).await?;
+    let mut folded = match state {
+        Some(row) => {
+            let last: PgTimestamp = row.get(0);
+            let folded: Option<PgTimestamp> = row.get(1);
+            match folded {
+                Some(folded) if folded >= last => return Ok(()),
+                Some(folded) => folded.0,
+                None => Micros::MIN,
+            }
+        }
+        None => Micros::MIN,
+    };
+    loop {
+        let rows = tx.query(PENDING, &[&user, &PgTimestamp(folded)]).await?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let full = rows.len() == 2000;
+        let mut changes = Vec::with_capacity(rows.len());
+        for row in &rows {
+            changes.push(
+                PendingRow::read(row)
+                    .map_err(|e| StoreError::Internal(format!("unreadable log row: {e}")))?,
+            );
+        }
+        let keys = changes
+            .iter()
+            .map(|c| {
+                (
+                    c.app.clone(),
+                    c.change.table.clone(),
+                    c.change.record_id.clone(),
+                )
+            })
+            .collect();
+        let mut batch = Batch::load(tx, user, dedup(keys)).await?;
+        for pending in &changes {
+            let (winners, _) = batch.apply(
+                &pending.app,
+                &pending.change,
+                &pending.client_id,
+                pending.created_at,
+            );
+            if !winners.is_empty() {
+                batch.stamped(
+                    &pending.app,
+                    &pending.change.table,
+                    &pending.change.record_id,
+                    pending.event_id.clone(),
+                    pending.created_at,
+                );
+            }
+        }
+        batch.save(tx, user).await?;
+        folded = changes.last().map(|c| c.created_at).unwrap_or(folded);
+        tx.execute(MARK_FOLDED, &[&user, &PgTimestamp(folded)])
+            .await?;
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
+/// Marks everything up to the user's clock as folded (after a push folded its own rows).
+pub async fn mark_folded(
+    tx: &Transaction<'_>,
+    user: &str,
+    through: Micros,
+) -> Result<(), StoreError> {
+    tx.execute(MARK_FOLDED, &[&user, &PgTimestamp(through)])
+        .await?;
+    Ok(())
+}
+
+fn dedup(mut keys: Vec<Key>) -> Vec<Key> {
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// A log row read back for folding, in the shape a push has.
+struct PendingRow {
+    event_id: String,
+    app: String,
+    client_id: String,
+    created_at: Micros,
+    change: NewChange,
+}
+
+impl PendingRow {
+    fn read(row: &tokio_postgres::Row) -> Result<PendingRow, tokio_postgres::Error> {
+        let created_at = row.try_get::<_, PgTimestamp>(8)?.0;
+        let op = Op::parse(&row.try_get::<_, String>(4)?).unwrap_or(Op::Update);
+        let object = |value: Option<Value>| match value {
+            Some(Value::Object(map)) => map,
+            _ => Map::new(),
+        };
+        let mut data = object(row.try_get(5)?);
+        // Direct writers may give timestamps as {"at": …}; the merge wants the string.
+        let field_meta: Map<String, Value> = object(row.try_get(6)?)
+            .into_iter()
+            .filter_map(|(field, meta)| match meta {
+                Value::String(at) => Some((field, Value::String(at))),
+                Value::Object(meta) => meta
+                    .get("at")
+                    .or_else(|| meta.get("updatedAt"))
+                    .cloned()
+                    .map(|at| (field, at)),
+                _ => None,
+            })
+            .collect();
+        if op == Op::Delete && !data.get(merge::DELETED_AT).is_some_and(Value::is_string) {
+            let at = field_meta
+                .get(merge::DELETED_AT)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .unwrap_or_else(|| time::format_millis(created_at));
+            data.insert(merge::DELETED_AT.into(), Value::String(at));
+        }
+        Ok(PendingRow {
+            event_id: row.try_get(0)?,
+            app: row.try_get(1)?,
+            client_id: row.try_get(7)?,
+            created_at,
+            change: NewChange {
+                table: row.try_get(2)?,
+                record_id: row.try_get(3)?,
+                op,
+                data,
+                field_meta,
+                space_id: row.try_get(12)?,
+                actor: row.try_get(10)?,
+                origin: row.try_get(11)?,
+                schema_version: row.try_get(9)?,
+            },
+        })
+    }
+}
+
+/// A snapshot page: records of one app (optionally some tables) whose newest stamp is at or after `from`.
+pub async fn snapshot_page(
+    tx: &Transaction<'_>,
+    user: &str,
+    app: &str,
+    tables: Option<&[String]>,
+    from: Micros,
+    limit: usize,
+) -> Result<(Vec<(Micros, WireChange)>, bool), StoreError> {
+    let limit = limit.max(MIN_SNAPSHOT_PAGE);
+    let limit_plus_one = i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1;
+    const COLUMNS: &str = "table_name, record_id, state, deleted, updated_at, event_id::text, actor, origin, space_id, schema_version";
+    let rows = match tables {
+        Some(tables) => {
+            tx.query(
+                &format!(
+                    "SELECT {COLUMNS} FROM sync_records WHERE user_id = $1 AND app_id = $2 AND updated_at >= $3 \
+                     AND table_name = ANY($5) ORDER BY updated_at LIMIT $4"
+                ),
+                &[&user, &app, &PgTimestamp(from), &limit_plus_one, &tables],
+            )
+            .await?
+        }
+        None => {
+            tx.query(
+                &format!(
+                    "SELECT {COLUMNS} FROM sync_records WHERE user_id = $1 AND app_id = $2 AND updated_at >= $3 \
+                     ORDER BY updated_at LIMIT $4"
+                ),
+                &[&user, &app, &PgTimestamp(from), &limit_plus_one],
+            )
+            .await?
+        }
+    };
+    let has_more = rows.len() > limit;
+    let mut entries = Vec::with_capacity(rows.len().min(limit));
+    for row in rows.iter().take(limit) {
+        let state: Value = row.try_get(2)?;
+        let state = RecordState::from_json(&state)
+            .ok_or_else(|| StoreError::Internal("unreadable state in sync_records".into()))?;
+        let updated_at = row.try_get::<_, PgTimestamp>(4)?.0;
+        entries.push((updated_at, snapshot_entry(row, &state)?));
+    }
+    Ok((entries, has_more))
+}
+
+/// A snapshot entry read from `sync_records`.
+fn snapshot_entry(
+    row: &tokio_postgres::Row,
+    state: &RecordState,
+) -> Result<WireChange, tokio_postgres::Error> {
+    Ok(entry(
+        &row.try_get::<_, String>(0)?,
+        &row.try_get::<_, String>(1)?,
+        state,
+        row.try_get(5)?,
+        row.try_get(6)?,
+        row.try_get(7)?,
+        row.try_get(8)?,
+        row.try_get(9)?,
+    ))
+}
+
+/// A snapshot entry: an `update` with both `data` (the whole record) and `fields` (every field with the
+/// `at` that won), or for a deleted record a `delete` with its `deletedAt`. Its `eventId`, `actor` and
+/// `origin` are those of the newest change folded into the record.
+#[allow(clippy::too_many_arguments)]
+fn entry(
+    table: &str,
+    id: &str,
+    state: &RecordState,
+    event_id: Option<String>,
+    actor: Option<Value>,
+    origin: Option<String>,
+    space_id: Option<String>,
+    schema_version: i32,
+) -> WireChange {
+    let deleted_at = state.deleted_at().map(str::to_owned);
+    let (op, data, fields) = match deleted_at {
+        Some(_) => ("delete", None, None),
+        None => {
+            let fields: Map<String, Value> = state
+                .fields
+                .iter()
+                .map(|(name, version)| {
+                    (
+                        name.clone(),
+                        json!({"value": version.value, "at": version.at}),
+                    )
+                })
+                .collect();
+            ("update", Some(Value::Object(state.data())), Some(fields))
+        }
+    };
+    WireChange {
+        event_id: event_id.unwrap_or_default(),
+        table: table.to_owned(),
+        id: id.to_owned(),
+        op,
+        data,
+        fields,
+        deleted_at,
+        space_id,
+        actor: actor.filter(|a| !a.is_null()),
+        origin,
+        schema_version: schema_version.max(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_modes_and_snapshot_cursors() {
+        assert_eq!(read_mode(0, None), ReadMode::Snapshot(Micros::MIN));
+        assert_eq!(read_mode(-5, None), ReadMode::Snapshot(Micros::MIN));
+        let now = 1_795_255_500_123_456;
+        assert_eq!(read_mode(now, None), ReadMode::Log(now));
+        assert_eq!(
+            read_mode(now, Some(now + 1)),
+            ReadMode::Snapshot(Micros::MIN),
+            "behind the horizon"
+        );
+        assert_eq!(read_mode(SNAPSHOT_CEIL, None), ReadMode::Log(SNAPSHOT_CEIL));
+        // A snapshot cursor continues at (or just before) the position it was made from.
+        for position in [now, now + 1, SNAPSHOT_CEIL, SNAPSHOT_CEIL + 3] {
+            let cursor = snapshot_cursor(position);
+            assert!((SNAPSHOT_FLOOR..SNAPSHOT_CEIL).contains(&cursor));
+            let ReadMode::Snapshot(from) = read_mode(cursor, Some(now * 2)) else {
+                panic!()
+            };
+            assert!(
+                from <= position && position - from < SNAPSHOT_RESOLUTION,
+                "{position} -> {from}"
+            );
+        }
+        // Cursors keep string order: later positions give later cursors, all after the epoch, before logs.
+        let a = time::format_cursor(snapshot_cursor(now));
+        let b = time::format_cursor(snapshot_cursor(now + 10));
+        assert!(a < b && a.as_str() > "1970-01-01T00:00:00.000000Z" && b.as_str() < "2000");
+        // Stamps until mid-2059 fit the range.
+        assert!(snapshot_cursor(2821651200_000_000) < SNAPSHOT_CEIL);
+    }
+}
