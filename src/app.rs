@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::auth::{AuthConfig, Authenticator};
+use crate::billing::{Billing, BillingConfig};
 use crate::config::Config;
 use crate::devdb::{EmbeddedOptions, EmbeddedPostgres};
 use crate::hub::Hub;
 use crate::log;
+use crate::metrics::Metrics;
 use crate::store::{Migration, Store, StoreError, StoreOptions};
 
 /// Shared state of one server: cheap to reach from every connection through an `Arc`.
@@ -26,6 +28,11 @@ pub struct App {
     pub instance_id: String,
     /// Log rows removed by compaction since start.
     pub rows_pruned: AtomicU64,
+    /// The billing gate; `None` when MANA_CREDITS_URL is unset.
+    pub billing: Option<Billing>,
+    pub metrics: Metrics,
+    /// Permits for requests in flight (SPEC §11: saturation answers 503, it does not queue).
+    pub request_permits: Arc<tokio::sync::Semaphore>,
     open_connections: AtomicUsize,
 }
 
@@ -130,14 +137,22 @@ pub async fn build(
             &[("error", e.to_string().into())],
         ),
     }
-    if let Some(url) = &config.mana_credits_url {
-        log::warn(
-            "MANA_CREDITS_URL is set but this build has no billing gate yet; requests are not checked",
-            &[("url", url.as_str().into())],
-        );
-    } else {
-        log::info("billing gate off: MANA_CREDITS_URL is unset", &[]);
-    }
+    let billing = match &config.mana_credits_url {
+        Some(url) => {
+            log::info("billing gate on", &[("url", url.as_str().into())]);
+            Some(Billing::new(BillingConfig {
+                url: url.clone(),
+                service_key: config.mana_service_key.clone(),
+                cache_ttl: config.billing_cache_ttl,
+                timeout: config.billing_timeout,
+                max_cached_users: config.billing_cache_max_users,
+            }))
+        }
+        None => {
+            log::info("billing gate off: MANA_CREDITS_URL is unset", &[]);
+            None
+        }
+    };
     let auth = Authenticator::new(auth_config(&config));
     match auth.refresh().await {
         Ok(keys) => log::info("signing keys loaded", &[("keys", keys.into())]),
@@ -155,6 +170,7 @@ pub async fn build(
         config.notify_queue_capacity,
         config.ws_max_per_user,
     ));
+    let request_permits = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests));
     let app = Arc::new(App {
         config,
         store,
@@ -163,6 +179,9 @@ pub async fn build(
         shutdown: watch::channel(false).0,
         instance_id: instance_id(),
         rows_pruned: AtomicU64::new(0),
+        billing,
+        metrics: Metrics::default(),
+        request_permits,
         open_connections: AtomicUsize::new(0),
     });
     crate::notify::spawn_listener(app.clone());

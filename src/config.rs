@@ -45,6 +45,15 @@ pub struct Config {
     /// Log rows older than this are pruned (clients behind it get a snapshot); `None`: keep everything.
     pub log_retention: Option<Duration>,
     pub compaction_interval: Duration,
+    pub billing_cache_ttl: Duration,
+    pub billing_timeout: Duration,
+    pub billing_cache_max_users: usize,
+    /// Requests handled at once; more get 503 + Retry-After instead of queueing without bound.
+    pub max_concurrent_requests: usize,
+    /// A keep-alive connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// A request body must arrive completely within this (slow-body attacks hold connections otherwise).
+    pub body_read_timeout: Duration,
 }
 
 /// A configuration value that cannot be used; the message names the variable.
@@ -162,6 +171,14 @@ impl Config {
                 )),
             },
             compaction_interval: millis(&get, "COMPACTION_INTERVAL_MS", 600_000)?,
+            billing_cache_ttl: Duration::from_secs(
+                positive(&get, "BILLING_CACHE_TTL_SECS", 300)? as u64
+            ),
+            billing_timeout: millis(&get, "BILLING_TIMEOUT_MS", 2000)?,
+            billing_cache_max_users: positive(&get, "BILLING_CACHE_MAX_USERS", 100_000)?,
+            max_concurrent_requests: positive(&get, "MAX_CONCURRENT_REQUESTS", 1024)?,
+            idle_timeout: millis(&get, "IDLE_TIMEOUT_MS", 60_000)?,
+            body_read_timeout: millis(&get, "BODY_READ_TIMEOUT_MS", 60_000)?,
         };
         if config.ws_token_leeway > Duration::from_secs(60) {
             return Err(ConfigError(

@@ -64,6 +64,8 @@ pub enum Evicted {
 #[derive(Debug, Default)]
 struct Queue {
     hints: Vec<Hint>,
+    /// When the oldest waiting hint was queued (for the delivery-latency metric).
+    since: Option<std::time::Instant>,
     evicted: Option<Evicted>,
 }
 
@@ -79,8 +81,9 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
-    /// Waits for hints and takes all of them, or learns that the hub evicted this connection.
-    pub async fn next_hints(&self) -> Result<Vec<Hint>, Evicted> {
+    /// Waits for hints and takes all of them (with the time the oldest was queued), or learns that the hub
+    /// evicted this connection.
+    pub async fn next_hints(&self) -> Result<(Vec<Hint>, std::time::Instant), Evicted> {
         loop {
             // Register interest before checking, so a notify between the check and the await is not lost.
             let woken = self.wake.notified();
@@ -90,7 +93,8 @@ impl Subscriber {
                     return Err(reason);
                 }
                 if !queue.hints.is_empty() {
-                    return Ok(std::mem::take(&mut queue.hints));
+                    let since = queue.since.take().unwrap_or_else(std::time::Instant::now);
+                    return Ok((std::mem::take(&mut queue.hints), since));
                 }
             }
             woken.await;
@@ -361,14 +365,14 @@ mod tests {
         hub.notify("u1", "calendar", Some(&tables(&["events"])), Some("dev-a"));
         hub.notify("u1", "todo", Some(&tables(&["tasks"])), None);
         assert_eq!(
-            unified.subscriber.next_hints().await.unwrap(),
+            unified.subscriber.next_hints().await.unwrap().0,
             vec![Hint::Changed {
                 app: "todo".into(),
                 tables: Some(tables(&["tasks"]))
             }],
             "its own calendar change is not echoed"
         );
-        assert_eq!(legacy.subscriber.next_hints().await.unwrap().len(), 1);
+        assert_eq!(legacy.subscriber.next_hints().await.unwrap().0.len(), 1);
         assert!(other_user.subscriber.queue.lock().hints.is_empty());
         assert_eq!(hub.counts(None), (3, 2));
         drop(unified);
@@ -388,7 +392,7 @@ mod tests {
         hub.notify("u", "notes", None, None);
         hub.notify("u", "notes", Some(&tables(&["n"])), None);
         assert_eq!(
-            socket.subscriber.next_hints().await.unwrap(),
+            socket.subscriber.next_hints().await.unwrap().0,
             vec![
                 Hint::Changed {
                     app: "todo".into(),
@@ -445,7 +449,13 @@ mod tests {
         hub.resync_all();
         hub.resync_all();
         hub.notify("u", "todo", None, None);
-        assert_eq!(a.subscriber.next_hints().await.unwrap(), vec![Hint::Resync]);
-        assert_eq!(b.subscriber.next_hints().await.unwrap(), vec![Hint::Resync]);
+        assert_eq!(
+            a.subscriber.next_hints().await.unwrap().0,
+            vec![Hint::Resync]
+        );
+        assert_eq!(
+            b.subscriber.next_hints().await.unwrap().0,
+            vec![Hint::Resync]
+        );
     }
 }

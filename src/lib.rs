@@ -7,12 +7,14 @@
 
 pub mod app;
 pub mod auth;
+pub mod billing;
 pub mod config;
 pub mod devdb;
 pub mod http;
 pub mod hub;
 pub mod log;
 pub mod merge;
+pub mod metrics;
 pub mod notify;
 pub mod protocol;
 pub mod server;

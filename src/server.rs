@@ -13,9 +13,13 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::TcpListener;
+
+use parking_lot::Mutex;
 use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::app::App;
 use crate::log;
@@ -54,18 +58,36 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         };
         let _ = stream.set_nodelay(true);
         let guard = app.connection_opened();
-        let service_app = app.clone();
-        let service = service_fn(move |request| crate::http::handle(service_app.clone(), request));
+        let activity = Arc::new(Activity::default());
+        let service = {
+            let app = app.clone();
+            let activity = activity.clone();
+            service_fn(move |request| {
+                let app = app.clone();
+                let activity = activity.clone();
+                async move {
+                    activity.begin();
+                    let response = crate::http::handle(app, request).await;
+                    activity.end();
+                    response
+                }
+            })
+        };
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         let mut drain = app.shutdown.subscribe();
+        let idle_timeout = app.config.idle_timeout;
         tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
             let result = tokio::select! {
                 result = connection.as_mut() => result,
                 _ = drain.changed() => {
                     // Finish the request in flight, then close instead of keeping the connection alive.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+                () = activity.idle_for(idle_timeout) => {
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }
@@ -105,6 +127,41 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         ),
     }
     app.store.close();
+}
+
+/// What a connection is doing, for closing idle keep-alive connections.
+#[derive(Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    last_change: Mutex<Option<Instant>>,
+}
+
+impl Activity {
+    fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        *self.last_change.lock() = Some(Instant::now());
+    }
+
+    fn end(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        *self.last_change.lock() = Some(Instant::now());
+    }
+
+    /// Resolves once no request has been in flight for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        let opened = Instant::now();
+        loop {
+            if self.in_flight.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep(timeout).await;
+                continue;
+            }
+            let deadline = self.last_change.lock().unwrap_or(opened) + timeout;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
 }
 
 /// A server running on a background task, for tests and embedding.

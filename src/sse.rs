@@ -142,9 +142,11 @@ impl Stream {
         while result.is_ok() {
             result = tokio::select! {
                 hints = registration.subscriber.next_hints() => match hints {
-                    Ok(hints) => {
+                    Ok((hints, queued)) => {
                         let apps = self.apps_for(hints).await;
-                        self.deliver(&apps).await
+                        let delivered = self.deliver(&apps).await;
+                        self.app.metrics.notify_delivery.observe(queued.elapsed().as_secs_f64());
+                        delivered
                     }
                     Err(Evicted::SlowConsumer) => Err(End::Stalled),
                 },
@@ -217,6 +219,10 @@ impl Stream {
                     .map_err(End::Store)?;
                 let synced_until =
                     crate::protocol::time::parse_rfc3339(&page.synced_until).unwrap_or(since);
+                self.app.metrics.changes_pulled.fetch_add(
+                    page.server_changes.len() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 let groups = group_by_table(page.server_changes);
                 let count = groups.len();
                 for (index, (table, changes)) in groups.into_iter().enumerate() {

@@ -183,12 +183,13 @@ impl Session {
         loop {
             tokio::select! {
                 hints = registration.subscriber.next_hints() => match hints {
-                    Ok(hints) => {
+                    Ok((hints, queued)) => {
                         for message in self.messages_for(&user, hints).await {
                             if !self.send(&message).await {
                                 return self.write_stalled();
                             }
                         }
+                        self.app.metrics.notify_delivery.observe(queued.elapsed().as_secs_f64());
                     }
                     Err(Evicted::SlowConsumer) => return Some((CloseCode::Again, "slow consumer: notification queue full")),
                 },

@@ -23,6 +23,7 @@ Commands:
   migrate   Apply schema.sql to the database and exit.
   keygen    Write a development Ed25519 signing key and its JWKS file.
   token     Mint a development token signed by the keygen key.
+  healthcheck  Exit 0 if the local server answers /health with 200 (for container HEALTHCHECKs).
   help      Show this text; `mana-sync COMMAND --help` shows a command's options.
 
 Configuration comes from the environment; see README.md for the table.
@@ -58,6 +59,12 @@ TTL accepts 900, 30s, 15m, 2h, 7d. The token carries JWT_ISSUER and JWT_AUDIENCE
 server accepts it.
 ";
 
+const HEALTHCHECK_USAGE: &str = "\
+Usage: mana-sync healthcheck [--url URL]
+
+Requests URL (default http://127.0.0.1:$PORT/health) and exits 0 on HTTP 200, 1 otherwise.
+";
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (command, rest) = match args.split_first() {
@@ -75,6 +82,8 @@ fn main() -> ExitCode {
         "migrate" if wants_help => help(MIGRATE_USAGE),
         "keygen" if wants_help => help(KEYGEN_USAGE),
         "token" if wants_help => help(TOKEN_USAGE),
+        "healthcheck" if wants_help => help(HEALTHCHECK_USAGE),
+        "healthcheck" => healthcheck(rest),
         "serve" => no_options(rest, SERVE_USAGE).and_then(|()| runtime(serve())),
         "migrate" => no_options(rest, MIGRATE_USAGE).and_then(|()| runtime(migrate())),
         "keygen" => keygen(rest),
@@ -232,6 +241,25 @@ fn token(rest: &[String]) -> Result<(), String> {
     );
     println!("{token}");
     Ok(())
+}
+
+fn healthcheck(rest: &[String]) -> Result<(), String> {
+    let mut options = Options::parse(rest, &["--url"], HEALTHCHECK_USAGE)?;
+    let url = match options.take("--url") {
+        Some(url) => url,
+        None => format!("http://127.0.0.1:{}/health", config()?.port),
+    };
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .timeout_global(Some(std::time::Duration::from_secs(5)))
+            .http_status_as_error(false)
+            .build(),
+    );
+    match agent.get(&url).call() {
+        Ok(response) if response.status().as_u16() == 200 => Ok(()),
+        Ok(response) => Err(format!("{url} answered {}", response.status().as_u16())),
+        Err(e) => Err(format!("{url}: {e}")),
+    }
 }
 
 /// `--name value` pairs, each allowed at most once.

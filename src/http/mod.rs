@@ -18,6 +18,7 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::app::App;
 use crate::auth::{self, Claims};
@@ -38,16 +39,46 @@ pub async fn handle(
     app: Arc<App>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    let started = std::time::Instant::now();
+    let request_id = format!(
+        "{}-{}",
+        app.instance_id,
+        REQUEST_IDS.fetch_add(1, Ordering::Relaxed)
+    );
     let origin = request.headers().get(header::ORIGIN).cloned();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let mut response = match dispatch(&app, request).await {
+    let route = router::label(&router::route(&method, &path));
+
+    // Health and metrics stay answerable when the server is saturated: that is when they matter.
+    let permit = match route {
+        "health" | "metrics" => None,
+        _ => match app.request_permits.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                app.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        },
+    };
+    let overloaded = permit.is_none() && !matches!(route, "health" | "metrics");
+    let outcome = if overloaded {
+        Err(ApiError::unavailable(
+            "overloaded",
+            "the server is handling too many requests; retry shortly",
+        ))
+    } else {
+        dispatch(&app, request).await
+    };
+    drop(permit);
+    let mut response = match outcome {
         Ok(response) => response,
         Err(error) => {
             if error.status.is_server_error() {
                 crate::log::warn(
                     "request failed",
                     &[
+                        ("requestId", request_id.as_str().into()),
                         ("method", method.as_str().into()),
                         ("path", path.as_str().into()),
                         ("status", error.status.as_u16().into()),
@@ -63,8 +94,29 @@ pub async fn handle(
         origin.as_ref(),
         response.headers_mut(),
     );
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    let elapsed = started.elapsed();
+    app.metrics
+        .request(route, response.status().as_u16(), elapsed);
+    if crate::log::enabled(crate::log::Level::Debug) {
+        crate::log::debug(
+            "request",
+            &[
+                ("requestId", request_id.as_str().into()),
+                ("method", method.as_str().into()),
+                ("route", route.into()),
+                ("status", response.status().as_u16().into()),
+                ("micros", (elapsed.as_micros() as u64).into()),
+            ],
+        );
+    }
     Ok(response)
 }
+
+/// Request ids: this instance's id and a sequence number.
+static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
 
 async fn dispatch(app: &Arc<App>, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let route = match router::route(request.method(), request.uri().path()) {
@@ -104,10 +156,15 @@ async fn dispatch(app: &Arc<App>, request: Request<Incoming>) -> Result<Response
         }
         Route::Health => health(app).await,
         // Owned by the operations work; answers 404 until it exists.
-        Route::Metrics => Err(ApiError::not_found(format!(
-            "{} is not available in this version",
-            request.uri().path()
-        ))),
+        Route::Metrics => {
+            let mut response =
+                Response::new(Full::new(Bytes::from(crate::metrics::render(app))).boxed());
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            Ok(response)
+        }
     }
 }
 
@@ -117,10 +174,22 @@ async fn push(
     app_id: &str,
 ) -> Result<Response<Body>, ApiError> {
     let claims = authenticate(app, request.headers()).await?;
+    gate(app, &claims.sub).await?;
     let header_device = client_id_header(request.headers())?;
     check_content_type(request.headers())?;
     let received_at = now_micros();
-    let body = read_body(request, app.config.max_body_bytes).await?;
+    let body = tokio::time::timeout(
+        app.config.body_read_timeout,
+        read_body(request, app.config.max_body_bytes),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "the request body did not arrive in time",
+        )
+    })??;
     let changeset = protocol::parse_changeset(&body, received_at)?;
     drop(body);
     let device = header_device.or_else(|| changeset.client_id.clone());
@@ -145,6 +214,19 @@ async fn push(
             hint.as_deref(),
         )
         .await?;
+    let metrics = &app.metrics;
+    metrics
+        .changes_pushed
+        .fetch_add(changeset.changes.len() as u64, Ordering::Relaxed);
+    metrics
+        .push_batch_size
+        .observe(changeset.changes.len() as f64);
+    metrics
+        .conflicts
+        .fetch_add(response.conflicts.len() as u64, Ordering::Relaxed);
+    metrics
+        .changes_pulled
+        .fetch_add(response.server_changes.len() as u64, Ordering::Relaxed);
     // Committed: tell this instance's other connections now (other instances hear it from PostgreSQL).
     if !tables.is_empty() {
         app.hub
@@ -159,6 +241,7 @@ async fn pull(
     app_id: &str,
 ) -> Result<Response<Body>, ApiError> {
     let claims = authenticate(app, request.headers()).await?;
+    gate(app, &claims.sub).await?;
     let device = client_id_header(request.headers())?;
     let query = protocol::parse_pull_query(
         request.uri().query(),
@@ -169,6 +252,9 @@ async fn pull(
         .store
         .pull(&claims.sub, app_id, device.as_deref(), &query)
         .await?;
+    app.metrics
+        .changes_pulled
+        .fetch_add(response.server_changes.len() as u64, Ordering::Relaxed);
     Ok(json_response(StatusCode::OK, &response))
 }
 
@@ -178,6 +264,7 @@ async fn stream(
     scope: sse::Scope,
 ) -> Result<Response<Body>, ApiError> {
     let claims = authenticate(app, request.headers()).await?;
+    gate(app, &claims.sub).await?;
     let device = client_id_header(request.headers())?;
     sse::open(app.clone(), request, scope, claims.sub, device).await
 }
@@ -202,6 +289,21 @@ async fn health(app: &App) -> Result<Response<Body>, ApiError> {
         StatusCode::SERVICE_UNAVAILABLE
     };
     Ok(json_response(status, &body))
+}
+
+/// The billing gate (SPEC §9): 402 for users whose sync is inactive; failures of the billing service let
+/// the request through.
+async fn gate(app: &App, user: &str) -> Result<(), ApiError> {
+    match &app.billing {
+        Some(billing) if billing.check(user).await == crate::billing::Verdict::Inactive => {
+            Err(ApiError::new(
+                StatusCode::PAYMENT_REQUIRED,
+                "sync_inactive",
+                "sync is not active for this account",
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 async fn authenticate(app: &App, headers: &HeaderMap) -> Result<Claims, ApiError> {
@@ -235,6 +337,12 @@ fn client_id_header(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
             ApiError::bad_request("invalid_client_id", "X-Client-Id must be printable ASCII")
         })?
         .trim();
+    if text.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "invalid_client_id",
+            "X-Client-Id contains control characters",
+        ));
+    }
     if text.len() > MAX_CLIENT_ID_BYTES {
         return Err(ApiError::bad_request(
             "invalid_client_id",

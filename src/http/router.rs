@@ -38,6 +38,34 @@ struct Resource {
     post: Option<Route>,
 }
 
+/// Every endpoint as (method, path template); `openapi.yaml` documents exactly these (a test checks).
+pub const ENDPOINTS: &[(&str, &str)] = &[
+    ("POST", "/sync/{appId}"),
+    ("GET", "/sync/{appId}/pull"),
+    ("GET", "/sync/{appId}/stream"),
+    ("GET", "/sync/stream"),
+    ("GET", "/ws"),
+    ("GET", "/ws/{appId}"),
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+];
+
+/// A short, bounded name for metrics and logs.
+pub fn label(routing: &Routing) -> &'static str {
+    match routing {
+        Routing::Found(Route::Push { .. }) => "push",
+        Routing::Found(Route::Pull { .. }) => "pull",
+        Routing::Found(Route::AppStream { .. }) => "stream",
+        Routing::Found(Route::UnifiedStream) => "unified_stream",
+        Routing::Found(Route::UnifiedSocket) => "ws",
+        Routing::Found(Route::AppSocket { .. }) => "ws_app",
+        Routing::Found(Route::Health) => "health",
+        Routing::Found(Route::Metrics) => "metrics",
+        Routing::Preflight { .. } => "preflight",
+        _ => "other",
+    }
+}
+
 pub fn route(method: &Method, path: &str) -> Routing {
     let resource = match resolve(path) {
         Ok(Some(resource)) => resource,
@@ -170,6 +198,50 @@ mod tests {
                 app: "my-app.v2_x".into(),
             }),
         );
+    }
+
+    /// `openapi.yaml` lists exactly the router's endpoints, and each of them routes.
+    #[test]
+    fn openapi_document_matches_the_router() {
+        let document = include_str!("../../openapi.yaml");
+        let mut documented = Vec::new();
+        let mut path = None;
+        let mut in_paths = false;
+        for line in document.lines() {
+            if line == "paths:" {
+                in_paths = true;
+                continue;
+            }
+            if !in_paths {
+                continue;
+            }
+            if let Some(p) = line.strip_prefix("  /").and_then(|l| l.strip_suffix(':')) {
+                path = Some(format!("/{p}"));
+            } else if let Some(method) = line.strip_prefix("    ").and_then(|l| l.strip_suffix(':'))
+            {
+                if ["get", "post", "put", "delete", "options"].contains(&method) {
+                    documented.push((
+                        method.to_uppercase(),
+                        path.clone().expect("a path before its methods"),
+                    ));
+                }
+            }
+        }
+        let mut expected: Vec<(String, String)> = ENDPOINTS
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        documented.sort();
+        expected.sort();
+        assert_eq!(documented, expected);
+        for (method, template) in ENDPOINTS {
+            let path = template.replace("{appId}", "todo");
+            let method: Method = method.parse().unwrap();
+            assert!(
+                matches!(route(&method, &path), Routing::Found(_)),
+                "{method} {path}"
+            );
+        }
     }
 
     #[test]

@@ -140,6 +140,7 @@ pub fn format_cursor(micros: Micros) -> String {
 /// Formats a time the way JavaScript's `toISOString()` does (milliseconds), for server-assigned field
 /// timestamps such as a missing `deletedAt`: clients compare those strings with their own.
 pub fn format_millis(micros: Micros) -> String {
+    let micros = micros.clamp(Micros::MIN / 2, Micros::MAX / 2);
     let cursor = format_cursor(micros - micros.rem_euclid(1000));
     format!("{}Z", &cursor[..23])
 }
@@ -276,6 +277,8 @@ mod tests {
             "2026-11-21T10:05:00.123Z"
         );
         assert_eq!(format_millis(-1), "1969-12-31T23:59:59.999Z");
+        assert_eq!(format_millis(i64::MIN), "0001-01-01T00:00:00.000Z");
+        assert_eq!(format_millis(i64::MAX), "9999-12-31T23:59:59.999Z");
     }
 
     /// A deterministic xorshift generator: enough randomness for property tests without a dependency.

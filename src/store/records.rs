@@ -605,6 +605,6 @@ mod tests {
         let b = time::format_cursor(snapshot_cursor(now + 10));
         assert!(a < b && a.as_str() > "1970-01-01T00:00:00.000000Z" && b.as_str() < "2000");
         // Stamps until mid-2059 fit the range.
-        assert!(snapshot_cursor(2821651200_000_000) < SNAPSHOT_CEIL);
+        assert!(snapshot_cursor(2_821_651_200_000_000) < SNAPSHOT_CEIL);
     }
 }

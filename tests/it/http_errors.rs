@@ -149,7 +149,7 @@ async fn invalid_app_ids_are_400() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn realtime_endpoints_refuse_what_they_cannot_serve_and_metrics_is_not_built_yet() {
+async fn realtime_endpoints_refuse_what_they_cannot_serve() {
     let server = TestServer::start().await;
     let user = unique_user("http-later");
     // Streams authenticate like every HTTP request.
@@ -168,11 +168,6 @@ async fn realtime_endpoints_refuse_what_they_cannot_serve_and_metrics_is_not_bui
             .await
             .assert_error(426, "upgrade_required");
     }
-    // Metrics belong to later work: an honest 404, not a fake 200.
-    server
-        .request("GET", "/metrics", &[], None)
-        .await
-        .assert_error(404, "not_found");
     server.stop().await;
 }
 

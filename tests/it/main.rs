@@ -4,9 +4,12 @@
 mod support;
 
 mod auth;
+mod bad_input;
 mod cli;
 mod cursor;
+mod faults;
 mod http_errors;
+mod operations;
 mod push_pull;
 mod realtime;
 mod records;

@@ -1,0 +1,359 @@
+//! Prometheus metrics, in the text exposition format, written by hand: a handful of counters, gauges and
+//! fixed-bucket histograms need no library. Names follow Prometheus conventions (`_total` for counters,
+//! base units: seconds).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::app::App;
+use crate::hub::Kind;
+
+/// A histogram with fixed upper bounds.
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum: Mutex<f64>,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum: Mutex::new(0.0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, value: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| value <= *b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        *self.sum.lock() += value;
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        let separator = if labels.is_empty() { "" } else { "," };
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            cumulative += count.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{separator}le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let total = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{separator}le=\"+Inf\"}} {total}"
+        );
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {}", *self.sum.lock());
+        let _ = writeln!(out, "{name}_count{braces} {total}");
+    }
+}
+
+const LATENCY_BOUNDS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const BATCH_BOUNDS: &[f64] = &[
+    1.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0, 10000.0,
+];
+
+/// Everything the request path records.
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    durations: Mutex<BTreeMap<&'static str, Histogram>>,
+    pub changes_pushed: AtomicU64,
+    pub changes_pulled: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub push_batch_size: Histogram,
+    pub notify_delivery: Histogram,
+    pub overloaded: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics {
+            requests: Mutex::new(BTreeMap::new()),
+            durations: Mutex::new(BTreeMap::new()),
+            changes_pushed: AtomicU64::new(0),
+            changes_pulled: AtomicU64::new(0),
+            conflicts: AtomicU64::new(0),
+            push_batch_size: Histogram::new(BATCH_BOUNDS),
+            notify_delivery: Histogram::new(LATENCY_BOUNDS),
+            overloaded: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn request(&self, route: &'static str, status: u16, elapsed: Duration) {
+        *self.requests.lock().entry((route, status)).or_default() += 1;
+        self.durations
+            .lock()
+            .entry(route)
+            .or_insert_with(|| Histogram::new(LATENCY_BOUNDS))
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
+}
+
+/// Renders every metric of `app`.
+pub fn render(app: &App) -> String {
+    let metrics = &app.metrics;
+    let mut out = String::with_capacity(8 * 1024);
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+
+    family(
+        &mut out,
+        "mana_sync_http_requests_total",
+        "counter",
+        "HTTP requests by route and status.",
+    );
+    for ((route, status), count) in metrics.requests.lock().iter() {
+        let _ = writeln!(
+            out,
+            "mana_sync_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {count}"
+        );
+    }
+    family(
+        &mut out,
+        "mana_sync_http_request_duration_seconds",
+        "histogram",
+        "Time to produce the response head, by route.",
+    );
+    for (route, histogram) in metrics.durations.lock().iter() {
+        histogram.render(
+            &mut out,
+            "mana_sync_http_request_duration_seconds",
+            &format!("route=\"{route}\""),
+        );
+    }
+    single(
+        &mut out,
+        "mana_sync_http_overloaded_total",
+        "counter",
+        "Requests refused with 503 because the concurrency limit was reached.",
+        load(&metrics.overloaded),
+    );
+    single(
+        &mut out,
+        "mana_sync_http_connections",
+        "gauge",
+        "Open HTTP connections.",
+        app.open_connections(),
+    );
+
+    single(
+        &mut out,
+        "mana_sync_changes_pushed_total",
+        "counter",
+        "Changes received in pushes.",
+        load(&metrics.changes_pushed),
+    );
+    single(
+        &mut out,
+        "mana_sync_changes_pulled_total",
+        "counter",
+        "Changes returned by pulls, pushes and streams.",
+        load(&metrics.changes_pulled),
+    );
+    single(
+        &mut out,
+        "mana_sync_conflicts_total",
+        "counter",
+        "Pushed fields that lost to a newer stored value.",
+        load(&metrics.conflicts),
+    );
+    family(
+        &mut out,
+        "mana_sync_push_batch_size",
+        "histogram",
+        "Changes per push.",
+    );
+    metrics
+        .push_batch_size
+        .render(&mut out, "mana_sync_push_batch_size", "");
+
+    let (sockets, socket_users) = app.hub.counts(Some(Kind::Socket));
+    let (streams, stream_users) = app.hub.counts(Some(Kind::Stream));
+    let (_, users) = app.hub.counts(None);
+    family(
+        &mut out,
+        "mana_sync_realtime_connections",
+        "gauge",
+        "Open real-time connections by kind.",
+    );
+    let _ = writeln!(
+        out,
+        "mana_sync_realtime_connections{{kind=\"websocket\"}} {sockets}"
+    );
+    let _ = writeln!(
+        out,
+        "mana_sync_realtime_connections{{kind=\"sse\"}} {streams}"
+    );
+    family(
+        &mut out,
+        "mana_sync_realtime_users",
+        "gauge",
+        "Users with at least one real-time connection, by kind (all: any kind).",
+    );
+    let _ = writeln!(
+        out,
+        "mana_sync_realtime_users{{kind=\"websocket\"}} {socket_users}"
+    );
+    let _ = writeln!(
+        out,
+        "mana_sync_realtime_users{{kind=\"sse\"}} {stream_users}"
+    );
+    let _ = writeln!(out, "mana_sync_realtime_users{{kind=\"all\"}} {users}");
+    let hub = &app.hub.stats;
+    family(
+        &mut out,
+        "mana_sync_notifications_total",
+        "counter",
+        "Notification hints by outcome.",
+    );
+    let _ = writeln!(
+        out,
+        "mana_sync_notifications_total{{outcome=\"queued\"}} {}",
+        load(&hub.notifications_queued)
+    );
+    let _ = writeln!(
+        out,
+        "mana_sync_notifications_total{{outcome=\"coalesced\"}} {}",
+        load(&hub.notifications_coalesced)
+    );
+    let _ = writeln!(
+        out,
+        "mana_sync_notifications_total{{outcome=\"dropped\"}} {}",
+        load(&hub.notifications_dropped)
+    );
+    single(
+        &mut out,
+        "mana_sync_slow_consumers_closed_total",
+        "counter",
+        "Connections closed because they stopped reading.",
+        load(&hub.slow_consumers_closed),
+    );
+    family(
+        &mut out,
+        "mana_sync_notify_delivery_seconds",
+        "histogram",
+        "From a change's commit to its hint being written to a socket or stream.",
+    );
+    metrics
+        .notify_delivery
+        .render(&mut out, "mana_sync_notify_delivery_seconds", "");
+
+    family(
+        &mut out,
+        "mana_sync_billing_checks_total",
+        "counter",
+        "Billing gate outcomes (cache: answered from the cache).",
+    );
+    match &app.billing {
+        Some(billing) => {
+            let stats = &billing.stats;
+            for (outcome, value) in [
+                ("active", &stats.active),
+                ("inactive", &stats.inactive),
+                ("failed_open", &stats.failed_open),
+                ("cache", &stats.cache_hits),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "mana_sync_billing_checks_total{{outcome=\"{outcome}\"}} {}",
+                    load(value)
+                );
+            }
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "mana_sync_billing_checks_total{{outcome=\"disabled\"}} 0"
+            );
+        }
+    }
+
+    let (refreshed, failed) = app.auth.refresh_stats();
+    family(
+        &mut out,
+        "mana_sync_jwks_refreshes_total",
+        "counter",
+        "JWKS refreshes by outcome.",
+    );
+    let _ = writeln!(
+        out,
+        "mana_sync_jwks_refreshes_total{{outcome=\"ok\"}} {refreshed}"
+    );
+    let _ = writeln!(
+        out,
+        "mana_sync_jwks_refreshes_total{{outcome=\"failed\"}} {failed}"
+    );
+    single(
+        &mut out,
+        "mana_sync_jwks_keys",
+        "gauge",
+        "Signing keys currently trusted.",
+        app.auth.key_count(),
+    );
+
+    let pool = app.store.pool_status();
+    family(
+        &mut out,
+        "mana_sync_db_pool_connections",
+        "gauge",
+        "Database pool connections by state.",
+    );
+    let _ = writeln!(
+        out,
+        "mana_sync_db_pool_connections{{state=\"in_use\"}} {}",
+        pool.in_use
+    );
+    let _ = writeln!(
+        out,
+        "mana_sync_db_pool_connections{{state=\"idle\"}} {}",
+        pool.idle
+    );
+    let _ = writeln!(
+        out,
+        "mana_sync_db_pool_connections{{state=\"max\"}} {}",
+        pool.max_size
+    );
+    single(
+        &mut out,
+        "mana_sync_db_pool_waiting",
+        "gauge",
+        "Requests waiting for a database connection.",
+        pool.waiting,
+    );
+    single(
+        &mut out,
+        "mana_sync_log_rows_pruned_total",
+        "counter",
+        "Log rows removed by compaction.",
+        load(&app.rows_pruned),
+    );
+    out
+}
