@@ -48,9 +48,14 @@ pub fn upgrade(
             "this endpoint speaks WebSocket only",
         ));
     }
+    // Idle sockets are the common case: small buffers (tungstenite's defaults are 128 KiB each, which made
+    // an idle socket cost ~138 KiB in BENCHMARKS.md), messages written out at once.
     let mut config = WebSocketConfig::default();
     config.max_message_size = Some(MAX_CLIENT_MESSAGE_BYTES);
     config.max_frame_size = Some(MAX_CLIENT_MESSAGE_BYTES);
+    config.read_buffer_size = 4 * 1024;
+    config.write_buffer_size = 0;
+    config.max_write_buffer_size = 256 * 1024;
     let (response, websocket) =
         hyper_tungstenite::upgrade(&mut request, Some(config)).map_err(|e| {
             ApiError::bad_request(
@@ -333,6 +338,17 @@ impl Session {
             reason: reason.into(),
         }));
         let _ = tokio::time::timeout(Duration::from_secs(1), self.sink.send(frame)).await;
+        // The closing handshake: read (and discard) until the client's Close, for at most a second. Closing
+        // the TCP socket with unread data in it would make the kernel send a reset, and the client would
+        // lose our Close frame and its reason.
+        let drain = async {
+            while let Some(Ok(message)) = self.stream.next().await {
+                if message.is_close() {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.sink.close()).await;
     }
 }

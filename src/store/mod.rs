@@ -178,7 +178,8 @@ const PRUNE: &str = concat!(
 /// never prune rows another instance still serves from the log.
 const PRUNE_MARGIN_MICROS: Micros = 5 * 60 * 1_000_000;
 /// After a push merged its own rows (and any pending ones), everything up to the clock is folded.
-const MARK_ALL_FOLDED: &str = "UPDATE sync_user_clock SET folded_at = last_at WHERE user_id = $1";
+const MARK_ALL_FOLDED: &str =
+    "UPDATE sync_user_clock SET folded_at = last_at WHERE user_id = $1 RETURNING last_at";
 const CLOCK: &str = "SELECT last_at FROM sync_user_clock WHERE user_id = $1";
 /// Makes the user's clock at least `$2` (bounded to an hour ahead of the database's clock), so that every
 /// later write is stamped after a cursor handed out or accepted now. Runs only for users without a clock
@@ -301,28 +302,56 @@ impl Store {
             Some(payload) => tx.execute(&lock, &[&user, &payload]).await?,
             None => tx.execute(&lock, &[&user]).await?,
         };
-        records::fold_pending(&tx, user).await?;
-        let page = read_page(
-            &tx,
-            &page_statement,
-            user,
-            app,
-            Tables::All,
-            device,
-            mode,
-            limit,
-        )
-        .await?;
-
-        // Merge the batch into the record state; only what wins goes to the log.
-        let keys = changeset
+        let keys: Vec<(String, String, String)> = changeset
             .changes
             .iter()
             .map(|c| (app.to_owned(), c.table.clone(), c.record_id.clone()))
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
-        let mut batch = records::Batch::load(&tx, user, keys).await?;
+        // Usually nothing is pending, so the fold check, the response page and the batch's record states
+        // go out together (pipelined on the connection); a snapshot needs the fold done first.
+        let (page, mut batch) = match mode {
+            ReadMode::Log(_) => {
+                let (start, page, batch) = tokio::try_join!(
+                    records::fold_start(&tx, user),
+                    read_page(
+                        &tx,
+                        &page_statement,
+                        user,
+                        app,
+                        Tables::All,
+                        device,
+                        mode,
+                        limit
+                    ),
+                    records::Batch::load(&tx, user, keys.clone()),
+                )?;
+                match start {
+                    Some(from) if records::fold_from(&tx, user, from).await? => {
+                        (page, records::Batch::load(&tx, user, keys).await?)
+                    }
+                    _ => (page, batch),
+                }
+            }
+            ReadMode::Snapshot(_) => {
+                records::fold_pending(&tx, user).await?;
+                let page = read_page(
+                    &tx,
+                    &page_statement,
+                    user,
+                    app,
+                    Tables::All,
+                    device,
+                    mode,
+                    limit,
+                )
+                .await?;
+                (page, records::Batch::load(&tx, user, keys).await?)
+            }
+        };
+
+        // Merge the batch into the record state; only what wins goes to the log.
         let mut log_rows = Vec::new();
         let mut conflicts = Vec::new();
         let mut lost: std::collections::BTreeSet<(String, String)> = Default::default();
@@ -384,11 +413,16 @@ impl Store {
         for (table, id) in &refreshed {
             server_changes.extend(batch.current_entry(app, table, id));
         }
-        batch.save(&tx, user).await?;
-        tx.execute(MARK_ALL_FOLDED, &[&user]).await?;
-        let synced_until = match page.next {
-            Some(next) => next,
-            None => vouched_cursor(&tx, user, changeset.since).await?,
+        let mark_folded =
+            async { Ok::<_, StoreError>(tx.query_opt(MARK_ALL_FOLDED, &[&user]).await?) };
+        let (_, folded_through) = tokio::try_join!(batch.save(&tx, user), mark_folded)?;
+        // Everything up to the user's clock is in this response, authored by this device, or was folded.
+        let synced_until = match (page.next, folded_through) {
+            (Some(next), _) => next,
+            (None, Some(row)) if row.get::<_, PgTimestamp>(0).0 >= changeset.since => {
+                row.get::<_, PgTimestamp>(0).0
+            }
+            (None, _) => vouched_cursor(&tx, user, changeset.since).await?,
         };
         tx.commit().await?;
         Ok(SyncResponse {

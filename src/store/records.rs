@@ -82,10 +82,12 @@ pub struct Batch {
     records: HashMap<Key, Record>,
 }
 
+/// States of the batch's records, looked up by primary key (a join from the key arrays, so the planner
+/// probes the primary key instead of filtering another index).
 const LOAD: &str = concat!(
-    "SELECT app_id, table_name, record_id, state, updated_at, event_id::text, actor, origin, space_id, schema_version ",
-    "FROM sync_records WHERE user_id = $1 ",
-    "AND (app_id, table_name, record_id) IN (SELECT * FROM unnest($2::text[], $3::text[], $4::text[]))"
+    "SELECT s.app_id, s.table_name, s.record_id, s.state, s.updated_at, s.event_id::text, s.actor, s.origin, ",
+    "s.space_id, s.schema_version FROM unnest($2::text[], $3::text[], $4::text[]) AS k(a, t, r) ",
+    "JOIN sync_records s ON s.user_id = $1 AND s.app_id = k.a AND s.table_name = k.t AND s.record_id = k.r"
 );
 const UPSERT: &str = concat!(
     "INSERT INTO sync_records (user_id, app_id, table_name, record_id, state, deleted, updated_at, event_id, ",
@@ -323,24 +325,39 @@ pub fn conflict_json(table: &str, id: &str, conflict: &merge::FieldConflict) -> 
 
 /// Brings the user's record states up to date with log rows not folded yet. Needs the exclusive lock.
 pub async fn fold_pending(tx: &Transaction<'_>, user: &str) -> Result<(), StoreError> {
+    if let Some(from) = fold_start(tx, user).await? {
+        fold_from(tx, user, from).await?;
+    }
+    Ok(())
+}
+
+/// Where folding must start, or `None` when the state already covers every log row of the user.
+pub async fn fold_start(tx: &Transaction<'_>, user: &str) -> Result<Option<Micros>, StoreError> {
     let state = tx.query_opt(FOLD_STATE, &[&user]).await?;
-    let mut folded = match state {
+    Ok(match state {
         Some(row) => {
             let last: PgTimestamp = row.get(0);
             let folded: Option<PgTimestamp> = row.get(1);
             match folded {
-                Some(folded) if folded >= last => return Ok(()),
-                Some(folded) => folded.0,
-                None => Micros::MIN,
+                Some(folded) if folded >= last => None,
+                Some(folded) => Some(folded.0),
+                None => Some(Micros::MIN),
             }
         }
-        None => Micros::MIN,
-    };
+        None => Some(Micros::MIN),
+    })
+}
+
+/// Folds the user's log rows after `from` into the state. True when there were any.
+pub async fn fold_from(tx: &Transaction<'_>, user: &str, from: Micros) -> Result<bool, StoreError> {
+    let mut folded = from;
+    let mut any = false;
     loop {
         let rows = tx.query(PENDING, &[&user, &PgTimestamp(folded)]).await?;
         if rows.is_empty() {
-            return Ok(());
+            return Ok(any);
         }
+        any = true;
         let full = rows.len() == 2000;
         let mut changes = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -382,7 +399,7 @@ pub async fn fold_pending(tx: &Transaction<'_>, user: &str) -> Result<(), StoreE
         tx.execute(MARK_FOLDED, &[&user, &PgTimestamp(folded)])
             .await?;
         if !full {
-            return Ok(());
+            return Ok(any);
         }
     }
 }
