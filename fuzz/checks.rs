@@ -629,6 +629,50 @@ fn map_has_nul(map: &serde_json::Map<String, Value>) -> bool {
         .any(|(k, v)| k.contains('\0') || value_has_nul(v))
 }
 
+/// A WebSocket client message through `protocol::realtime::parse_client_message`: never panics; an accepted
+/// `auth` carries a non-empty token and a client id without control characters; anything over the frame
+/// cap is refused.
+pub fn check_ws_message(data: &[u8]) {
+    use mana_sync::protocol::realtime::{parse_client_message, ClientMessage, MAX_CLIENT_MESSAGE_BYTES};
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    match parse_client_message(text) {
+        Ok(ClientMessage::Auth { token, client_id }) => {
+            assert!(!token.is_empty(), "auth accepted without a token");
+            if let Some(id) = client_id {
+                assert!(!id.is_empty() && !id.chars().any(char::is_control), "bad clientId accepted: {id:?}");
+            }
+            assert!(text.len() <= MAX_CLIENT_MESSAGE_BYTES);
+        }
+        Ok(ClientMessage::Ping) => assert!(text.len() <= MAX_CLIENT_MESSAGE_BYTES),
+        Err(message) => assert!(!message.is_empty()),
+    }
+}
+
+/// A stream query and `Last-Event-ID` through `protocol::realtime::parse_stream_query`: input is
+/// `query \n last-event-id`. Never panics; accepted names are identifiers; `Last-Event-ID`, when present and
+/// accepted, decides the cursor, which then round-trips through the fixed-width format.
+pub fn check_stream_query(data: &[u8]) {
+    use mana_sync::protocol::realtime::{parse_event_id, parse_stream_query};
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let (query, last_event_id) = match text.split_once('\n') {
+        Some((q, id)) => (q, Some(id)),
+        None => (text, None),
+    };
+    for list in ["collections", "apps"] {
+        if let Ok(parsed) = parse_stream_query(Some(query), list, last_event_id) {
+            if let Some(names) = &parsed.names {
+                assert!(names.iter().all(|n| protocol::is_identifier(n)), "{names:?}");
+            }
+            if let Some(id) = last_event_id.map(str::trim).filter(|id| !id.is_empty()) {
+                assert_eq!(parse_event_id(id).ok(), Some(parsed.since), "Last-Event-ID must win over since");
+            }
+            if (CURSOR_MIN..=253_402_300_799_999_999).contains(&parsed.since) {
+                assert_eq!(time::parse_rfc3339(&time::format_cursor(parsed.since)), Ok(parsed.since));
+            }
+        }
+    }
+}
+
 /// One target's check: panics when an invariant breaks.
 pub type Check = fn(&[u8]);
 
@@ -641,4 +685,6 @@ pub const CHECKS: &[(&str, Check)] = &[
     ("jwt", check_jwt),
     ("jwks", check_jwks),
     ("router", check_router),
+    ("ws_message", check_ws_message),
+    ("stream_query", check_stream_query),
 ];
