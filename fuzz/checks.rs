@@ -633,13 +633,20 @@ fn map_has_nul(map: &serde_json::Map<String, Value>) -> bool {
 /// `auth` carries a non-empty token and a client id without control characters; anything over the frame
 /// cap is refused.
 pub fn check_ws_message(data: &[u8]) {
-    use mana_sync::protocol::realtime::{parse_client_message, ClientMessage, MAX_CLIENT_MESSAGE_BYTES};
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    use mana_sync::protocol::realtime::{
+        parse_client_message, ClientMessage, MAX_CLIENT_MESSAGE_BYTES,
+    };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     match parse_client_message(text) {
         Ok(ClientMessage::Auth { token, client_id }) => {
             assert!(!token.is_empty(), "auth accepted without a token");
             if let Some(id) = client_id {
-                assert!(!id.is_empty() && !id.chars().any(char::is_control), "bad clientId accepted: {id:?}");
+                assert!(
+                    !id.is_empty() && !id.chars().any(char::is_control),
+                    "bad clientId accepted: {id:?}"
+                );
             }
             assert!(text.len() <= MAX_CLIENT_MESSAGE_BYTES);
         }
@@ -653,7 +660,9 @@ pub fn check_ws_message(data: &[u8]) {
 /// accepted, decides the cursor, which then round-trips through the fixed-width format.
 pub fn check_stream_query(data: &[u8]) {
     use mana_sync::protocol::realtime::{parse_event_id, parse_stream_query};
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let (query, last_event_id) = match text.split_once('\n') {
         Some((q, id)) => (q, Some(id)),
         None => (text, None),
@@ -661,13 +670,23 @@ pub fn check_stream_query(data: &[u8]) {
     for list in ["collections", "apps"] {
         if let Ok(parsed) = parse_stream_query(Some(query), list, last_event_id) {
             if let Some(names) = &parsed.names {
-                assert!(names.iter().all(|n| protocol::is_identifier(n)), "{names:?}");
+                assert!(
+                    names.iter().all(|n| protocol::is_identifier(n)),
+                    "{names:?}"
+                );
             }
             if let Some(id) = last_event_id.map(str::trim).filter(|id| !id.is_empty()) {
-                assert_eq!(parse_event_id(id).ok(), Some(parsed.since), "Last-Event-ID must win over since");
+                assert_eq!(
+                    parse_event_id(id).ok(),
+                    Some(parsed.since),
+                    "Last-Event-ID must win over since"
+                );
             }
             if (CURSOR_MIN..=253_402_300_799_999_999).contains(&parsed.since) {
-                assert_eq!(time::parse_rfc3339(&time::format_cursor(parsed.since)), Ok(parsed.since));
+                assert_eq!(
+                    time::parse_rfc3339(&time::format_cursor(parsed.since)),
+                    Ok(parsed.since)
+                );
             }
         }
     }
