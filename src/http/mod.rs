@@ -48,27 +48,24 @@ pub async fn handle(
     let origin = request.headers().get(header::ORIGIN).cloned();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let route = router::label(&router::route(&method, &path));
+    let routing = router::route(&method, &path);
+    let route = router::label(&routing);
 
     // Health and metrics stay answerable when the server is saturated: that is when they matter.
-    let permit = match route {
-        "health" | "metrics" => None,
-        _ => match app.request_permits.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            Err(_) => {
-                app.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
-                None
-            }
-        },
+    let exempt = matches!(route, "health" | "metrics");
+    let permit = if exempt {
+        None
+    } else {
+        app.request_permits.clone().try_acquire_owned().ok()
     };
-    let overloaded = permit.is_none() && !matches!(route, "health" | "metrics");
-    let outcome = if overloaded {
+    let outcome = if exempt || permit.is_some() {
+        dispatch(&app, routing, request).await
+    } else {
+        app.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
         Err(ApiError::unavailable(
             "overloaded",
             "the server is handling too many requests; retry shortly",
         ))
-    } else {
-        dispatch(&app, request).await
     };
     drop(permit);
     let mut response = match outcome {
@@ -118,8 +115,12 @@ pub async fn handle(
 /// Request ids: this instance's id and a sequence number.
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
 
-async fn dispatch(app: &Arc<App>, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let route = match router::route(request.method(), request.uri().path()) {
+async fn dispatch(
+    app: &Arc<App>,
+    routing: Routing,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let route = match routing {
         Routing::Found(route) => route,
         Routing::Preflight { allow } => return Ok(preflight(allow)),
         Routing::MethodNotAllowed { allow } => {
@@ -273,12 +274,13 @@ async fn health(app: &App) -> Result<Response<Body>, ApiError> {
     let database = tokio::time::timeout(std::time::Duration::from_secs(2), app.store.ping()).await;
     let database_ok = matches!(database, Ok(Ok(())));
     let pool = app.store.pool_status();
+    let (connections, users) = app.hub.counts(None);
     let body = serde_json::json!({
         "status": if database_ok { "ok" } else { "degraded" },
         "service": "mana-sync",
         "timestamp": time::format_millis(now_micros()),
-        "connections": app.hub.counts(None).0,
-        "users": app.hub.counts(None).1,
+        "connections": connections,
+        "users": users,
         "httpConnections": app.open_connections(),
         "database": if database_ok { "ok" } else { "unreachable" },
         "pool": { "size": pool.max_size, "inUse": pool.in_use, "idle": pool.idle, "waiting": pool.waiting },
