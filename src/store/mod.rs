@@ -111,27 +111,35 @@ const LOCK_EXCLUSIVE_NOTIFY: &str = concat!(
     "pg_advisory_xact_lock(1398361667, hashtext($1)), pg_notify('mana_sync_changes', $2)"
 );
 
+/// The start of every log read: the columns `stored_change` reads, in its order, for one user's app.
+macro_rules! select_changes {
+    () => {
+        "SELECT id::text, table_name, record_id, op, data, field_meta, created_at, schema_version, actor, \
+         origin, space_id FROM sync_changes WHERE user_id = $1 AND app_id = $2 AND "
+    };
+}
+
 /// $1 user, $2 app, $3 table, $4 since, $5 device ('' = none), $6 limit.
 const PULL_PAGE: &str = concat!(
-    "SELECT id::text, table_name, record_id, op, data, field_meta, created_at, schema_version, actor, origin, space_id ",
-    "FROM sync_changes WHERE user_id = $1 AND app_id = $2 AND table_name = $3 AND created_at > $4 ",
+    select_changes!(),
+    "table_name = $3 AND created_at > $4 ",
     "AND ($5 = '' OR client_id <> $5) ORDER BY created_at, id LIMIT $6"
 );
 /// The rest of a group of rows sharing one timestamp at a page boundary ($4 = that time, $6 = last id).
 const PULL_TIES: &str = concat!(
-    "SELECT id::text, table_name, record_id, op, data, field_meta, created_at, schema_version, actor, origin, space_id ",
-    "FROM sync_changes WHERE user_id = $1 AND app_id = $2 AND table_name = $3 AND created_at = $4 ",
+    select_changes!(),
+    "table_name = $3 AND created_at = $4 ",
     "AND ($5 = '' OR client_id <> $5) AND id > $6::text::uuid ORDER BY id"
 );
 /// The push response covers every table of the app. $1 user, $2 app, $3 since, $4 device, $5 limit.
 const APP_PAGE: &str = concat!(
-    "SELECT id::text, table_name, record_id, op, data, field_meta, created_at, schema_version, actor, origin, space_id ",
-    "FROM sync_changes WHERE user_id = $1 AND app_id = $2 AND created_at > $3 ",
+    select_changes!(),
+    "created_at > $3 ",
     "AND ($4 = '' OR client_id <> $4) ORDER BY created_at, id LIMIT $5"
 );
 const APP_TIES: &str = concat!(
-    "SELECT id::text, table_name, record_id, op, data, field_meta, created_at, schema_version, actor, origin, space_id ",
-    "FROM sync_changes WHERE user_id = $1 AND app_id = $2 AND created_at = $3 ",
+    select_changes!(),
+    "created_at = $3 ",
     "AND ($4 = '' OR client_id <> $4) AND id > $5::text::uuid ORDER BY id"
 );
 /// One multi-row insert for the whole batch; WITH ORDINALITY keeps the batch order, so stamps follow it.
@@ -144,13 +152,13 @@ const INSERT_BATCH: &str = concat!(
 );
 /// A stream's page: like APP_PAGE, limited to some tables. $6 = the tables.
 const APP_TABLES_PAGE: &str = concat!(
-    "SELECT id::text, table_name, record_id, op, data, field_meta, created_at, schema_version, actor, origin, space_id ",
-    "FROM sync_changes WHERE user_id = $1 AND app_id = $2 AND created_at > $3 ",
+    select_changes!(),
+    "created_at > $3 ",
     "AND ($4 = '' OR client_id <> $4) AND table_name = ANY($6) ORDER BY created_at, id LIMIT $5"
 );
 const APP_TABLES_TIES: &str = concat!(
-    "SELECT id::text, table_name, record_id, op, data, field_meta, created_at, schema_version, actor, origin, space_id ",
-    "FROM sync_changes WHERE user_id = $1 AND app_id = $2 AND created_at = $3 ",
+    select_changes!(),
+    "created_at = $3 ",
     "AND ($4 = '' OR client_id <> $4) AND table_name = ANY($6) AND id > $5::text::uuid ORDER BY id"
 );
 /// Distinct tables of one app of a user, by skipping through the index instead of scanning every row.
