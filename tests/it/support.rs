@@ -278,13 +278,25 @@ impl Reply {
     }
 }
 
-/// A real HTTP/1.1 request with ureq, off the async threads.
+/// A real HTTP/1.1 request with ureq, off the async threads. Panics on a transport failure.
 pub async fn request(
     method: &str,
     url: &str,
     headers: &[(&str, &str)],
     body: Option<Vec<u8>>,
 ) -> Reply {
+    try_request(method, url, headers, body)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+}
+
+/// The same, with a transport failure (refused, reset, unreadable body) as an error instead of a panic.
+pub async fn try_request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> Result<Reply, String> {
     let method = method.to_owned();
     let url = url.to_owned();
     let headers: Vec<(String, String)> = headers
@@ -309,7 +321,7 @@ pub async fn request(
             Some(body) => agent.run(builder.body(body).unwrap()),
             None => agent.run(builder.body(()).unwrap()),
         };
-        let mut response = result.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let mut response = result.map_err(|e| e.to_string())?;
         let status = response.status().as_u16();
         let headers = response
             .headers()
@@ -321,15 +333,15 @@ pub async fn request(
             .with_config()
             .limit(u64::MAX)
             .read_to_vec()
-            .unwrap_or_default();
+            .map_err(|e| format!("reading the body: {e}"))?;
         let text = String::from_utf8_lossy(&bytes).into_owned();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Reply {
+        Ok(Reply {
             status,
             headers,
             text,
             body,
-        }
+        })
     })
     .await
     .unwrap()
