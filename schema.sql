@@ -111,8 +111,9 @@ END
 $$;
 
 -- Once per statement: advance the clock, and tell every listening server instance which users, apps and
--- tables changed (channel mana_sync_changes, delivered at commit). mana-sync's own pushes send that hint
--- themselves and set mana_sync.notified; the trigger covers the programs that write the table directly.
+-- tables changed and the user's newest stamp ("s", in the cursor's form; channel mana_sync_changes,
+-- delivered at commit). The trigger covers the programs that write the table directly; mana-sync's own
+-- pushes stamp their rows, advance the clock and send the hint themselves (see the triggers' WHEN below).
 CREATE OR REPLACE FUNCTION sync_changes_advance_clock() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
@@ -121,23 +122,32 @@ BEGIN
     ON CONFLICT (user_id) DO UPDATE SET last_at = greatest(clock.last_at, excluded.last_at);
     IF coalesce(current_setting('mana_sync.notified', true), '') = '' THEN
         PERFORM pg_notify('mana_sync_changes', CASE WHEN length(hint) <= 7900 THEN hint
-                          ELSE json_build_object('u', u, 'a', a, 'c', c)::text END)
-        FROM (SELECT user_id AS u, app_id AS a, client_id AS c,
+                          ELSE json_build_object('u', u, 'a', a, 'c', c, 's', s)::text END)
+        FROM (SELECT user_id AS u, app_id AS a, client_id AS c, stamp AS s,
                      json_build_object('u', user_id, 'a', app_id, 'c', client_id,
-                                       't', array_agg(DISTINCT table_name))::text AS hint
-              FROM stamped_rows GROUP BY user_id, app_id, client_id) AS hints;
+                                       't', tables, 's', stamp)::text AS hint
+              FROM (SELECT user_id, app_id, client_id, array_agg(DISTINCT table_name) AS tables,
+                           to_char(max(created_at) AT TIME ZONE 'UTC',
+                                   'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS stamp
+                    FROM stamped_rows GROUP BY user_id, app_id, client_id) AS grouped) AS hints;
     END IF;
     RETURN NULL;
 END
 $$;
 
+-- mana-sync's pushes set mana_sync.stamped for their transaction: they hold the exclusive lock from their
+-- first statement, stamp their rows after the clock they read under it, advance the clock and notify in
+-- the same statement as the insert. The WHEN conditions are evaluated by PostgreSQL itself, so those
+-- inserts run no PL/pgSQL at all. (A direct writer that sets this setting takes over those duties.)
 DROP TRIGGER IF EXISTS sync_changes_stamp ON sync_changes;
 CREATE TRIGGER sync_changes_stamp BEFORE INSERT ON sync_changes
-    FOR EACH ROW EXECUTE FUNCTION sync_changes_stamp();
+    FOR EACH ROW WHEN (current_setting('mana_sync.stamped', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION sync_changes_stamp();
 DROP TRIGGER IF EXISTS sync_changes_advance_clock ON sync_changes;
 CREATE TRIGGER sync_changes_advance_clock AFTER INSERT ON sync_changes
     REFERENCING NEW TABLE AS stamped_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION sync_changes_advance_clock();
+    FOR EACH STATEMENT WHEN (current_setting('mana_sync.stamped', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION sync_changes_advance_clock();
 
 -- The merged current state of every record (SPEC §6), maintained beside the log in the same transaction as
 -- the push that changes it. `state` is the field-level LWW map (see src/merge.rs): per field the winning

@@ -122,6 +122,7 @@ pub async fn build(
             pool_size: config.db_pool_size,
             acquire_timeout: config.db_acquire_timeout,
             retention: config.log_retention,
+            known_users: config.known_stamps_max_users,
         },
     );
     migrate(&store).await?;

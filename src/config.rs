@@ -54,6 +54,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// A request body must arrive completely within this (slow-body attacks hold connections otherwise).
     pub body_read_timeout: Duration,
+    /// Users whose newest stamp is kept in memory to answer "nothing new" (0: never answer from memory).
+    pub known_stamps_max_users: usize,
 }
 
 /// A configuration value that cannot be used; the message names the variable.
@@ -178,6 +180,12 @@ impl Config {
             billing_cache_max_users: positive(&get, "BILLING_CACHE_MAX_USERS", 100_000)?,
             max_concurrent_requests: positive(&get, "MAX_CONCURRENT_REQUESTS", 1024)?,
             idle_timeout: millis(&get, "IDLE_TIMEOUT_MS", 60_000)?,
+            known_stamps_max_users: parse(
+                &get,
+                "KNOWN_STAMPS_MAX_USERS",
+                100_000usize,
+                "a number of users (0 = off)",
+            )?,
             body_read_timeout: millis(&get, "BODY_READ_TIMEOUT_MS", 60_000)?,
         };
         if config.ws_token_leeway > Duration::from_secs(60) {

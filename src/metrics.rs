@@ -355,5 +355,26 @@ pub fn render(app: &App) -> String {
         "Log rows removed by compaction.",
         load(&app.rows_pruned),
     );
+    let (from_memory, from_database) = app.store.known().stats();
+    let _ = writeln!(
+        out,
+        "# HELP mana_sync_log_reads_total Log reads (pulls, stream pages) by where their answer came from."
+    );
+    let _ = writeln!(out, "# TYPE mana_sync_log_reads_total counter");
+    let _ = writeln!(
+        out,
+        "mana_sync_log_reads_total{{source=\"memory\"}} {from_memory}"
+    );
+    let _ = writeln!(
+        out,
+        "mana_sync_log_reads_total{{source=\"database\"}} {from_database}"
+    );
+    single(
+        &mut out,
+        "mana_sync_known_stamps_users",
+        "gauge",
+        "Users whose newest stamp this instance keeps in memory.",
+        app.store.known().len(),
+    );
     out
 }

@@ -1,13 +1,16 @@
 //! Fan-out across server instances through PostgreSQL `LISTEN`/`NOTIFY`.
 //!
-//! A push queues a small hint (`{"i":instance,"u":user,"a":app,"t":[tables],"c":client}`) with
+//! A push queues a small hint (`{"i":instance,"u":user,"a":app,"t":[tables],"c":client,"s":stamp}`) with
 //! `pg_notify` inside its own transaction, so PostgreSQL delivers it to every listening instance exactly
 //! when the change commits, never for a rolled-back one. Direct writers get the same hint from the schema's
-//! statement trigger. Each instance keeps one dedicated listening connection and feeds hints into its local
-//! hub; hints from its own instance id are skipped, because the push already notified the local hub.
+//! statement trigger. `s` is the user's clock after the commit (the newest stamp written): it raises what
+//! the store knows of the user's clock (`store::KnownStamps`) before any local connection hears of the
+//! change. Each instance keeps one dedicated listening connection and feeds hints into its local hub; hints
+//! from its own instance id are not relayed to the hub, because the push already notified it.
 //!
-//! Hints can be lost while the listening connection is down. So after it comes back, every local
-//! connection is told to pull everything (`Hub::resync_all`).
+//! Hints can be lost while the listening connection is down. So the store's memory is switched off while it
+//! is down, and after it comes back every local connection is told to pull everything
+//! (`Hub::resync_all`).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -19,25 +22,31 @@ use tokio_postgres::AsyncMessage;
 
 use crate::app::App;
 use crate::log;
+use crate::protocol::time::{self, Micros};
 
 pub const CHANNEL: &str = "mana_sync_changes";
+/// The listening connection's `application_name`, as `pg_stat_activity` shows it.
+pub const LISTENER_NAME: &str = "mana-sync listener";
 
 /// PostgreSQL refuses payloads of 8,000 bytes or more; above this the table list is dropped.
 const MAX_PAYLOAD: usize = 7_900;
 
-/// The hint a push sends to other instances.
+/// The hint a push sends to other instances; `stamp` is the user's clock after the push.
 pub fn hint_payload(
     instance: &str,
     user: &str,
     app: &str,
     tables: &BTreeSet<String>,
     client: Option<&str>,
+    stamp: Micros,
 ) -> String {
-    let payload = json!({"i": instance, "u": user, "a": app, "t": tables, "c": client}).to_string();
+    let stamp = time::format_cursor(stamp);
+    let payload = json!({"i": instance, "u": user, "a": app, "t": tables, "c": client, "s": stamp})
+        .to_string();
     if payload.len() <= MAX_PAYLOAD {
         payload
     } else {
-        json!({"i": instance, "u": user, "a": app, "c": client}).to_string()
+        json!({"i": instance, "u": user, "a": app, "c": client, "s": stamp}).to_string()
     }
 }
 
@@ -49,6 +58,8 @@ pub struct RemoteHint {
     pub app: String,
     pub tables: Option<BTreeSet<String>>,
     pub client: Option<String>,
+    /// The user's clock after the commit; `None` from servers that did not send it.
+    pub stamp: Option<Micros>,
 }
 
 pub fn parse_hint(payload: &str) -> Option<RemoteHint> {
@@ -67,6 +78,10 @@ pub fn parse_hint(payload: &str) -> Option<RemoteHint> {
         app: text("a")?,
         tables,
         client: text("c"),
+        stamp: value
+            .get("s")
+            .and_then(Value::as_str)
+            .and_then(|s| time::parse_rfc3339(s).ok()),
     })
 }
 
@@ -77,16 +92,18 @@ pub fn spawn_listener(app: Arc<App>) -> tokio::task::JoinHandle<()> {
         let mut connected_before = false;
         let mut backoff = Duration::from_millis(100);
         loop {
-            let outcome = tokio::select! {
-                outcome = listen_once(&app, connected_before) => outcome,
+            let mut established = false;
+            let error = tokio::select! {
+                error = listen_once(&app, connected_before, &mut established) => error,
                 _ = shutdown.changed() => return,
             };
-            match outcome {
-                Ok(()) => backoff = Duration::from_millis(100),
-                Err(error) => log::warn(
-                    "notification listener lost its connection",
-                    &[("error", error.into())],
-                ),
+            log::warn(
+                "notification listener lost its connection",
+                &[("error", error.into())],
+            );
+            // A connection that was up retries at once-ish: the store answers nothing from memory meanwhile.
+            if established {
+                backoff = Duration::from_millis(100);
             }
             connected_before = true;
             tokio::select! {
@@ -98,11 +115,22 @@ pub fn spawn_listener(app: Arc<App>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// One listening connection, until it fails. Returns `Ok` if it ended after having been established.
-async fn listen_once(app: &App, resync: bool) -> Result<(), String> {
+/// One listening connection, until it fails; returns why. Sets `established` once `LISTEN` is in effect.
+async fn listen_once(app: &App, resync: bool, established: &mut bool) -> String {
+    match listen_on_connection(app, resync, established).await {
+        Ok(never) => match never {},
+        Err(error) => error,
+    }
+}
+
+async fn listen_on_connection(
+    app: &App,
+    resync: bool,
+    established: &mut bool,
+) -> Result<std::convert::Infallible, String> {
     let (client, mut connection) = app
         .store
-        .connect_dedicated()
+        .connect_dedicated(LISTENER_NAME)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let (sender, mut hints) = mpsc::unbounded_channel::<String>();
@@ -122,6 +150,9 @@ async fn listen_once(app: &App, resync: bool) -> Result<(), String> {
     });
     let result = async {
         client.batch_execute(&format!("LISTEN {CHANNEL}")).await.map_err(|e| format!("LISTEN: {e}"))?;
+        // From here on every commit's hint arrives: the store may answer from memory again.
+        *established = true;
+        app.store.known().listener_up();
         if resync {
             log::info("notification listener reconnected: asking every connection to pull", &[]);
             app.hub.resync_all();
@@ -134,6 +165,18 @@ async fn listen_once(app: &App, resync: bool) -> Result<(), String> {
                     Some(payload) => deliver(app, &payload),
                     None => return Err("connection closed".to_owned()),
                 },
+                request = app.store.known().catch_up_requested() => {
+                    // PostgreSQL sends every notification committed before this query ahead of its answer,
+                    // and the pump queues them in order: once the answer is here they are all in `hints`.
+                    match tokio::time::timeout(Duration::from_secs(5), client.simple_query("")).await {
+                        Ok(Ok(_)) => {}
+                        _ => return Err("catch-up round trip failed".to_owned()),
+                    }
+                    while let Ok(payload) = hints.try_recv() {
+                        deliver(app, &payload);
+                    }
+                    app.store.known().caught_up_to(request);
+                }
                 _ = health.tick() => {
                     // A silently dead connection would never report; ask it something now and then.
                     match tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1")).await {
@@ -145,6 +188,8 @@ async fn listen_once(app: &App, resync: bool) -> Result<(), String> {
         }
     }
     .await;
+    // Hints may be lost from now until the next LISTEN: the store's memory must not answer meanwhile.
+    app.store.known().listener_down();
     pump.abort();
     result
 }
@@ -154,6 +199,11 @@ fn deliver(app: &App, payload: &str) {
         log::warn("ignoring a malformed notification", &[]);
         return;
     };
+    // Before any connection hears of the change, so none of them can pull the old "nothing new".
+    match hint.stamp {
+        Some(stamp) => app.store.known().observe(&hint.user, stamp),
+        None => app.store.known().forget(&hint.user),
+    }
     if hint.instance.as_deref() == Some(app.instance_id.as_str()) {
         return;
     }
@@ -172,7 +222,8 @@ mod tests {
     #[test]
     fn hints_round_trip_and_stay_under_the_payload_limit() {
         let tables: BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
-        let payload = hint_payload("inst", "u", "todo", &tables, Some("dev"));
+        let stamp = 1_795_255_500_123_456;
+        let payload = hint_payload("inst", "u", "todo", &tables, Some("dev"), stamp);
         assert_eq!(
             parse_hint(&payload),
             Some(RemoteHint {
@@ -180,18 +231,29 @@ mod tests {
                 user: "u".into(),
                 app: "todo".into(),
                 tables: Some(tables),
-                client: Some("dev".into())
+                client: Some("dev".into()),
+                stamp: Some(stamp),
             })
         );
         let many: BTreeSet<String> = (0..500)
             .map(|i| format!("table_with_a_long_name_{i:04}"))
             .collect();
-        let payload = hint_payload("inst", "u", "todo", &many, None);
+        let payload = hint_payload("inst", "u", "todo", &many, None, stamp);
         assert!(payload.len() <= MAX_PAYLOAD);
         assert_eq!(parse_hint(&payload).unwrap().tables, None);
+        assert_eq!(parse_hint(&payload).unwrap().stamp, Some(stamp));
         // The trigger's form for direct writers: no instance.
-        let direct = parse_hint(r#"{"u":"u","a":"todo","c":"mcp-server","t":["tasks"]}"#).unwrap();
+        let direct = parse_hint(
+            r#"{"u":"u","a":"todo","c":"mcp-server","t":["tasks"],"s":"2026-11-21T10:05:00.123456Z"}"#,
+        )
+        .unwrap();
         assert_eq!(direct.instance, None);
+        assert_eq!(
+            direct.stamp,
+            Some(time::parse_rfc3339("2026-11-21T10:05:00.123456Z").unwrap())
+        );
+        let old = parse_hint(r#"{"u":"u","a":"todo","c":"mcp-server","t":["tasks"]}"#).unwrap();
+        assert_eq!(old.stamp, None);
         assert_eq!(parse_hint("{}"), None);
         assert_eq!(parse_hint("garbage"), None);
     }

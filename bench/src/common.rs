@@ -86,6 +86,7 @@ impl Cluster {
                 pool_size: 1,
                 acquire_timeout: Duration::from_secs(10),
                 retention: None,
+                known_users: 0,
             },
         );
         app::migrate(&store).await.map_err(|e| err(e.0))?;

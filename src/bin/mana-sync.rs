@@ -178,6 +178,7 @@ async fn migrate() -> Result<(), String> {
             pool_size: 1,
             acquire_timeout: config.db_acquire_timeout,
             retention: config.log_retention,
+            known_users: 0,
         },
     );
     let outcome = app::migrate(&store).await.map_err(|e| e.to_string());

@@ -195,15 +195,16 @@ async fn push(
     drop(body);
     let device = header_device.or_else(|| changeset.client_id.clone());
     let tables: BTreeSet<String> = changeset.changes.iter().map(|c| c.table.clone()).collect();
-    let hint = (!tables.is_empty()).then(|| {
+    let hint = |stamp| {
         notify::hint_payload(
             &app.instance_id,
             &claims.sub,
             app_id,
             &tables,
             device.as_deref(),
+            stamp,
         )
-    });
+    };
     let response = app
         .store
         .push(
@@ -212,7 +213,7 @@ async fn push(
             device.as_deref(),
             &changeset,
             app.config.pull_page_size,
-            hint.as_deref(),
+            (!tables.is_empty()).then_some(&hint as crate::store::Hint<'_>),
         )
         .await?;
     let metrics = &app.metrics;

@@ -6,19 +6,23 @@
 //! form for a push, the shared form for a read. Together with the stamping trigger in `schema.sql` that is
 //! what makes the cursor guarantee hold (see ARCHITECTURE.md, "The cursor").
 
+mod known;
 mod pool;
+mod push;
 pub mod records;
 mod timestamp;
 
 use std::time::Duration;
 
 use tokio_postgres::types::ToSql;
-use tokio_postgres::Row;
+use tokio_postgres::{GenericClient, Row};
 
 use crate::protocol::time::{self, Micros};
-use crate::protocol::{Changeset, NewChange, PullQuery, StoredChange, SyncResponse, WireChange};
+use crate::protocol::{PullQuery, StoredChange, SyncResponse, WireChange};
 
+pub use known::KnownStamps;
 pub use pool::{Pool, PoolStatus, PooledConnection};
+pub use push::Hint;
 use records::ReadMode;
 use timestamp::PgTimestamp;
 
@@ -82,11 +86,14 @@ pub struct StoreOptions {
     pub acquire_timeout: Duration,
     /// Log rows older than this may be pruned; clients behind it get a snapshot. `None`: keep everything.
     pub retention: Option<Duration>,
+    /// Users whose newest stamp is kept in memory (0: none; every read asks the database).
+    pub known_users: usize,
 }
 
 pub struct Store {
     pool: Pool,
     retention: Option<Duration>,
+    known: KnownStamps,
 }
 
 /// What the schema migration did.
@@ -104,13 +111,6 @@ const LOCK_SHARED: &str =
     "SELECT set_config('app.current_user_id', $1, true), pg_advisory_xact_lock_shared(1398361667, hashtext($1))";
 const LOCK_EXCLUSIVE: &str =
     "SELECT set_config('app.current_user_id', $1, true), pg_advisory_xact_lock(1398361667, hashtext($1))";
-/// The same for a push that writes: it also queues the cross-instance hint (delivered by PostgreSQL only
-/// if the transaction commits) and tells the schema's trigger that this writer notified by itself.
-const LOCK_EXCLUSIVE_NOTIFY: &str = concat!(
-    "SELECT set_config('app.current_user_id', $1, true), set_config('mana_sync.notified', 'on', true), ",
-    "pg_advisory_xact_lock(1398361667, hashtext($1)), pg_notify('mana_sync_changes', $2)"
-);
-
 /// The start of every log read: the columns `stored_change` reads, in its order, for one user's app.
 macro_rules! select_changes {
     () => {
@@ -141,14 +141,6 @@ const APP_TIES: &str = concat!(
     select_changes!(),
     "created_at = $3 ",
     "AND ($4 = '' OR client_id <> $4) AND id > $5::text::uuid ORDER BY id"
-);
-/// One multi-row insert for the whole batch; WITH ORDINALITY keeps the batch order, so stamps follow it.
-const INSERT_BATCH: &str = concat!(
-    "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, field_meta, client_id, ",
-    "schema_version, actor, origin, space_id) ",
-    "SELECT $1, t, r, $2, o, d, f, $3, v, a, g, s FROM unnest($4::text[], $5::text[], $6::text[], $7::jsonb[], ",
-    "$8::jsonb[], $9::int4[], $10::jsonb[], $11::text[], $12::text[]) WITH ORDINALITY AS u(t, r, o, d, f, v, a, g, s, n) ",
-    "ORDER BY n RETURNING id::text, table_name, record_id, created_at"
 );
 /// A stream's page: like APP_PAGE, limited to some tables. $6 = the tables.
 const APP_TABLES_PAGE: &str = concat!(
@@ -185,14 +177,11 @@ const PRUNE: &str = concat!(
 /// Pruning stays this far behind the horizon that reads use, so that instances whose clocks differ by less
 /// never prune rows another instance still serves from the log.
 const PRUNE_MARGIN_MICROS: Micros = 5 * 60 * 1_000_000;
-/// After a push merged its own rows (and any pending ones), everything up to the clock is folded.
-const MARK_ALL_FOLDED: &str =
-    "UPDATE sync_user_clock SET folded_at = last_at WHERE user_id = $1 RETURNING last_at";
 const CLOCK: &str = "SELECT last_at FROM sync_user_clock WHERE user_id = $1";
 /// Makes the user's clock at least `$2` (bounded to an hour ahead of the database's clock), so that every
 /// later write is stamped after a cursor handed out or accepted now. Runs only for users without a clock
 /// yet and for cursors from elsewhere (e.g. today's server) that are ahead of it.
-const CLOCK_ADVANCE: &str = concat!(
+pub(super) const CLOCK_ADVANCE: &str = concat!(
     "INSERT INTO sync_user_clock AS clock (user_id, last_at) ",
     "VALUES ($1, greatest(clock_timestamp(), least($2, clock_timestamp() + interval '1 hour'), ",
     "(SELECT max(created_at) FROM sync_changes WHERE user_id = $1))) ",
@@ -204,12 +193,15 @@ impl Store {
         Store {
             pool: Pool::new(config, options.pool_size, options.acquire_timeout),
             retention: options.retention,
+            known: KnownStamps::new(options.known_users),
         }
     }
 
-    /// A connection of its own, outside the pool (the notification listener keeps one open for good).
+    /// A connection of its own, outside the pool (the notification listener keeps one open for good),
+    /// named `application_name` in `pg_stat_activity`.
     pub async fn connect_dedicated(
         &self,
+        application_name: &str,
     ) -> Result<
         (
             tokio_postgres::Client,
@@ -217,7 +209,14 @@ impl Store {
         ),
         StoreError,
     > {
-        Ok(self.pool.config().connect(tokio_postgres::NoTls).await?)
+        let mut config = self.pool.config().clone();
+        config.application_name(application_name);
+        Ok(config.connect(tokio_postgres::NoTls).await?)
+    }
+
+    /// What this instance knows of each user's clock (fed by commits and cross-instance hints).
+    pub fn known(&self) -> &KnownStamps {
+        &self.known
     }
 
     pub fn pool_status(&self) -> PoolStatus {
@@ -284,163 +283,6 @@ impl Store {
         Ok(())
     }
 
-    /// Stores a whole batch in one transaction: merges it into the record state (per field, the later
-    /// `at` wins), logs what won, and returns the app's changes since `changeset.since` that this device
-    /// has not authored (a snapshot when `since` asks for one), paged like a pull, plus the conflicts.
-    pub async fn push(
-        &self,
-        user: &str,
-        app: &str,
-        device: Option<&str>,
-        changeset: &Changeset,
-        limit: usize,
-        notification: Option<&str>,
-    ) -> Result<SyncResponse, StoreError> {
-        let device = device.unwrap_or("");
-        let mut connection = self.pool.get().await?;
-        let lock = match notification {
-            Some(_) => connection.prepare(LOCK_EXCLUSIVE_NOTIFY).await?,
-            None => connection.prepare(LOCK_EXCLUSIVE).await?,
-        };
-        let insert = connection.prepare(INSERT_BATCH).await?;
-        let mode = records::read_mode(changeset.since, self.horizon());
-        let page_statement = connection.prepare(Tables::All.page_sql()).await?;
-        let tx = connection.client.transaction().await?;
-        match notification {
-            Some(payload) => tx.execute(&lock, &[&user, &payload]).await?,
-            None => tx.execute(&lock, &[&user]).await?,
-        };
-        let keys: Vec<(String, String, String)> = changeset
-            .changes
-            .iter()
-            .map(|c| (app.to_owned(), c.table.clone(), c.record_id.clone()))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        // Usually nothing is pending, so the fold check, the response page and the batch's record states
-        // go out together (pipelined on the connection); a snapshot needs the fold done first.
-        let (page, mut batch) = match mode {
-            ReadMode::Log(_) => {
-                let (start, page, batch) = tokio::try_join!(
-                    records::fold_start(&tx, user),
-                    read_page(
-                        &tx,
-                        &page_statement,
-                        user,
-                        app,
-                        Tables::All,
-                        device,
-                        mode,
-                        limit
-                    ),
-                    records::Batch::load(&tx, user, keys.clone()),
-                )?;
-                match start {
-                    Some(from) if records::fold_from(&tx, user, from).await? => {
-                        (page, records::Batch::load(&tx, user, keys).await?)
-                    }
-                    _ => (page, batch),
-                }
-            }
-            ReadMode::Snapshot(_) => {
-                records::fold_pending(&tx, user).await?;
-                let page = read_page(
-                    &tx,
-                    &page_statement,
-                    user,
-                    app,
-                    Tables::All,
-                    device,
-                    mode,
-                    limit,
-                )
-                .await?;
-                (page, records::Batch::load(&tx, user, keys).await?)
-            }
-        };
-
-        // Merge the batch into the record state; only what wins goes to the log.
-        let mut log_rows = Vec::new();
-        let mut conflicts = Vec::new();
-        let mut lost: std::collections::BTreeSet<(String, String)> = Default::default();
-        for change in &changeset.changes {
-            let (winners, losers) = batch.apply(app, change, device, changeset.received_at);
-            let state = batch
-                .state(app, &change.table, &change.record_id)
-                .expect("applied above");
-            log_rows.extend(records::winning_row(change, &winners, state));
-            for conflict in losers {
-                conflicts.push(records::conflict_json(
-                    &change.table,
-                    &change.record_id,
-                    &conflict,
-                ));
-                lost.insert((change.table.clone(), change.record_id.clone()));
-            }
-        }
-        if !log_rows.is_empty() {
-            let columns = BatchColumns::from(log_rows.as_slice());
-            let params: [&(dyn ToSql + Sync); 12] = [
-                &app,
-                &user,
-                &device,
-                &columns.tables,
-                &columns.record_ids,
-                &columns.ops,
-                &columns.data,
-                &columns.field_meta,
-                &columns.schema_versions,
-                &columns.actors,
-                &columns.origins,
-                &columns.space_ids,
-            ];
-            for row in tx.query(&insert, &params).await? {
-                let at: PgTimestamp = row.try_get(3)?;
-                batch.stamped(app, row.try_get(1)?, row.try_get(2)?, row.try_get(0)?, at.0);
-            }
-        }
-        // Never hand the pushing device a value older than the one the server now holds: a page entry for a
-        // record this batch touched (read before the merge) and every record where a pushed field lost are
-        // answered with the record's whole merged state instead. That also lets a device converge whose
-        // cursor is already past the change that beat it.
-        let touched: std::collections::BTreeSet<(String, String)> = changeset
-            .changes
-            .iter()
-            .map(|c| (c.table.clone(), c.record_id.clone()))
-            .collect();
-        let mut refreshed = lost;
-        let mut server_changes: Vec<WireChange> = Vec::with_capacity(page.changes.len());
-        for change in page.changes {
-            let key = (change.table.clone(), change.id.clone());
-            if touched.contains(&key) {
-                refreshed.insert(key);
-            } else {
-                server_changes.push(change);
-            }
-        }
-        for (table, id) in &refreshed {
-            server_changes.extend(batch.current_entry(app, table, id));
-        }
-        let mark_folded =
-            async { Ok::<_, StoreError>(tx.query_opt(MARK_ALL_FOLDED, &[&user]).await?) };
-        let (_, folded_through) = tokio::try_join!(batch.save(&tx, user), mark_folded)?;
-        // Everything up to the user's clock is in this response, authored by this device, or was folded.
-        let synced_until = match (page.next, folded_through) {
-            (Some(next), _) => next,
-            (None, Some(row)) if row.get::<_, PgTimestamp>(0).0 >= changeset.since => {
-                row.get::<_, PgTimestamp>(0).0
-            }
-            (None, _) => vouched_cursor(&tx, user, changeset.since).await?,
-        };
-        tx.commit().await?;
-        Ok(SyncResponse {
-            server_changes,
-            conflicts,
-            synced_until: time::format_cursor(synced_until),
-            has_more: page.next.is_some(),
-        })
-    }
-
     /// Changes of one collection since a cursor, excluding the device's own, paged (or a snapshot).
     pub async fn pull(
         &self,
@@ -477,6 +319,8 @@ impl Store {
             .await
     }
 
+    /// Every read: from memory when it knows nothing is new, else one pipelined round trip (a log page),
+    /// else the general path in a transaction of its own (a snapshot, a cursor ahead of the clock).
     async fn read(
         &self,
         user: &str,
@@ -487,33 +331,34 @@ impl Store {
         limit: usize,
     ) -> Result<SyncResponse, StoreError> {
         let mode = records::read_mode(since, self.horizon());
-        let mut connection = self.pool.get().await?;
-        // A snapshot reads the record state, which must first absorb rows other programs wrote: that
-        // writes, so it takes the exclusive lock. Snapshots are rare (a new device, or one behind the
-        // retention horizon); log reads take the shared lock.
-        let lock = match mode {
-            ReadMode::Log(_) => connection.prepare(LOCK_SHARED).await?,
-            ReadMode::Snapshot(_) => connection.prepare(LOCK_EXCLUSIVE).await?,
-        };
-        let page_statement = connection.prepare(tables.page_sql()).await?;
-        let tx = connection.client.transaction().await?;
-        // The lock is its own statement: in READ COMMITTED the page query's snapshot is taken when it
-        // starts, i.e. only after every in-flight write of this user has committed.
-        tx.execute(&lock, &[&user]).await?;
-        if let ReadMode::Snapshot(_) = mode {
-            records::fold_pending(&tx, user).await?;
+        if let ReadMode::Log(since) = mode {
+            if self.known.answers(user, since).await {
+                return Ok(SyncResponse {
+                    server_changes: Vec::new(),
+                    conflicts: Vec::new(),
+                    synced_until: time::format_cursor(since),
+                    has_more: false,
+                });
+            }
         }
-        let page = read_page(&tx, &page_statement, user, app, tables, device, mode, limit).await?;
-        let synced_until = match page.next {
-            Some(next) => next,
-            None => vouched_cursor(&tx, user, since).await?,
+        let ticket = self.known.ticket(user);
+        let mut connection = self.pool.get().await?;
+        let quick = match mode {
+            ReadMode::Log(since) => {
+                read_log(&mut connection, user, app, tables, device, since, limit).await?
+            }
+            ReadMode::Snapshot(_) => None,
         };
-        tx.commit().await?;
+        let (page, clock) = match quick {
+            Some(read) => read,
+            None => read_locked(&mut connection, user, app, tables, device, mode, limit).await?,
+        };
+        self.known.learn(user, ticket, clock);
         Ok(SyncResponse {
+            synced_until: time::format_cursor(page.next.unwrap_or(clock.max(since))),
+            has_more: page.next.is_some(),
             server_changes: page.changes,
             conflicts: Vec::new(),
-            synced_until: time::format_cursor(synced_until),
-            has_more: page.next.is_some(),
         })
     }
 
@@ -562,7 +407,7 @@ impl Store {
         if self.retention.is_none() {
             return Ok(None);
         }
-        let (leader, connection) = self.connect_dedicated().await?;
+        let (leader, connection) = self.connect_dedicated("mana-sync compaction").await?;
         let driver = tokio::spawn(connection);
         let result = async {
             let row = leader
@@ -636,19 +481,173 @@ fn page_limit(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX - 1).max(1) + 1
 }
 
-/// Turns the `limit + 1` rows of a page query into a page. When more rows exist than fit, the page ends at
-/// the last row that fits, and if rows sharing that row's timestamp were cut off they are fetched too: the
-/// cursor is a timestamp, so a page must never end in the middle of a group of equal timestamps (only rows
-/// written by older servers share one; this server stamps every row of a user distinctly).
-async fn complete_page<F, Fut>(
+/// Ends a transaction begun by hand after a failure, so the connection can be reused; if even that fails,
+/// the connection stays marked and the pool closes it.
+async fn rollback(connection: &mut PooledConnection) {
+    if connection.client.batch_execute("ROLLBACK").await.is_ok() {
+        connection.in_transaction = false;
+    }
+}
+
+/// The hot read: `BEGIN`, the shared lock, the page, the clock and `COMMIT` leave in one flush, so a log
+/// read costs one round trip. The lock is a statement of its own, so the page's snapshot is still taken
+/// after every in-flight write of the user committed. Returns the page and the cursor to answer with,
+/// or `None` when `since` is ahead of the user's clock (a cursor from elsewhere): then the clock must be
+/// advanced under the lock, which `read_locked` does.
+async fn read_log(
+    connection: &mut PooledConnection,
+    user: &str,
+    app: &str,
+    tables: Tables<'_>,
+    device: &str,
+    since: Micros,
+    limit: usize,
+) -> Result<Option<(Page, Micros)>, StoreError> {
+    let lock = connection.prepare(LOCK_SHARED).await?;
+    let page_statement = connection.prepare(tables.page_sql()).await?;
+    let clock_statement = connection.prepare(CLOCK).await?;
+    let params = page_params(user, app, tables, device, since, limit);
+    let (user_param, page_param): ([&(dyn ToSql + Sync); 1], _) = ([&user], params.refs());
+    connection.in_transaction = true;
+    let client = &connection.client;
+    let pipelined = tokio::try_join!(
+        biased;
+        client.batch_execute("BEGIN"),
+        client.execute(&lock, &user_param),
+        client.query(&page_statement, &page_param),
+        client.query_opt(&clock_statement, &user_param),
+        client.batch_execute("COMMIT"),
+    );
+    let (_, _, rows, clock, _) = match pipelined {
+        Ok(results) => results,
+        Err(error) => {
+            rollback(connection).await;
+            return Err(error.into());
+        }
+    };
+    connection.in_transaction = false;
+    let clock = match clock {
+        Some(row) => row.try_get::<_, PgTimestamp>(0)?.0,
+        None => return Ok(None),
+    };
+    // A full page that ends inside a group of rows sharing one stamp (only older servers wrote such
+    // groups) needs the rest of the group from inside the transaction: the general path does that.
+    if clock < since || ends_in_tie(&rows, limit)? {
+        return Ok(None);
+    }
+    let page = log_page(&connection.client, user, app, tables, device, rows, limit).await?;
+    Ok(Some((page, clock.max(time::EPOCH + 1))))
+}
+
+/// A read in one transaction: snapshots (which fold first, under the exclusive lock) and log reads whose
+/// cursor is ahead of the clock. Returns the page and the vouched cursor.
+async fn read_locked(
+    connection: &mut PooledConnection,
+    user: &str,
+    app: &str,
+    tables: Tables<'_>,
+    device: &str,
+    mode: ReadMode,
+    limit: usize,
+) -> Result<(Page, Micros), StoreError> {
+    // A snapshot reads the record state, which must first absorb rows other programs wrote: that writes,
+    // so it takes the exclusive lock. Log reads take the shared lock.
+    let (lock, since) = match mode {
+        ReadMode::Log(since) => (connection.prepare(LOCK_SHARED).await?, since),
+        ReadMode::Snapshot(_) => (connection.prepare(LOCK_EXCLUSIVE).await?, time::EPOCH),
+    };
+    let page_statement = connection.prepare(tables.page_sql()).await?;
+    let tx = connection.client.transaction().await?;
+    tx.execute(&lock, &[&user]).await?;
+    if let ReadMode::Snapshot(_) = mode {
+        records::fold_pending(&tx, user).await?;
+    }
+    let page = read_page(&tx, &page_statement, user, app, tables, device, mode, limit).await?;
+    let clock = vouched_cursor(&tx, user, since).await?;
+    tx.commit().await?;
+    Ok((page, clock))
+}
+
+/// The parameters of a log page query (`Tables::page_sql`), in its order.
+struct PageParams<'a> {
+    user: &'a str,
+    app: &'a str,
+    tables: Tables<'a>,
+    device: &'a str,
+    since: PgTimestamp,
+    limit_plus_one: i64,
+}
+
+fn page_params<'a>(
+    user: &'a str,
+    app: &'a str,
+    tables: Tables<'a>,
+    device: &'a str,
+    since: Micros,
+    limit: usize,
+) -> PageParams<'a> {
+    PageParams {
+        user,
+        app,
+        tables,
+        device,
+        since: PgTimestamp(since),
+        limit_plus_one: page_limit(limit),
+    }
+}
+
+impl PageParams<'_> {
+    fn refs(&self) -> Vec<&(dyn ToSql + Sync)> {
+        match &self.tables {
+            Tables::All => vec![
+                &self.user,
+                &self.app,
+                &self.since,
+                &self.device,
+                &self.limit_plus_one,
+            ],
+            Tables::One(table) => vec![
+                &self.user,
+                &self.app,
+                table,
+                &self.since,
+                &self.device,
+                &self.limit_plus_one,
+            ],
+            Tables::Some(list) => vec![
+                &self.user,
+                &self.app,
+                &self.since,
+                &self.device,
+                &self.limit_plus_one,
+                list,
+            ],
+        }
+    }
+}
+
+/// True when the `limit + 1` rows of a page query have more than fit and the last two share a stamp.
+fn ends_in_tie(rows: &[Row], limit: usize) -> Result<bool, StoreError> {
+    if rows.len() <= limit || limit == 0 {
+        return Ok(false);
+    }
+    Ok(stored_change(&rows[limit - 1])?.created_at == stored_change(&rows[limit])?.created_at)
+}
+
+/// Turns the `limit + 1` rows of a log page query into a page. When more rows exist than fit, the page ends
+/// at the last row that fits, and if rows sharing that row's timestamp were cut off they are fetched too:
+/// the cursor is a timestamp, so a page must never end in the middle of a group of equal timestamps (only
+/// rows written by older servers share one; this server stamps every row of a user distinctly). `client`
+/// must be inside the user's transaction when `ends_in_tie`.
+async fn log_page(
+    client: &impl GenericClient,
+    user: &str,
+    app: &str,
+    tables: Tables<'_>,
+    device: &str,
     rows: Vec<Row>,
     limit: usize,
-    ties: F,
-) -> Result<(Vec<StoredChange>, bool), StoreError>
-where
-    F: FnOnce(Micros, String) -> Fut,
-    Fut: std::future::Future<Output = Result<Vec<Row>, tokio_postgres::Error>>,
-{
+) -> Result<Page, StoreError> {
     let has_more = rows.len() > limit;
     let mut changes: Vec<StoredChange> = rows
         .iter()
@@ -659,20 +658,39 @@ where
         let next = stored_change(&rows[limit])?;
         if let Some(last) = changes.last() {
             if last.created_at == next.created_at {
-                let rest = ties(last.created_at, last.event_id.clone()).await?;
-                for row in &rest {
+                let at = PgTimestamp(last.created_at);
+                let last_id = last.event_id.clone();
+                let (sql, params): (&str, Vec<&(dyn ToSql + Sync)>) = match &tables {
+                    Tables::All => (APP_TIES, vec![&user, &app, &at, &device, &last_id]),
+                    Tables::One(table) => {
+                        (PULL_TIES, vec![&user, &app, table, &at, &device, &last_id])
+                    }
+                    Tables::Some(list) => (
+                        APP_TABLES_TIES,
+                        vec![&user, &app, &at, &device, &last_id, list],
+                    ),
+                };
+                for row in &client.query(sql, &params).await? {
                     changes.push(stored_change(row)?);
                 }
             }
         }
     }
-    Ok((changes, has_more))
+    let next = if has_more {
+        changes.last().map(|row| row.created_at)
+    } else {
+        None
+    };
+    Ok(Page {
+        changes: changes.iter().map(StoredChange::to_wire).collect(),
+        next,
+    })
 }
 
 /// The newest cursor the server can vouch for: under the user's lock, every change of this user stamped at
 /// or before the user's clock is visible now, and every later one will be stamped after it.
 async fn vouched_cursor(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &impl GenericClient,
     user: &str,
     since: Micros,
 ) -> Result<Micros, StoreError> {
@@ -733,9 +751,19 @@ struct Page {
     next: Option<Micros>,
 }
 
+impl Page {
+    fn empty() -> Page {
+        Page {
+            changes: Vec::new(),
+            next: None,
+        }
+    }
+}
+
+/// One page in either mode, inside the user's transaction.
 #[allow(clippy::too_many_arguments)]
 async fn read_page(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &impl GenericClient,
     page_statement: &tokio_postgres::Statement,
     user: &str,
     app: &str,
@@ -764,96 +792,9 @@ async fn read_page(
             })
         }
         ReadMode::Log(since) => {
-            let limit_plus_one = page_limit(limit);
-            let since = PgTimestamp(since);
-            let rows = match tables {
-                Tables::All => {
-                    tx.query(
-                        page_statement,
-                        &[&user, &app, &since, &device, &limit_plus_one],
-                    )
-                    .await?
-                }
-                Tables::One(table) => {
-                    tx.query(
-                        page_statement,
-                        &[&user, &app, &table, &since, &device, &limit_plus_one],
-                    )
-                    .await?
-                }
-                Tables::Some(list) => {
-                    tx.query(
-                        page_statement,
-                        &[&user, &app, &since, &device, &limit_plus_one, &list],
-                    )
-                    .await?
-                }
-            };
-            let (rows, has_more) = complete_page(rows, limit, |at, last_id| async move {
-                let at = PgTimestamp(at);
-                match tables {
-                    Tables::All => {
-                        tx.query(APP_TIES, &[&user, &app, &at, &device, &last_id])
-                            .await
-                    }
-                    Tables::One(table) => {
-                        tx.query(PULL_TIES, &[&user, &app, &table, &at, &device, &last_id])
-                            .await
-                    }
-                    Tables::Some(list) => {
-                        tx.query(
-                            APP_TABLES_TIES,
-                            &[&user, &app, &at, &device, &last_id, &list],
-                        )
-                        .await
-                    }
-                }
-            })
-            .await?;
-            let next = if has_more {
-                rows.last().map(|row| row.created_at)
-            } else {
-                None
-            };
-            Ok(Page {
-                changes: rows.iter().map(StoredChange::to_wire).collect(),
-                next,
-            })
-        }
-    }
-}
-
-/// The batch as one array per column, the shape `unnest` turns back into rows.
-struct BatchColumns {
-    tables: Vec<String>,
-    record_ids: Vec<String>,
-    ops: Vec<&'static str>,
-    data: Vec<serde_json::Value>,
-    field_meta: Vec<serde_json::Value>,
-    schema_versions: Vec<i32>,
-    actors: Vec<Option<serde_json::Value>>,
-    origins: Vec<Option<String>>,
-    space_ids: Vec<Option<String>>,
-}
-
-impl From<&[NewChange]> for BatchColumns {
-    fn from(changes: &[NewChange]) -> BatchColumns {
-        BatchColumns {
-            tables: changes.iter().map(|c| c.table.clone()).collect(),
-            record_ids: changes.iter().map(|c| c.record_id.clone()).collect(),
-            ops: changes.iter().map(|c| c.op.as_str()).collect(),
-            data: changes
-                .iter()
-                .map(|c| serde_json::Value::Object(c.data.clone()))
-                .collect(),
-            field_meta: changes
-                .iter()
-                .map(|c| serde_json::Value::Object(c.field_meta.clone()))
-                .collect(),
-            schema_versions: changes.iter().map(|c| c.schema_version).collect(),
-            actors: changes.iter().map(|c| c.actor.clone()).collect(),
-            origins: changes.iter().map(|c| c.origin.clone()).collect(),
-            space_ids: changes.iter().map(|c| c.space_id.clone()).collect(),
+            let params = page_params(user, app, tables, device, since, limit);
+            let rows = tx.query(page_statement, &params.refs()).await?;
+            log_page(tx, user, app, tables, device, rows, limit).await
         }
     }
 }

@@ -33,6 +33,10 @@ struct Inner {
 pub struct Connection {
     pub client: Client,
     statements: HashMap<&'static str, Statement>,
+    /// Set while a transaction begun by hand (a pipelined `BEGIN`) may still be open. A connection given
+    /// back in that state (its request was cancelled mid-way) is closed instead of reused, which makes
+    /// PostgreSQL roll the transaction back and release its locks.
+    pub(super) in_transaction: bool,
 }
 
 impl Connection {
@@ -74,7 +78,7 @@ impl std::ops::DerefMut for PooledConnection {
 impl Drop for PooledConnection {
     fn drop(&mut self) {
         if let Some(connection) = self.connection.take() {
-            if !connection.client.is_closed() {
+            if !connection.client.is_closed() && !connection.in_transaction {
                 self.inner.idle.lock().push(connection);
             }
         }
@@ -158,6 +162,7 @@ impl Pool {
             connection: Some(Connection {
                 client,
                 statements: HashMap::new(),
+                in_transaction: false,
             }),
             inner: inner.clone(),
             _permit: permit,

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 
 use serde_json::{json, Map, Value};
-use tokio_postgres::Transaction;
+use tokio_postgres::{GenericClient, Row};
 
 use super::timestamp::PgTimestamp;
 use super::StoreError;
@@ -84,7 +84,7 @@ pub struct Batch {
 
 /// States of the batch's records, looked up by primary key (a join from the key arrays, so the planner
 /// probes the primary key instead of filtering another index).
-const LOAD: &str = concat!(
+pub(super) const LOAD: &str = concat!(
     "SELECT s.app_id, s.table_name, s.record_id, s.state, s.updated_at, s.event_id::text, s.actor, s.origin, ",
     "s.space_id, s.schema_version FROM unnest($2::text[], $3::text[], $4::text[]) AS k(a, t, r) ",
     "JOIN sync_records s ON s.user_id = $1 AND s.app_id = k.a AND s.table_name = k.t AND s.record_id = k.r"
@@ -114,18 +114,25 @@ const MARK_FOLDED: &str = concat!(
 
 impl Batch {
     pub async fn load(
-        tx: &Transaction<'_>,
+        tx: &impl GenericClient,
         user: &str,
         keys: Vec<Key>,
     ) -> Result<Batch, StoreError> {
-        let mut records: HashMap<Key, Record> = HashMap::new();
         if keys.is_empty() {
-            return Ok(Batch { records });
+            return Ok(Batch {
+                records: HashMap::new(),
+            });
         }
         let apps: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
         let tables: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
         let ids: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
-        for row in tx.query(LOAD, &[&user, &apps, &tables, &ids]).await? {
+        Batch::from_rows(&tx.query(LOAD, &[&user, &apps, &tables, &ids]).await?)
+    }
+
+    /// The states `LOAD` returned.
+    pub fn from_rows(rows: &[Row]) -> Result<Batch, StoreError> {
+        let mut records: HashMap<Key, Record> = HashMap::new();
+        for row in rows {
             let state: Value = row.try_get(3)?;
             let state = RecordState::from_json(&state)
                 .ok_or_else(|| StoreError::Internal("unreadable state in sync_records".into()))?;
@@ -207,21 +214,55 @@ impl Batch {
         ))
     }
 
-    /// Notes which log row (id, stamp) last changed a record.
-    pub fn stamped(&mut self, app: &str, table: &str, id: &str, event_id: String, at: Micros) {
+    /// Notes which log row (id, if known yet, and stamp) last changed a record.
+    pub fn stamped(
+        &mut self,
+        app: &str,
+        table: &str,
+        id: &str,
+        event_id: Option<String>,
+        at: Micros,
+    ) {
         if let Some(record) =
             self.records
                 .get_mut(&(app.to_owned(), table.to_owned(), id.to_owned()))
         {
             if at >= record.updated_at {
                 record.updated_at = at;
-                record.event_id = Some(event_id);
+                record.event_id = event_id;
+            }
+        }
+    }
+
+    /// Every changed record, as the columns the push's write statement takes.
+    pub fn changed_columns(&self) -> RecordColumns {
+        let mut columns = RecordColumns::default();
+        for ((_, table, id), record) in self.records.iter().filter(|(_, r)| r.changed) {
+            columns.tables.push(table.clone());
+            columns.ids.push(id.clone());
+            columns.states.push(record.state.to_json());
+            columns.deleted.push(record.state.is_deleted());
+            columns.updated.push(PgTimestamp(record.updated_at));
+            columns.events.push(record.event_id.clone());
+            columns.actors.push(record.actor.clone());
+            columns.origins.push(record.origin.clone());
+            columns.spaces.push(record.space_id.clone());
+            columns.versions.push(record.schema_version.max(1));
+        }
+        columns
+    }
+
+    /// Gives every record last changed at one of `events`' stamps that row's id.
+    pub fn set_event_ids(&mut self, events: &HashMap<Micros, String>) {
+        for record in self.records.values_mut().filter(|r| r.changed) {
+            if let Some(id) = events.get(&record.updated_at) {
+                record.event_id = Some(id.clone());
             }
         }
     }
 
     /// Writes every changed record back in one round trip.
-    pub async fn save(self, tx: &Transaction<'_>, user: &str) -> Result<(), StoreError> {
+    pub async fn save(self, tx: &impl GenericClient, user: &str) -> Result<(), StoreError> {
         let changed: Vec<(Key, Record)> = self
             .records
             .into_iter()
@@ -314,6 +355,21 @@ fn state_fields_of(change: &NewChange) -> Vec<&String> {
     change.data.keys().collect()
 }
 
+/// The changed records of a batch, one array per column of `sync_records`.
+#[derive(Default)]
+pub struct RecordColumns {
+    pub tables: Vec<String>,
+    pub ids: Vec<String>,
+    pub states: Vec<Value>,
+    pub deleted: Vec<bool>,
+    pub updated: Vec<PgTimestamp>,
+    pub events: Vec<Option<String>>,
+    pub actors: Vec<Option<Value>>,
+    pub origins: Vec<Option<String>>,
+    pub spaces: Vec<Option<String>>,
+    pub versions: Vec<i32>,
+}
+
 /// A conflict as the push response reports it.
 pub fn conflict_json(table: &str, id: &str, conflict: &merge::FieldConflict) -> Value {
     json!({
@@ -324,7 +380,7 @@ pub fn conflict_json(table: &str, id: &str, conflict: &merge::FieldConflict) -> 
 }
 
 /// Brings the user's record states up to date with log rows not folded yet. Needs the exclusive lock.
-pub async fn fold_pending(tx: &Transaction<'_>, user: &str) -> Result<(), StoreError> {
+pub async fn fold_pending(tx: &impl GenericClient, user: &str) -> Result<(), StoreError> {
     if let Some(from) = fold_start(tx, user).await? {
         fold_from(tx, user, from).await?;
     }
@@ -332,24 +388,30 @@ pub async fn fold_pending(tx: &Transaction<'_>, user: &str) -> Result<(), StoreE
 }
 
 /// Where folding must start, or `None` when the state already covers every log row of the user.
-pub async fn fold_start(tx: &Transaction<'_>, user: &str) -> Result<Option<Micros>, StoreError> {
+pub async fn fold_start(tx: &impl GenericClient, user: &str) -> Result<Option<Micros>, StoreError> {
     let state = tx.query_opt(FOLD_STATE, &[&user]).await?;
     Ok(match state {
-        Some(row) => {
-            let last: PgTimestamp = row.get(0);
-            let folded: Option<PgTimestamp> = row.get(1);
-            match folded {
-                Some(folded) if folded >= last => None,
-                Some(folded) => Some(folded.0),
-                None => Some(Micros::MIN),
-            }
-        }
-        None => Some(Micros::MIN),
+        Some(row) => pending_from(Some(row.get::<_, PgTimestamp>(0).0), row.get(1)),
+        None => pending_from(None, None),
     })
 }
 
+/// Where folding must start given the user's clock and how far its log is folded (`None`: nothing to
+/// fold). A user without a clock may have rows an older server wrote.
+pub fn pending_from(last_at: Option<Micros>, folded_at: Option<PgTimestamp>) -> Option<Micros> {
+    match (last_at, folded_at) {
+        (Some(last), Some(folded)) if folded.0 >= last => None,
+        (Some(_), Some(folded)) => Some(folded.0),
+        _ => Some(Micros::MIN),
+    }
+}
+
 /// Folds the user's log rows after `from` into the state. True when there were any.
-pub async fn fold_from(tx: &Transaction<'_>, user: &str, from: Micros) -> Result<bool, StoreError> {
+pub async fn fold_from(
+    tx: &impl GenericClient,
+    user: &str,
+    from: Micros,
+) -> Result<bool, StoreError> {
     let mut folded = from;
     let mut any = false;
     loop {
@@ -389,7 +451,7 @@ pub async fn fold_from(tx: &Transaction<'_>, user: &str, from: Micros) -> Result
                     &pending.app,
                     &pending.change.table,
                     &pending.change.record_id,
-                    pending.event_id.clone(),
+                    Some(pending.event_id.clone()),
                     pending.created_at,
                 );
             }
@@ -402,17 +464,6 @@ pub async fn fold_from(tx: &Transaction<'_>, user: &str, from: Micros) -> Result
             return Ok(any);
         }
     }
-}
-
-/// Marks everything up to the user's clock as folded (after a push folded its own rows).
-pub async fn mark_folded(
-    tx: &Transaction<'_>,
-    user: &str,
-    through: Micros,
-) -> Result<(), StoreError> {
-    tx.execute(MARK_FOLDED, &[&user, &PgTimestamp(through)])
-        .await?;
-    Ok(())
 }
 
 fn dedup(mut keys: Vec<Key>) -> Vec<Key> {
@@ -482,7 +533,7 @@ impl PendingRow {
 
 /// A snapshot page: records of one app (optionally some tables) whose newest stamp is at or after `from`.
 pub async fn snapshot_page(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     user: &str,
     app: &str,
     tables: Option<&[String]>,

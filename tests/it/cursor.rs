@@ -404,3 +404,134 @@ async fn randomized_concurrent_writers_and_pullers_lose_nothing() {
         Err(_) => unreachable!("all tasks finished"),
     }
 }
+
+/// Reads answered from memory ("nothing new" without touching PostgreSQL) must never hide a change: HTTP
+/// writers on instance A and a direct SQL writer, pullers on instance B that poll from the cursors they
+/// hold, and B's (and A's) listening connections killed several times mid-run, which loses the hints sent
+/// meanwhile. Every change reaches every puller, and B did answer from memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_from_memory_hide_nothing_across_instances_and_listener_restarts() {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    println!("seed {seed}");
+    let writer_instance = TestServer::start().await;
+    let reader_instance = Arc::new(TestServer::start().await);
+    let user = unique_user("memory");
+    let tables = ["a", "b"];
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let http_writer = {
+        let user = user.clone();
+        let server = &writer_instance;
+        let mut rng = Rng(seed | 1);
+        async move {
+            let mut written = Vec::new();
+            for batch in 0..40 {
+                let id = format!("http-{batch}");
+                let change = insert(tables[rng.below(2) as usize], &id, json!({"n": batch}));
+                let reply = server
+                    .push(&user, "app", Some("writer"), &json!({"changes": [change]}))
+                    .await;
+                assert_eq!(reply.status, 200, "{}", reply.text);
+                written.push(id);
+                tokio::time::sleep(Duration::from_millis(rng.below(40))).await;
+            }
+            written
+        }
+    };
+    let direct_writer = {
+        let user = user.clone();
+        let mut rng = Rng(seed ^ 0x5EED | 1);
+        async move {
+            let writer = app_role().await;
+            let mut written = Vec::new();
+            for batch in 0..25 {
+                begin_as(&writer, &user).await;
+                let id = format!("direct-{batch}");
+                direct_insert(&writer, &user, tables[rng.below(2) as usize], &id).await;
+                writer.batch_execute("COMMIT").await.unwrap();
+                written.push(id);
+                tokio::time::sleep(Duration::from_millis(rng.below(60))).await;
+            }
+            written
+        }
+    };
+    // Kills every listening connection (of these and of other tests' servers); the listeners reconnect and
+    // must drop what they knew.
+    let chaos = {
+        async move {
+            let admin = superuser().await;
+            let mut kills = 0;
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                let killed = admin
+                    .query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE application_name = $1",
+                        &[&mana_sync::notify::LISTENER_NAME],
+                    )
+                    .await
+                    .unwrap();
+                kills += killed.len();
+            }
+            kills
+        }
+    };
+    let pullers = (0..3usize).map(|p| {
+        let server = reader_instance.clone();
+        let user = user.clone();
+        let done = done.clone();
+        async move {
+            let device = format!("puller-{p}");
+            let mut cursors: HashMap<&str, String> =
+                tables.iter().map(|t| (*t, LOG_START.to_owned())).collect();
+            let mut seen = BTreeSet::new();
+            let mut final_round = false;
+            loop {
+                let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                for table in tables {
+                    let (changes, cursor) = server
+                        .pull_all(&user, "app", Some(&device), table, &cursors[table], Some(5))
+                        .await;
+                    seen.extend(ids(&changes));
+                    cursors.insert(table, cursor);
+                }
+                if final_round {
+                    return seen;
+                }
+                final_round = finished;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        }
+    });
+    let pullers = futures_util::future::join_all(pullers);
+    let writers = async {
+        let (mut written, direct) = tokio::join!(http_writer, direct_writer);
+        written.extend(direct);
+        // Let the listeners come back from the last kill, so the final round is a fair test of memory.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        written
+    };
+    let (written, seen_by, kills) = tokio::join!(writers, pullers, chaos);
+    let expected: BTreeSet<String> = written.into_iter().collect();
+    for (p, seen) in seen_by.iter().enumerate() {
+        let missing: Vec<_> = expected.difference(seen).collect();
+        assert!(
+            missing.is_empty(),
+            "seed {seed}: puller {p} missed {missing:?}"
+        );
+    }
+    assert!(kills > 0, "the listeners were never restarted");
+    let (from_memory, from_database) = reader_instance.app.store.known().stats();
+    println!("answered from memory {from_memory}, from the database {from_database}, {kills} listener kills");
+    assert!(from_memory > 0, "no read was answered from memory");
+    writer_instance.stop().await;
+    match Arc::try_unwrap(reader_instance) {
+        Ok(server) => server.stop().await,
+        Err(_) => unreachable!("all tasks finished"),
+    }
+}

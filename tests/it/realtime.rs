@@ -168,8 +168,9 @@ fn token_with(claims: &Value) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_socket_is_closed_at_the_auth_deadline() {
     let server = TestServer::start_with(|c| c.ws_auth_timeout = Duration::from_millis(300)).await;
-    let mut socket = server.socket("/ws").await;
+    // Measured from before the upgrade: the server's deadline starts when it accepts the socket.
     let started = std::time::Instant::now();
+    let mut socket = server.socket("/ws").await;
     assert!(
         matches!(next_frame(&mut socket, WAIT).await, Received::Json(_)),
         "an error message first"
@@ -188,8 +189,9 @@ async fn a_silent_socket_is_closed_at_the_auth_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_auth_deadline_is_ten_seconds_of_real_time() {
     let server = TestServer::start().await;
-    let mut socket = server.socket("/ws/todo").await;
+    // Measured from before the upgrade: the server's deadline starts when it accepts the socket.
     let started = std::time::Instant::now();
+    let mut socket = server.socket("/ws/todo").await;
     assert_eq!(
         next_frame(&mut socket, Duration::from_secs(9)).await,
         Received::Nothing,

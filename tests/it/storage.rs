@@ -172,6 +172,7 @@ async fn the_migration_is_idempotent_and_safe_from_two_instances_at_once() {
         pool_size: 2,
         acquire_timeout: std::time::Duration::from_secs(10),
         retention: None,
+        known_users: 0,
     };
     let stores: Vec<Store> = (0..3)
         .map(|_| Store::new(database.parse().unwrap(), &options))

@@ -1,0 +1,455 @@
+//! A push in two round trips (ARCHITECTURE.md, "A push").
+//!
+//! 1. **Lock and load** — one flush: `BEGIN`; declare the user, mark the transaction as stamping its own
+//!    rows and take the user's exclusive lock; read the clock (and the database's time); load the states
+//!    of the records the batch touches; and, unless memory predicts that nothing is new, the response page.
+//! 2. **Merge** in Rust (`records::Batch`, the pure `merge`), and stamp the winning rows after the clock
+//!    that step 1 read under the lock.
+//! 3. **Write and commit** — one flush: one statement inserts the log rows, upserts the record states and
+//!    advances the clock; the cross-instance hint (carrying the new clock) is queued; `COMMIT`.
+//!
+//! Rare cases cost extra round trips inside the same transaction: log rows other programs wrote that are not
+//! folded yet, a snapshot `since`, a page that memory wrongly predicted empty, a cursor ahead of the clock.
+
+use std::collections::{BTreeSet, HashMap};
+
+use tokio_postgres::types::ToSql;
+
+use super::records::{self, Batch, ReadMode};
+use super::timestamp::PgTimestamp;
+use super::{read_page, PooledConnection, Store, StoreError, Tables, CLOCK_ADVANCE};
+use crate::protocol::time::{self, Micros};
+use crate::protocol::{Changeset, NewChange, SyncResponse, WireChange};
+
+/// Step 1's lock: the user for row-level security, "this transaction stamps its own rows" for the
+/// schema's triggers (their `WHEN` skips them, so no PL/pgSQL runs for our inserts), the exclusive lock.
+const LOCK_PUSH: &str = concat!(
+    "SELECT set_config('app.current_user_id', $1, true), set_config('mana_sync.stamped', 'on', true), ",
+    "pg_advisory_xact_lock(1398361667, hashtext($1))"
+);
+/// The user's clock and fold state (no row for a user never seen) and the database's time.
+const PUSH_STATE: &str = concat!(
+    "SELECT c.last_at, c.folded_at, clock_timestamp() FROM (SELECT 1) AS one ",
+    "LEFT JOIN sync_user_clock c ON c.user_id = $1"
+);
+/// Step 3: the log rows (stamped by us), the record states (each pointing at its newest log row) and the
+/// clock, in one statement. $1 user, $2 app, $3 device, $4–$13 log columns, $14–$23 record columns,
+/// $24 the new clock.
+const WRITE: &str = concat!(
+    "WITH logged AS (",
+    "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, field_meta, client_id, ",
+    "schema_version, actor, origin, space_id, created_at) ",
+    "SELECT $2, t, r, $1, o, d, f, $3, v, a, g, s, c FROM unnest($4::text[], $5::text[], $6::text[], ",
+    "$7::jsonb[], $8::jsonb[], $9::int4[], $10::jsonb[], $11::text[], $12::text[], $13::timestamptz[]) ",
+    "AS u(t, r, o, d, f, v, a, g, s, c) RETURNING id, created_at), ",
+    "recorded AS (",
+    "INSERT INTO sync_records AS rec (user_id, app_id, table_name, record_id, state, deleted, updated_at, ",
+    "event_id, actor, origin, space_id, schema_version) ",
+    "SELECT $1, $2, x.t, x.r, x.s, x.d, x.u, coalesce(l.id, x.e::uuid), x.a, x.o, x.sp, x.v ",
+    "FROM unnest($14::text[], $15::text[], $16::jsonb[], $17::bool[], $18::timestamptz[], $19::text[], ",
+    "$20::jsonb[], $21::text[], $22::text[], $23::int4[]) AS x(t, r, s, d, u, e, a, o, sp, v) ",
+    "LEFT JOIN logged l ON l.created_at = x.u ",
+    "ON CONFLICT (user_id, app_id, table_name, record_id) DO UPDATE SET state = excluded.state, ",
+    "deleted = excluded.deleted, updated_at = excluded.updated_at, event_id = excluded.event_id, ",
+    "actor = excluded.actor, origin = excluded.origin, space_id = coalesce(excluded.space_id, rec.space_id), ",
+    "schema_version = excluded.schema_version), ",
+    "clocked AS (",
+    "INSERT INTO sync_user_clock AS clock (user_id, last_at, folded_at) VALUES ($1, $24, $24) ",
+    "ON CONFLICT (user_id) DO UPDATE SET last_at = greatest(clock.last_at, excluded.last_at), ",
+    "folded_at = greatest(coalesce(clock.folded_at, '-infinity'), excluded.folded_at)) ",
+    "SELECT id::text, created_at FROM logged"
+);
+const NOTIFY: &str = "SELECT pg_notify('mana_sync_changes', $1)";
+
+/// The hint for other instances, given the new clock.
+pub type Hint<'a> = &'a (dyn Fn(Micros) -> String + Sync);
+
+/// The user's clock as step 1 read it under the exclusive lock.
+struct ClockState {
+    /// `None` for a user the clock has never seen.
+    last_at: Option<Micros>,
+    folded_at: Option<PgTimestamp>,
+    db_now: Micros,
+}
+
+impl ClockState {
+    fn read(row: &tokio_postgres::Row) -> Result<ClockState, tokio_postgres::Error> {
+        Ok(ClockState {
+            last_at: row.try_get::<_, Option<PgTimestamp>>(0)?.map(|t| t.0),
+            folded_at: row.try_get(1)?,
+            db_now: row.try_get::<_, PgTimestamp>(2)?.0,
+        })
+    }
+}
+
+/// What merging a batch leaves to write and to answer.
+struct Merged {
+    log_rows: Vec<NewChange>,
+    conflicts: Vec<serde_json::Value>,
+    /// Records where a pushed field lost: answered with their whole merged state.
+    lost: BTreeSet<(String, String)>,
+}
+
+impl Store {
+    /// Stores a whole batch in one transaction: merges it into the record state (per field, the later
+    /// `at` wins), logs what won, and returns the app's changes since `changeset.since` that this device
+    /// has not authored (a snapshot when `since` asks for one), paged like a pull, plus the conflicts.
+    pub async fn push(
+        &self,
+        user: &str,
+        app: &str,
+        device: Option<&str>,
+        changeset: &Changeset,
+        limit: usize,
+        hint: Option<Hint<'_>>,
+    ) -> Result<SyncResponse, StoreError> {
+        let device = device.unwrap_or("");
+        let mode = records::read_mode(changeset.since, self.horizon());
+        // Memory only predicts whether the page is worth sending along in step 1; whether it may be
+        // skipped is decided by the clock read under the lock.
+        let page_in_step_one = match mode {
+            ReadMode::Log(since) => !self.known.nothing_after(user, since),
+            ReadMode::Snapshot(_) => false,
+        };
+        let ticket = self.known.ticket(user);
+        let mut connection = self.pool.get().await?;
+        connection.in_transaction = true;
+        let pushed = PushTx {
+            connection: &mut connection,
+            user,
+            app,
+            device,
+            limit,
+        }
+        .run(changeset, mode, page_in_step_one, hint)
+        .await;
+        match pushed {
+            Ok((response, clock)) => {
+                connection.in_transaction = false;
+                self.known.learn(user, ticket, clock);
+                Ok(response)
+            }
+            Err(error) => {
+                super::rollback(&mut connection).await;
+                Err(error)
+            }
+        }
+    }
+}
+
+/// One push's transaction on its connection.
+struct PushTx<'a, 'c> {
+    connection: &'c mut PooledConnection,
+    user: &'a str,
+    app: &'a str,
+    device: &'a str,
+    limit: usize,
+}
+
+impl PushTx<'_, '_> {
+    /// Returns the response and the user's clock at commit.
+    async fn run(
+        self,
+        changeset: &Changeset,
+        mode: ReadMode,
+        page_in_step_one: bool,
+        hint: Option<Hint<'_>>,
+    ) -> Result<(SyncResponse, Micros), StoreError> {
+        let PushTx {
+            connection,
+            user,
+            app,
+            device,
+            limit,
+        } = self;
+        let keys: Vec<(String, String, String)> = changeset
+            .changes
+            .iter()
+            .map(|c| (app.to_owned(), c.table.clone(), c.record_id.clone()))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+
+        // Step 1: lock and load, one flush.
+        let lock = connection.prepare(LOCK_PUSH).await?;
+        let state = connection.prepare(PUSH_STATE).await?;
+        let load = connection.prepare(records::LOAD).await?;
+        let page_statement = connection.prepare(Tables::All.page_sql()).await?;
+        let since = changeset.since;
+        let (mut clock, mut batch, mut page) = {
+            let client = &connection.client;
+            let apps: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+            let tables: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+            let ids: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
+            let page_params = super::page_params(user, app, Tables::All, device, since, limit);
+            let page_params = page_params.refs();
+            let user_param: [&(dyn ToSql + Sync); 1] = [&user];
+            let load_params: [&(dyn ToSql + Sync); 4] = [&user, &apps, &tables, &ids];
+            let (_, _, clock, batch, page) = tokio::try_join!(
+                biased;
+                client.batch_execute("BEGIN"),
+                client.execute(&lock, &user_param),
+                client.query_one(&state, &user_param),
+                client.query(&load, &load_params),
+                async {
+                    match page_in_step_one {
+                        true => client.query(&page_statement, &page_params).await.map(Some),
+                        false => Ok(None),
+                    }
+                },
+            )?;
+            (ClockState::read(&clock)?, Batch::from_rows(&batch)?, page)
+        };
+
+        // Rows other programs wrote are folded first (they change the states just loaded).
+        if let Some(from) = records::pending_from(clock.last_at, clock.folded_at) {
+            let client = &connection.client;
+            if records::fold_from(client, user, from).await? {
+                batch = Batch::load(client, user, keys.clone()).await?;
+            }
+            clock = ClockState::read(&client.query_one(&state, &[&user]).await?)?;
+        }
+        let page = match mode {
+            ReadMode::Snapshot(_) => {
+                read_page(
+                    &connection.client,
+                    &page_statement,
+                    user,
+                    app,
+                    Tables::All,
+                    device,
+                    mode,
+                    limit,
+                )
+                .await?
+            }
+            ReadMode::Log(_) => {
+                // The clock, read under the lock, says whether anything is newer than `since`.
+                let anything_new = clock.last_at.is_some_and(|last| last > since);
+                match page.take() {
+                    Some(rows) => {
+                        super::log_page(
+                            &connection.client,
+                            user,
+                            app,
+                            Tables::All,
+                            device,
+                            rows,
+                            limit,
+                        )
+                        .await?
+                    }
+                    None if anything_new => {
+                        read_page(
+                            &connection.client,
+                            &page_statement,
+                            user,
+                            app,
+                            Tables::All,
+                            device,
+                            mode,
+                            limit,
+                        )
+                        .await?
+                    }
+                    None => super::Page::empty(),
+                }
+            }
+        };
+
+        // Step 2: merge, and stamp what won after the clock.
+        let merged = merge(&mut batch, app, device, changeset);
+        let first_stamp = clock
+            .db_now
+            .max(clock.last_at.map_or(Micros::MIN, |last| last + 1));
+        let stamps: Vec<Micros> = (0..merged.log_rows.len() as Micros)
+            .map(|i| first_stamp + i)
+            .collect();
+        for (row, at) in merged.log_rows.iter().zip(&stamps) {
+            batch.stamped(app, &row.table, &row.record_id, None, *at);
+        }
+        let clock_after = stamps.last().copied().or(clock.last_at);
+        // A cursor this response hands out must be behind every later write: a `since` from elsewhere
+        // that is ahead of the clock moves the clock.
+        let advance = clock_after.is_none_or(|c| c < since);
+
+        // Step 3: write and commit, one flush.
+        let write = connection.prepare(WRITE).await?;
+        let notify = connection.prepare(NOTIFY).await?;
+        let advance_statement = connection.prepare(CLOCK_ADVANCE).await?;
+        let (events, advanced) = {
+            let client = &connection.client;
+            let log = LogColumns::from(merged.log_rows.as_slice());
+            let stamp_params: Vec<PgTimestamp> = stamps.iter().map(|s| PgTimestamp(*s)).collect();
+            let records = batch.changed_columns();
+            let new_clock = PgTimestamp(clock_after.unwrap_or(Micros::MIN));
+            let payload = match (hint, clock_after) {
+                (Some(hint), Some(stamp)) if !stamps.is_empty() => Some(hint(stamp)),
+                _ => None,
+            };
+            let params: [&(dyn ToSql + Sync); 24] = [
+                &user,
+                &app,
+                &device,
+                &log.tables,
+                &log.record_ids,
+                &log.ops,
+                &log.data,
+                &log.field_meta,
+                &log.schema_versions,
+                &log.actors,
+                &log.origins,
+                &log.space_ids,
+                &stamp_params,
+                &records.tables,
+                &records.ids,
+                &records.states,
+                &records.deleted,
+                &records.updated,
+                &records.events,
+                &records.actors,
+                &records.origins,
+                &records.spaces,
+                &records.versions,
+                &new_clock,
+            ];
+            let since_param = PgTimestamp(since);
+            let (events, _, advanced, _) = tokio::try_join!(
+                biased;
+                async {
+                    match stamps.is_empty() {
+                        true => Ok(Vec::new()),
+                        false => client.query(&write, &params).await,
+                    }
+                },
+                async {
+                    match &payload {
+                        Some(payload) => client.execute(&notify, &[payload]).await.map(drop),
+                        None => Ok(()),
+                    }
+                },
+                async {
+                    match advance {
+                        true => client
+                            .query_one(&advance_statement, &[&user, &since_param])
+                            .await
+                            .map(|row| Some(row.get::<_, PgTimestamp>(0).0)),
+                        false => Ok(None),
+                    }
+                },
+                client.batch_execute("COMMIT"),
+            )?;
+            (events, advanced)
+        };
+        let events: HashMap<Micros, String> = events
+            .iter()
+            .map(|row| Ok((row.try_get::<_, PgTimestamp>(1)?.0, row.try_get(0)?)))
+            .collect::<Result<_, tokio_postgres::Error>>()?;
+        batch.set_event_ids(&events);
+
+        let clock_now = advanced.or(clock_after).unwrap_or(since).max(since);
+        let synced_until = page.next.unwrap_or(clock_now).max(time::EPOCH + 1);
+        let response = SyncResponse {
+            server_changes: answer(&batch, app, changeset, page.changes, merged.lost),
+            conflicts: merged.conflicts,
+            synced_until: time::format_cursor(synced_until),
+            has_more: page.next.is_some(),
+        };
+        Ok((response, clock_now))
+    }
+}
+
+/// Merges the batch into the record states; only what wins goes to the log.
+fn merge(batch: &mut Batch, app: &str, device: &str, changeset: &Changeset) -> Merged {
+    let mut merged = Merged {
+        log_rows: Vec::new(),
+        conflicts: Vec::new(),
+        lost: BTreeSet::new(),
+    };
+    for change in &changeset.changes {
+        let (winners, losers) = batch.apply(app, change, device, changeset.received_at);
+        let state = batch
+            .state(app, &change.table, &change.record_id)
+            .expect("applied above");
+        merged
+            .log_rows
+            .extend(records::winning_row(change, &winners, state));
+        for conflict in losers {
+            merged.conflicts.push(records::conflict_json(
+                &change.table,
+                &change.record_id,
+                &conflict,
+            ));
+            merged
+                .lost
+                .insert((change.table.clone(), change.record_id.clone()));
+        }
+    }
+    merged
+}
+
+/// Never hand the pushing device a value older than the one the server now holds: a page entry for a
+/// record this batch touched (read before the merge) and every record where a pushed field lost are
+/// answered with the record's whole merged state instead. That also lets a device converge whose cursor is
+/// already past the change that beat it.
+fn answer(
+    batch: &Batch,
+    app: &str,
+    changeset: &Changeset,
+    page: Vec<WireChange>,
+    lost: BTreeSet<(String, String)>,
+) -> Vec<WireChange> {
+    let touched: BTreeSet<(&str, &str)> = changeset
+        .changes
+        .iter()
+        .map(|c| (c.table.as_str(), c.record_id.as_str()))
+        .collect();
+    let mut refreshed = lost;
+    let mut server_changes: Vec<WireChange> = Vec::with_capacity(page.len());
+    for change in page {
+        if touched.contains(&(change.table.as_str(), change.id.as_str())) {
+            refreshed.insert((change.table.clone(), change.id.clone()));
+        } else {
+            server_changes.push(change);
+        }
+    }
+    for (table, id) in &refreshed {
+        server_changes.extend(batch.current_entry(app, table, id));
+    }
+    server_changes
+}
+
+/// The log rows as one array per column, the shape `unnest` turns back into rows.
+struct LogColumns {
+    tables: Vec<String>,
+    record_ids: Vec<String>,
+    ops: Vec<&'static str>,
+    data: Vec<serde_json::Value>,
+    field_meta: Vec<serde_json::Value>,
+    schema_versions: Vec<i32>,
+    actors: Vec<Option<serde_json::Value>>,
+    origins: Vec<Option<String>>,
+    space_ids: Vec<Option<String>>,
+}
+
+impl From<&[NewChange]> for LogColumns {
+    fn from(changes: &[NewChange]) -> LogColumns {
+        LogColumns {
+            tables: changes.iter().map(|c| c.table.clone()).collect(),
+            record_ids: changes.iter().map(|c| c.record_id.clone()).collect(),
+            ops: changes.iter().map(|c| c.op.as_str()).collect(),
+            data: changes
+                .iter()
+                .map(|c| serde_json::Value::Object(c.data.clone()))
+                .collect(),
+            field_meta: changes
+                .iter()
+                .map(|c| serde_json::Value::Object(c.field_meta.clone()))
+                .collect(),
+            schema_versions: changes.iter().map(|c| c.schema_version).collect(),
+            actors: changes.iter().map(|c| c.actor.clone()).collect(),
+            origins: changes.iter().map(|c| c.origin.clone()).collect(),
+            space_ids: changes.iter().map(|c| c.space_id.clone()).collect(),
+        }
+    }
+}
