@@ -106,6 +106,7 @@ pub fn auth_config(config: &Config) -> AuthConfig {
         jwks_file: config.jwks_file.clone(),
         issuer: config.jwt_issuer.clone(),
         audience: config.jwt_audience.clone(),
+        verified_cache_size: config.auth_cache_size,
         ..AuthConfig::default()
     }
 }

@@ -19,6 +19,8 @@ pub struct Config {
     pub jwks_file: Option<PathBuf>,
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
+    /// Verified tokens remembered so a repeated token skips the signature check; 0 disables the cache.
+    pub auth_cache_size: usize,
     pub cors_origins: Vec<String>,
     pub mana_credits_url: Option<String>,
     pub mana_service_key: Option<String>,
@@ -130,6 +132,12 @@ impl Config {
                 Some(aud) if aud.is_empty() => None,
                 Some(aud) => Some(aud),
             },
+            auth_cache_size: parse(
+                &get,
+                "AUTH_CACHE_SIZE",
+                100_000,
+                "a number of tokens (0 disables the cache)",
+            )?,
             cors_origins: set("CORS_ORIGINS")
                 .map(|v| {
                     v.split(',')
@@ -276,6 +284,19 @@ mod tests {
             Some(PathBuf::from("./data/dev-jwks.json"))
         );
         assert!(config.mana_credits_url.is_none());
+        assert_eq!(config.auth_cache_size, 100_000);
+    }
+
+    #[test]
+    fn auth_cache_size_accepts_zero() {
+        assert_eq!(
+            with(&[("AUTH_CACHE_SIZE", "0")]).unwrap().auth_cache_size,
+            0
+        );
+        assert_eq!(
+            with(&[("AUTH_CACHE_SIZE", "250")]).unwrap().auth_cache_size,
+            250
+        );
     }
 
     #[test]
@@ -289,6 +310,8 @@ mod tests {
             ("MANA_CREDITS_URL", "localhost:3061"),
             ("LOG_LEVEL", "loud"),
             ("BIND_ADDRESS", "everywhere"),
+            ("AUTH_CACHE_SIZE", "-1"),
+            ("AUTH_CACHE_SIZE", "lots"),
         ] {
             let error = with(&[(name, value)]).expect_err(name);
             assert!(error.0.starts_with(name), "{error}");

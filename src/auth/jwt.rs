@@ -84,6 +84,16 @@ impl KeySet {
             None
         }
     }
+
+    /// The key [`verify_token`] checks a token with `kid` against: the
+    /// key under that `kid`, or for a token without one the only key of a
+    /// one-key set. `None` is what `verify_token` reports as `UnknownKey`.
+    pub fn select(&self, kid: Option<&str>) -> Option<&VerifyingKey> {
+        match kid {
+            Some(kid) => self.get(kid),
+            None => self.only_key(),
+        }
+    }
 }
 
 /// Which checks beyond the signature and `exp`/`nbf`/`sub` to apply.
@@ -243,16 +253,40 @@ pub fn verify_token(
     now_unix: i64,
     rules: &Rules,
 ) -> Result<Claims, AuthError> {
+    verify_token_detailed(token, keys, now_unix, rules).map(|v| v.claims)
+}
+
+/// A successful [`verify_token_detailed`]: the claims plus what a caller
+/// needs to tell later, without redoing the signature check, whether a
+/// fresh verification of the same token would still succeed — the time
+/// window (re-check with [`check_time_window`]) and the key that was used
+/// (re-check with [`KeySet::select`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub claims: Claims,
+    /// The token's `nbf`, if it has one (`exp` is in `claims`).
+    pub nbf: Option<i64>,
+    /// The `kid` the key was selected by; `None` for a token without one.
+    pub kid: Option<String>,
+    /// The public key the signature was verified with.
+    pub key: [u8; ed25519_dalek::PUBLIC_KEY_LENGTH],
+}
+
+/// [`verify_token`], also reporting the `nbf`, `kid` and key it used.
+pub fn verify_token_detailed(
+    token: &str,
+    keys: &KeySet,
+    now_unix: i64,
+    rules: &Rules,
+) -> Result<Verified, AuthError> {
     let seg = split(token)?;
     let header = parse_header(seg.header)?;
     if header.alg != ALG_EDDSA {
         return Err(AuthError::UnsupportedAlgorithm(header.alg));
     }
-    let key = match &header.kid {
-        Some(kid) => keys.get(kid),
-        None => keys.only_key(),
-    }
-    .ok_or(AuthError::UnknownKey)?;
+    let key = keys
+        .select(header.kid.as_deref())
+        .ok_or(AuthError::UnknownKey)?;
 
     let sig_bytes = b64(seg.signature, "signature")?;
     let sig_array: [u8; Signature::BYTE_SIZE] = sig_bytes
@@ -267,30 +301,69 @@ pub fn verify_token(
 
     // Only from here on is the payload trusted.
     let claims = json_object(&b64(seg.payload, "payload")?, "payload")?;
-    check_claims(&claims, now_unix, rules)
+    let (claims, nbf) = check_claims(&claims, now_unix, rules)?;
+    Ok(Verified {
+        claims,
+        nbf,
+        kid: header.kid,
+        key: key.to_bytes(),
+    })
 }
 
+/// The `exp`/`nbf` rule of [`verify_token`] on its own, for a token whose
+/// signature and other claims were already accepted: `Expired` once
+/// `now > exp + leeway`, then `NotYetValid` while `now + leeway < nbf`
+/// (same order, same saturating arithmetic, negative leeway as zero).
+pub fn check_time_window(
+    exp: i64,
+    nbf: Option<i64>,
+    now_unix: i64,
+    leeway_secs: i64,
+) -> Result<(), AuthError> {
+    let leeway = leeway_secs.max(0);
+    check_exp(exp, now_unix, leeway)?;
+    match nbf {
+        Some(nbf) => check_nbf(nbf, now_unix, leeway),
+        None => Ok(()),
+    }
+}
+
+fn check_exp(exp: i64, now: i64, leeway: i64) -> Result<(), AuthError> {
+    if now > exp.saturating_add(leeway) {
+        return Err(AuthError::Expired);
+    }
+    Ok(())
+}
+
+fn check_nbf(nbf: i64, now: i64, leeway: i64) -> Result<(), AuthError> {
+    if now.saturating_add(leeway) < nbf {
+        return Err(AuthError::NotYetValid);
+    }
+    Ok(())
+}
+
+/// The claims and the `nbf` they were checked with.
 fn check_claims(
     map: &serde_json::Map<String, Value>,
     now: i64,
     rules: &Rules,
-) -> Result<Claims, AuthError> {
+) -> Result<(Claims, Option<i64>), AuthError> {
     let leeway = rules.leeway_secs.max(0);
 
     let exp = map
         .get("exp")
         .and_then(numeric_date)
         .ok_or_else(|| AuthError::Malformed("exp claim is missing or not a number".into()))?;
-    if now > exp.saturating_add(leeway) {
-        return Err(AuthError::Expired);
-    }
-    if let Some(v) = map.get("nbf") {
-        let nbf = numeric_date(v)
-            .ok_or_else(|| AuthError::Malformed("nbf claim is not a number".into()))?;
-        if now.saturating_add(leeway) < nbf {
-            return Err(AuthError::NotYetValid);
+    check_exp(exp, now, leeway)?;
+    let nbf = match map.get("nbf") {
+        Some(v) => {
+            let nbf = numeric_date(v)
+                .ok_or_else(|| AuthError::Malformed("nbf claim is not a number".into()))?;
+            check_nbf(nbf, now, leeway)?;
+            Some(nbf)
         }
-    }
+        None => None,
+    };
 
     let sub = match map.get("sub") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
@@ -315,13 +388,14 @@ fn check_claims(
         }
     }
 
-    Ok(Claims {
+    let claims = Claims {
         sub,
         exp,
         email: optional_string(map, "email"),
         role: optional_string(map, "role"),
         sid: optional_string(map, "sid"),
-    })
+    };
+    Ok((claims, nbf))
 }
 
 #[cfg(test)]
@@ -659,6 +733,45 @@ mod tests {
         assert_eq!(h.typ.as_deref(), Some("JWT"));
         let t = sign_raw(r#"{"alg":"EdDSA","kid":""}"#, "{}", &key(1));
         assert_eq!(decode_header(&t).unwrap().kid, None);
+    }
+
+    #[test]
+    fn detailed_verification_reports_what_it_used() {
+        let ks = keyset("k1", &key(1));
+        let v = verify_token_detailed(&good_token(), &ks, NOW, &rules()).unwrap();
+        assert_eq!(v.claims, check(&good_token()).unwrap());
+        assert_eq!(v.nbf, None);
+        assert_eq!(v.kid.as_deref(), Some("k1"));
+        assert_eq!(&v.key, key(1).verifying_key().as_bytes());
+        assert_eq!(ks.select(Some("k1")), Some(&key(1).verifying_key()));
+        assert_eq!(ks.select(None), Some(&key(1).verifying_key()));
+
+        let t = sign_raw(
+            r#"{"alg":"EdDSA"}"#,
+            &claims_json(&format!(r#","nbf":{NOW}"#)),
+            &key(1),
+        );
+        let v = verify_token_detailed(&t, &ks, NOW, &rules()).unwrap();
+        assert_eq!((v.kid, v.nbf), (None, Some(NOW)));
+        // The time rule alone, with the same boundaries as above.
+        assert_eq!(check_time_window(NOW, None, NOW + 30, 30), Ok(()));
+        assert_eq!(
+            check_time_window(NOW, None, NOW + 31, 30),
+            Err(AuthError::Expired)
+        );
+        assert_eq!(
+            check_time_window(NOW + 900, Some(NOW + 31), NOW, 30),
+            Err(AuthError::NotYetValid)
+        );
+        assert_eq!(
+            check_time_window(NOW + 10, Some(NOW + 5), NOW + 1, -3),
+            Err(AuthError::NotYetValid)
+        );
+        // Expiry is reported first, as in verify_token.
+        assert_eq!(
+            check_time_window(NOW, Some(NOW + 100), NOW + 50, 0),
+            Err(AuthError::Expired)
+        );
     }
 
     #[test]

@@ -4,11 +4,13 @@
 //! identities: extracting the bearer token, keeping an up-to-date cache of
 //! the identity server's public keys, and turning a token into [`Claims`].
 //! The pure cryptographic checks live in [`jwt`] (fuzzable, clock-free), key
-//! documents in [`jwks`], developer tooling in [`devkeys`]; this file adds
-//! the stateful part — key caching and refresh policy — because that is
-//! where availability (keep serving with cached keys) and abuse resistance
-//! (unknown `kid`s must not turn into a fetch storm) are decided.
+//! documents in [`jwks`], developer tooling in [`devkeys`], the cache of
+//! already verified tokens in `cache`; this file adds the stateful part —
+//! key caching and refresh policy — because that is where availability
+//! (keep serving with cached keys) and abuse resistance (unknown `kid`s
+//! must not turn into a fetch storm) are decided.
 
+mod cache;
 pub mod devkeys;
 pub mod jwks;
 pub mod jwt;
@@ -23,6 +25,8 @@ use parking_lot::{Mutex, RwLock};
 
 pub use devkeys::sign_raw;
 pub use jwt::{decode_header, verify_token, Header, KeySet, Rules};
+
+use cache::VerifiedCache;
 
 /// The identity facts the sync server relies on after verification.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +154,9 @@ pub struct AuthConfig {
     pub min_refresh_gap: Duration,
     /// Upper bound on one JWKS fetch.
     pub fetch_timeout: Duration,
+    /// Successfully verified tokens remembered so that a repeated token
+    /// skips the signature check (0 disables); see `cache` for the rules.
+    pub verified_cache_size: usize,
 }
 
 impl Default for AuthConfig {
@@ -163,6 +170,7 @@ impl Default for AuthConfig {
             refresh_interval: Duration::from_secs(600),
             min_refresh_gap: Duration::from_secs(15),
             fetch_timeout: Duration::from_secs(5),
+            verified_cache_size: 100_000,
         }
     }
 }
@@ -170,6 +178,11 @@ impl Default for AuthConfig {
 struct Inner {
     config: AuthConfig,
     keys: RwLock<KeySet>,
+    /// Bumped, while `keys` is write-locked, whenever the key set actually
+    /// changes; cached verifications from an older generation re-check
+    /// their key before they are trusted.
+    key_generation: AtomicU64,
+    verified: VerifiedCache,
     /// Start of the most recent refresh attempt of any kind; `None` before
     /// the first. Used to rate-limit kid-miss refreshes.
     last_attempt: Mutex<Option<Instant>>,
@@ -202,10 +215,13 @@ impl fmt::Debug for Authenticator {
 
 impl Authenticator {
     pub fn new(config: AuthConfig) -> Self {
+        let verified = VerifiedCache::new(config.verified_cache_size, leeway_secs(&config));
         Authenticator {
             inner: Arc::new(Inner {
                 config,
                 keys: RwLock::new(KeySet::new()),
+                key_generation: AtomicU64::new(0),
+                verified,
                 last_attempt: Mutex::new(None),
                 attempts_done: AtomicU64::new(0),
                 refresh_lock: tokio::sync::Mutex::new(()),
@@ -233,6 +249,18 @@ impl Authenticator {
         )
     }
 
+    /// `(hits, misses)` of the verified-token cache since creation. A hit
+    /// skipped the signature check; a miss went on to a full verification.
+    /// Both stay 0 when the cache is disabled.
+    pub fn verified_cache_stats(&self) -> (u64, u64) {
+        self.inner.verified.stats()
+    }
+
+    /// Tokens currently in the verified-token cache.
+    pub fn verified_cache_len(&self) -> usize {
+        self.inner.verified.len()
+    }
+
     /// The error of the latest refresh, cleared by the next success; for
     /// health endpoints and logs.
     pub fn last_refresh_error(&self) -> Option<String> {
@@ -258,7 +286,7 @@ impl Authenticator {
         let outcome = match result {
             (loaded, errors) if errors.is_empty() => {
                 let n = loaded.len();
-                *inner.keys.write() = loaded;
+                self.update_keys(|keys| *keys = loaded);
                 inner.ever_loaded.store(true, Ordering::Relaxed);
                 inner.ok.fetch_add(1, Ordering::Relaxed);
                 *inner.last_error.lock() = None;
@@ -266,7 +294,7 @@ impl Authenticator {
             }
             (loaded, errors) => {
                 if !loaded.is_empty() {
-                    inner.keys.write().merge(loaded);
+                    self.update_keys(|keys| keys.merge(loaded));
                     inner.ever_loaded.store(true, Ordering::Relaxed);
                 }
                 let msg = errors.join("; ");
@@ -277,6 +305,17 @@ impl Authenticator {
         };
         inner.attempts_done.fetch_add(1, Ordering::Release);
         outcome
+    }
+
+    /// Applies `change` to the key set; if that changed it, bumps the
+    /// generation so cached verifications re-check their key.
+    fn update_keys(&self, change: impl FnOnce(&mut KeySet)) {
+        let mut keys = self.inner.keys.write();
+        let before = keys.clone();
+        change(&mut keys);
+        if *keys != before {
+            self.inner.key_generation.fetch_add(1, Ordering::Release);
+        }
     }
 
     /// Loads every configured source; returns the union and the errors.
@@ -338,27 +377,62 @@ impl Authenticator {
         Rules {
             issuer: cfg.issuer.as_deref(),
             audience: cfg.audience.as_deref(),
-            leeway_secs: i64::try_from(cfg.leeway.as_secs()).unwrap_or(i64::MAX),
+            leeway_secs: leeway_secs(cfg),
         }
     }
 
-    fn verify_cached(&self, token: &str) -> Result<Claims, AuthError> {
-        let keys = self.inner.keys.read();
-        let result = verify_token(token, &keys, unix_now(), &self.rules());
-        match result {
-            Err(AuthError::UnknownKey) if keys.is_empty() => Err(AuthError::KeysUnavailable),
-            other => other,
-        }
+    /// The claims of an earlier successful verification of exactly this
+    /// token, if a fresh one would succeed now too.
+    fn remembered(&self, token: &str) -> Option<Claims> {
+        let inner = &self.inner;
+        let generation = inner.key_generation.load(Ordering::Acquire);
+        inner
+            .verified
+            .get(token, unix_now(), generation, |kid, key| {
+                inner
+                    .keys
+                    .read()
+                    .select(kid)
+                    .is_some_and(|k| k.as_bytes() == key)
+            })
+    }
+
+    /// A full verification with the cached keys; successes are remembered.
+    fn verify_with_keys(&self, token: &str) -> Result<Claims, AuthError> {
+        let now = unix_now();
+        let (result, generation) = {
+            let keys = self.inner.keys.read();
+            // Read under the lock: the generation of exactly these keys.
+            let generation = self.inner.key_generation.load(Ordering::Acquire);
+            match jwt::verify_token_detailed(token, &keys, now, &self.rules()) {
+                Err(AuthError::UnknownKey) if keys.is_empty() => {
+                    return Err(AuthError::KeysUnavailable)
+                }
+                result => (result, generation),
+            }
+        };
+        let verified = result?;
+        self.inner
+            .verified
+            .insert(token, &verified, generation, now);
+        Ok(verified.claims)
     }
 
     /// Verifies a token with the cached keys.
+    ///
+    /// A token verified successfully before is answered from the
+    /// verified-token cache (time window and key re-checked, no signature
+    /// check) with the same result a full verification would give.
     ///
     /// An unknown `kid` usually means the identity server rotated keys, so
     /// it may trigger one refresh and a retry — but at most once per
     /// `min_refresh_gap`, and concurrent misses share that refresh, so
     /// tokens with made-up `kid`s cannot be used to hammer the endpoint.
     pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
-        match self.verify_cached(token) {
+        if let Some(claims) = self.remembered(token) {
+            return Ok(claims);
+        }
+        match self.verify_with_keys(token) {
             Err(AuthError::UnknownKey | AuthError::KeysUnavailable) => {}
             other => return other,
         }
@@ -376,8 +450,12 @@ impl Authenticator {
                 let _ = self.refresh_locked().await;
             }
         }
-        self.verify_cached(token)
+        self.verify_with_keys(token)
     }
+}
+
+fn leeway_secs(config: &AuthConfig) -> i64 {
+    i64::try_from(config.leeway.as_secs()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -783,5 +861,334 @@ mod tests {
         // The loop notices the drop on its next wake-up; don't wait 10 min.
         handle.abort();
         assert_eq!(server.hits(), 1);
+    }
+
+    // ---- the verified-token cache --------------------------------------
+
+    fn token_for(kid: &str, key: &SigningKey, sub: &str, ttl: Duration) -> String {
+        devkeys::mint_token(
+            kid,
+            key,
+            sub,
+            ttl,
+            Some("https://auth.test"),
+            Some("mana"),
+            unix_now(),
+        )
+    }
+
+    /// What a full verification with the current keys says right now.
+    fn fresh(auth: &Authenticator, token: &str) -> Result<Claims, AuthError> {
+        verify_token(token, &auth.inner.keys.read(), unix_now(), &auth.rules())
+    }
+
+    /// `token` with one byte of its decoded signature flipped.
+    fn tamper_signature(token: &str) -> String {
+        let dot = token.rfind('.').unwrap();
+        let mut sig = URL_SAFE_NO_PAD.decode(&token[dot + 1..]).unwrap();
+        sig[17] ^= 0x01;
+        format!("{}.{}", &token[..dot], URL_SAFE_NO_PAD.encode(sig))
+    }
+
+    #[tokio::test]
+    async fn repeat_verification_is_a_cache_hit() {
+        let k1 = key(1);
+        let server = JwksServer::start(200, jwks_for(&[("k1", &k1)]));
+        let auth = Authenticator::new(config(&server.url, Duration::from_secs(60)));
+        auth.refresh().await.unwrap();
+        let t = token("k1", &k1);
+
+        let first = auth.verify(&t).await.unwrap();
+        assert_eq!(auth.verified_cache_stats(), (0, 1));
+        assert_eq!(auth.verified_cache_len(), 1);
+        for i in 1..=3 {
+            assert_eq!(auth.verify(&t).await.as_ref(), Ok(&first));
+            assert_eq!(auth.verified_cache_stats(), (i, 1));
+        }
+        assert_eq!(fresh(&auth, &t), Ok(first.clone()));
+        assert_eq!(auth.verified_cache_len(), 1);
+
+        // A hit really skips verification: with the keys emptied behind the
+        // cache's back (no generation bump, which refresh would never do) the
+        // cached answer still comes back, while a fresh check would fail.
+        *auth.inner.keys.write() = KeySet::new();
+        assert_eq!(auth.verify(&t).await, Ok(first));
+        assert_eq!(auth.verified_cache_stats(), (4, 1));
+        assert_eq!(server.hits(), 1);
+    }
+
+    #[tokio::test]
+    async fn expired_token_is_refused_even_when_cached() {
+        let k1 = key(1);
+        let server = JwksServer::start(200, jwks_for(&[("k1", &k1)]));
+        let auth = Authenticator::new(AuthConfig {
+            leeway: Duration::ZERO,
+            ..config(&server.url, Duration::from_secs(60))
+        });
+        auth.refresh().await.unwrap();
+        let t = token_for("k1", &k1, "user-1", Duration::from_secs(1));
+
+        let claims = auth.verify(&t).await.unwrap();
+        assert_eq!(auth.verify(&t).await.as_ref(), Ok(&claims));
+        assert_eq!(auth.verified_cache_stats(), (1, 1));
+
+        // Leeway 0: refused from the first second after `exp`.
+        while unix_now() <= claims.exp {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let now_fresh = fresh(&auth, &t);
+        assert_eq!(now_fresh, Err(AuthError::Expired));
+        assert_eq!(auth.verify(&t).await, now_fresh);
+        assert_eq!(auth.verified_cache_stats(), (1, 2));
+        // The stale answer is gone, and errors are not remembered.
+        assert_eq!(auth.verified_cache_len(), 0);
+        assert_eq!(auth.verify(&t).await, Err(AuthError::Expired));
+        assert_eq!(auth.verified_cache_stats(), (1, 3));
+        assert_eq!(auth.verified_cache_len(), 0);
+    }
+
+    #[tokio::test]
+    async fn rotated_out_key_cached_tokens_are_refused() {
+        let (a, b) = (key(1), key(2));
+        let server = JwksServer::start(200, jwks_for(&[("a", &a)]));
+        let auth = Authenticator::new(config(&server.url, Duration::from_secs(60)));
+        auth.refresh().await.unwrap();
+        let t = token("a", &a);
+        let claims = auth.verify(&t).await.unwrap();
+        assert_eq!(auth.verify(&t).await, Ok(claims));
+        assert_eq!(auth.verified_cache_stats(), (1, 1));
+
+        // Key A is rotated out: the endpoint now publishes only B.
+        server.set(200, jwks_for(&[("b", &b)]));
+        assert_eq!(auth.refresh().await, Ok(1));
+        let now_fresh = fresh(&auth, &t);
+        assert_eq!(now_fresh, Err(AuthError::UnknownKey));
+        assert_eq!(auth.verify(&t).await, now_fresh);
+        assert_eq!(auth.verified_cache_stats(), (1, 2));
+        assert_eq!(auth.verified_cache_len(), 0);
+        assert_eq!(auth.verify(&t).await, Err(AuthError::UnknownKey));
+        // B's tokens work and are cached as usual.
+        let tb = token("b", &b);
+        assert!(auth.verify(&tb).await.is_ok());
+        assert!(auth.verify(&tb).await.is_ok());
+        assert_eq!(auth.verified_cache_stats(), (2, 4));
+    }
+
+    #[tokio::test]
+    async fn replaced_key_under_the_same_kid_is_refused() {
+        let (a, b) = (key(1), key(2));
+        let server = JwksServer::start(200, jwks_for(&[("k1", &a)]));
+        let auth = Authenticator::new(config(&server.url, Duration::from_secs(60)));
+        auth.refresh().await.unwrap();
+        let t = token("k1", &a);
+        auth.verify(&t).await.unwrap();
+        assert!(auth.verify(&t).await.is_ok());
+        assert_eq!(auth.verified_cache_stats(), (1, 1));
+
+        server.set(200, jwks_for(&[("k1", &b)]));
+        auth.refresh().await.unwrap();
+        let now_fresh = fresh(&auth, &t);
+        assert_eq!(now_fresh, Err(AuthError::BadSignature));
+        assert_eq!(auth.verify(&t).await, now_fresh);
+        assert_eq!(auth.verified_cache_stats(), (1, 2));
+    }
+
+    #[tokio::test]
+    async fn key_set_changes_that_keep_the_key_keep_the_hit() {
+        let (k1, k2) = (key(1), key(2));
+        let server = JwksServer::start(200, jwks_for(&[("k1", &k1)]));
+        let auth = Authenticator::new(config(&server.url, Duration::from_secs(60)));
+        auth.refresh().await.unwrap();
+        let with_kid = token("k1", &k1);
+        let claims = format!(
+            r#"{{"sub":"u","iss":"https://auth.test","aud":"mana","exp":{}}}"#,
+            unix_now() + 300
+        );
+        // Without a kid the only key of a one-key set is used.
+        let no_kid = sign_raw(r#"{"alg":"EdDSA"}"#, &claims, &k1);
+        for t in [&with_kid, &no_kid] {
+            auth.verify(t).await.unwrap();
+        }
+        assert_eq!(auth.verified_cache_stats(), (0, 2));
+
+        // The same keys again: nothing changes, not even the generation.
+        auth.refresh().await.unwrap();
+        assert_eq!(auth.inner.key_generation.load(Ordering::Relaxed), 1);
+        for t in [&with_kid, &no_kid] {
+            assert!(auth.verify(t).await.is_ok());
+        }
+        assert_eq!(auth.verified_cache_stats(), (2, 2));
+
+        // k2 is added. k1 still selects the same key, so the kid token is
+        // still a hit (after a re-check); the kid-less token no longer has
+        // a single key to fall back on, exactly as a fresh check says.
+        server.set(200, jwks_for(&[("k1", &k1), ("k2", &k2)]));
+        auth.refresh().await.unwrap();
+        assert_eq!(auth.inner.key_generation.load(Ordering::Relaxed), 2);
+        assert!(auth.verify(&with_kid).await.is_ok());
+        assert!(auth.verify(&with_kid).await.is_ok());
+        assert_eq!(auth.verified_cache_stats(), (4, 2));
+        assert_eq!(fresh(&auth, &no_kid), Err(AuthError::UnknownKey));
+        assert_eq!(auth.verify(&no_kid).await, Err(AuthError::UnknownKey));
+        assert_eq!(auth.verified_cache_stats(), (4, 3));
+    }
+
+    #[tokio::test]
+    async fn cache_stays_within_its_bound() {
+        let k1 = key(1);
+        let server = JwksServer::start(200, jwks_for(&[("k1", &k1)]));
+        let auth = Authenticator::new(AuthConfig {
+            verified_cache_size: 100,
+            ..config(&server.url, Duration::from_secs(60))
+        });
+        auth.refresh().await.unwrap();
+        let mut max = 0;
+        let mut last = String::new();
+        for i in 0..1000 {
+            last = token_for("k1", &k1, &format!("user-{i}"), Duration::from_secs(300));
+            let claims = auth.verify(&last).await.unwrap();
+            assert_eq!(claims.sub, format!("user-{i}"));
+            max = max.max(auth.verified_cache_len());
+            assert!(auth.verified_cache_len() <= 100, "{i}");
+        }
+        // It did fill up (so evictions happened), and still works.
+        assert!(max > 75, "{max}");
+        assert_eq!(auth.verified_cache_stats(), (0, 1000));
+        assert_eq!(
+            auth.verify(&last).await.map(|c| c.sub),
+            Ok("user-999".into())
+        );
+        assert_eq!(auth.verified_cache_stats(), (1, 1000));
+    }
+
+    #[tokio::test]
+    async fn tampered_copy_of_a_cached_token_is_refused() {
+        let k1 = key(1);
+        let server = JwksServer::start(200, jwks_for(&[("k1", &k1)]));
+        let auth = Authenticator::new(config(&server.url, Duration::from_secs(60)));
+        auth.refresh().await.unwrap();
+        let t = token("k1", &k1);
+        let claims = auth.verify(&t).await.unwrap();
+        assert_eq!(auth.verify(&t).await.as_ref(), Ok(&claims));
+        assert_eq!(auth.verified_cache_stats(), (1, 1));
+
+        let forged = tamper_signature(&t);
+        assert_ne!(forged, t);
+        assert_eq!(auth.verify(&forged).await, Err(AuthError::BadSignature));
+        assert_eq!(auth.verify(&forged).await, Err(AuthError::BadSignature));
+        assert_eq!(auth.verified_cache_stats(), (1, 3));
+        // The genuine token is unaffected.
+        assert_eq!(auth.verify(&t).await, Ok(claims));
+        assert_eq!(auth.verified_cache_stats(), (2, 3));
+        assert_eq!(auth.verified_cache_len(), 1);
+    }
+
+    #[tokio::test]
+    async fn failures_are_not_cached_and_size_zero_disables() {
+        let k1 = key(1);
+        let server = JwksServer::start(200, jwks_for(&[("k1", &k1)]));
+        let auth = Authenticator::new(config(&server.url, Duration::from_secs(60)));
+        auth.refresh().await.unwrap();
+        let wrong_key = token("k1", &key(2));
+        for _ in 0..2 {
+            assert_eq!(auth.verify(&wrong_key).await, Err(AuthError::BadSignature));
+        }
+        assert_eq!(auth.verified_cache_stats(), (0, 2));
+        assert_eq!(auth.verified_cache_len(), 0);
+
+        let off = Authenticator::new(AuthConfig {
+            verified_cache_size: 0,
+            ..config(&server.url, Duration::from_secs(60))
+        });
+        off.refresh().await.unwrap();
+        let t = token("k1", &k1);
+        for _ in 0..3 {
+            assert_eq!(off.verify(&t).await.map(|c| c.sub), Ok("user-1".into()));
+        }
+        assert_eq!(off.verified_cache_stats(), (0, 0));
+        assert_eq!(off.verified_cache_len(), 0);
+    }
+
+    /// Many tasks verifying while the key set flips between {k1} and
+    /// {k1, k2}: every answer is right and nothing deadlocks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_verification_during_refreshes() {
+        let (k1, k2) = (key(1), key(2));
+        let server = Arc::new(JwksServer::start(200, jwks_for(&[("k1", &k1)])));
+        let auth = Authenticator::new(AuthConfig {
+            verified_cache_size: 8,
+            ..config(&server.url, Duration::from_secs(60))
+        });
+        auth.refresh().await.unwrap();
+        let tokens: Arc<Vec<String>> = Arc::new(
+            (0..12)
+                .map(|i| token_for("k1", &k1, &format!("user-{i}"), Duration::from_secs(300)))
+                .collect(),
+        );
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                let (auth, tokens) = (auth.clone(), tokens.clone());
+                tokio::spawn(async move {
+                    for n in 0..60 {
+                        let i = (w * 7 + n * 5) % tokens.len();
+                        let claims = auth.verify(&tokens[i]).await.unwrap();
+                        assert_eq!(claims.sub, format!("user-{i}"));
+                    }
+                })
+            })
+            .collect();
+        let flipper = {
+            let (auth, server) = (auth.clone(), server.clone());
+            let (one, two) = (
+                jwks_for(&[("k1", &k1)]),
+                jwks_for(&[("k1", &k1), ("k2", &k2)]),
+            );
+            tokio::spawn(async move {
+                for n in 0..10 {
+                    server.set(200, if n % 2 == 0 { two.clone() } else { one.clone() });
+                    auth.refresh().await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        for w in workers {
+            w.await.unwrap();
+        }
+        flipper.await.unwrap();
+        let (hits, misses) = auth.verified_cache_stats();
+        assert_eq!(hits + misses, 240);
+        assert!(auth.verified_cache_len() <= 8);
+    }
+
+    /// Not a check, a measurement: `cargo test --release --lib
+    /// verify_timing -- --ignored --nocapture`.
+    #[tokio::test]
+    #[ignore]
+    async fn verify_timing() {
+        let k1 = key(1);
+        let server = JwksServer::start(200, jwks_for(&[("k1", &k1)]));
+        let cached = Authenticator::new(config(&server.url, Duration::from_secs(60)));
+        let uncached = Authenticator::new(AuthConfig {
+            verified_cache_size: 0,
+            ..config(&server.url, Duration::from_secs(60))
+        });
+        cached.refresh().await.unwrap();
+        uncached.refresh().await.unwrap();
+        let t = token("k1", &k1);
+        cached.verify(&t).await.unwrap();
+        for (name, auth, n) in [
+            ("uncached", &uncached, 2_000u32),
+            ("cached", &cached, 200_000),
+        ] {
+            let start = Instant::now();
+            for _ in 0..n {
+                std::hint::black_box(auth.verify(std::hint::black_box(&t)).await.unwrap());
+            }
+            let per = start.elapsed() / n;
+            println!(
+                "{name:>8}: {per:?} per verify ({n} runs, token {} bytes)",
+                t.len()
+            );
+        }
     }
 }
