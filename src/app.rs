@@ -251,7 +251,7 @@ pub async fn migrate(store: &Store) -> Result<Migration, StartError> {
             Err(StoreError::Unavailable(why)) if Instant::now() < deadline => {
                 log::warn(
                     "database not reachable yet; retrying",
-                    &[("error", why.into())],
+                    &[("error", why.to_string().into())],
                 );
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }

@@ -369,6 +369,20 @@ pub fn render(app: &App) -> String {
         out,
         "mana_sync_log_reads_total{{source=\"database\"}} {from_database}"
     );
+    let (cached, verified) = app.auth.verified_cache_stats();
+    let _ = writeln!(
+        out,
+        "# HELP mana_sync_token_checks_total Bearer tokens checked, by whether a cached verification answered."
+    );
+    let _ = writeln!(out, "# TYPE mana_sync_token_checks_total counter");
+    let _ = writeln!(
+        out,
+        "mana_sync_token_checks_total{{source=\"cache\"}} {cached}"
+    );
+    let _ = writeln!(
+        out,
+        "mana_sync_token_checks_total{{source=\"signature\"}} {verified}"
+    );
     single(
         &mut out,
         "mana_sync_known_stamps_users",

@@ -82,7 +82,7 @@ impl From<StoreError> for ApiError {
                 "the write collided with another; retry shortly",
             ),
             StoreError::Internal(why) => {
-                crate::log::error("database error", &[("error", why.into())]);
+                crate::log::error("database error", &[("error", why.to_string().into())]);
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal_error",

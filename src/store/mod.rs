@@ -12,8 +12,10 @@ mod push;
 pub mod records;
 mod timestamp;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, Row};
 
@@ -29,16 +31,48 @@ use timestamp::PgTimestamp;
 /// The schema, applied at start-up.
 pub const SCHEMA_SQL: &str = include_str!("../../schema.sql");
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum StoreError {
     /// PostgreSQL cannot be reached or the connection broke: retry later.
-    Unavailable(String),
+    Unavailable(Cause),
     /// Every pooled connection stayed busy for the whole acquire timeout: retry later.
     Saturated,
     /// The database aborted the transaction to resolve contention (deadlock, serialization): retry.
-    Contention(String),
+    Contention(Cause),
     /// Anything else: a bug or a broken database, never the client's fault.
-    Internal(String),
+    Internal(Cause),
+}
+
+/// What went wrong underneath a `StoreError`: a description, and PostgreSQL's error when there was one
+/// (kept as the error's `source`, with its SQLSTATE).
+#[derive(Debug, Clone)]
+pub struct Cause {
+    message: String,
+    source: Option<Arc<tokio_postgres::Error>>,
+}
+
+impl Cause {
+    pub fn new(message: impl Into<String>) -> Cause {
+        Cause {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// The SQLSTATE PostgreSQL reported, if any.
+    pub fn code(&self) -> Option<&SqlState> {
+        self.source.as_deref().and_then(tokio_postgres::Error::code)
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)?;
+        match self.code() {
+            Some(code) => write!(f, " (SQLSTATE {})", code.code()),
+            None => Ok(()),
+        }
+    }
 }
 
 impl std::fmt::Display for StoreError {
@@ -52,30 +86,61 @@ impl std::fmt::Display for StoreError {
     }
 }
 
-impl std::error::Error for StoreError {}
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Unavailable(why)
+            | StoreError::Contention(why)
+            | StoreError::Internal(why) => why.source.as_deref().map(|e| e as _),
+            StoreError::Saturated => None,
+        }
+    }
+}
+
+/// SQLSTATEs that mean "the server is going away or cannot take us now" (besides class 08, connection
+/// exceptions).
+const UNAVAILABLE_STATES: [SqlState; 5] = [
+    SqlState::ADMIN_SHUTDOWN,
+    SqlState::CRASH_SHUTDOWN,
+    SqlState::CANNOT_CONNECT_NOW,
+    SqlState::TOO_MANY_CONNECTIONS,
+    SqlState::CONFIGURATION_LIMIT_EXCEEDED,
+];
+/// SQLSTATEs with which PostgreSQL aborts a transaction to resolve contention; a retry may succeed.
+const CONTENTION_STATES: [SqlState; 3] = [
+    SqlState::T_R_SERIALIZATION_FAILURE,
+    SqlState::T_R_DEADLOCK_DETECTED,
+    SqlState::LOCK_NOT_AVAILABLE,
+];
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(error: tokio_postgres::Error) -> StoreError {
-        let text = error.to_string();
-        if error.is_closed() {
-            return StoreError::Unavailable(text);
-        }
-        if let Some(code) = error.code() {
-            return match code.code() {
-                c if c.starts_with("08") => StoreError::Unavailable(text),
-                "57P01" | "57P02" | "57P03" | "53300" | "53400" => StoreError::Unavailable(text),
-                "40001" | "40P01" | "55P03" => StoreError::Contention(text),
-                _ => StoreError::Internal(text),
-            };
-        }
-        // No SQLSTATE: the socket failed (unavailable) or we sent or read something wrong (a bug).
-        let io_failure =
-            std::error::Error::source(&error).is_some_and(|source| source.is::<std::io::Error>());
-        if io_failure || text.starts_with("error connecting") || text.contains("timeout") {
-            StoreError::Unavailable(text)
-        } else {
-            StoreError::Internal(text)
-        }
+        let classify = |error: &tokio_postgres::Error| -> fn(Cause) -> StoreError {
+            if error.is_closed() {
+                return StoreError::Unavailable;
+            }
+            match error.code() {
+                Some(code)
+                    if code.code().starts_with("08") || UNAVAILABLE_STATES.contains(code) =>
+                {
+                    StoreError::Unavailable
+                }
+                Some(code) if CONTENTION_STATES.contains(code) => StoreError::Contention,
+                Some(_) => StoreError::Internal,
+                // No SQLSTATE: the socket failed (unavailable) or we sent or read something wrong (a bug).
+                None if std::error::Error::source(error)
+                    .is_some_and(|source| source.is::<std::io::Error>()) =>
+                {
+                    StoreError::Unavailable
+                }
+                None => StoreError::Internal,
+            }
+        };
+        let variant = classify(&error);
+        variant(Cause {
+            message: error.to_string(),
+            source: Some(Arc::new(error)),
+        })
     }
 }
 
@@ -724,7 +789,11 @@ fn stored_change(row: &Row) -> Result<StoredChange, StoreError> {
             space_id: row.try_get(10)?,
         })
     };
-    read().map_err(|e| StoreError::Internal(format!("unexpected row shape in sync_changes: {e}")))
+    read().map_err(|e| {
+        StoreError::Internal(Cause::new(format!(
+            "unexpected row shape in sync_changes: {e}"
+        )))
+    })
 }
 
 /// Which tables a read covers.

@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::{Client, NoTls, Statement};
 
-use super::StoreError;
+use super::{Cause, StoreError};
 
 pub struct Pool {
     inner: Arc<Inner>,
@@ -119,7 +119,9 @@ impl Pool {
         let permit = match permit {
             Ok(Ok(permit)) => permit,
             Ok(Err(_closed)) => {
-                return Err(StoreError::Unavailable("connection pool is closed".into()))
+                return Err(StoreError::Unavailable(Cause::new(
+                    "connection pool is closed",
+                )))
             }
             Err(_elapsed) => return Err(StoreError::Saturated),
         };
@@ -144,14 +146,14 @@ impl Pool {
         {
             Ok(Ok(pair)) => pair,
             Ok(Err(e)) => {
-                return Err(StoreError::Unavailable(format!(
+                return Err(StoreError::Unavailable(Cause::new(format!(
                     "cannot connect to PostgreSQL: {e}"
-                )))
+                ))))
             }
             Err(_) => {
-                return Err(StoreError::Unavailable(
-                    "timed out connecting to PostgreSQL".into(),
-                ))
+                return Err(StoreError::Unavailable(Cause::new(
+                    "timed out connecting to PostgreSQL",
+                )))
             }
         };
         // The connection future owns the socket; it ends when the client is dropped or the socket fails.

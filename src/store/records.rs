@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 use tokio_postgres::{GenericClient, Row};
 
 use super::timestamp::PgTimestamp;
-use super::StoreError;
+use super::{Cause, StoreError};
 use crate::merge::{self, ChangeKind, IncomingChange, RecordState};
 use crate::protocol::time::{self, Micros};
 use crate::protocol::{NewChange, Op, WireChange};
@@ -134,8 +134,9 @@ impl Batch {
         let mut records: HashMap<Key, Record> = HashMap::new();
         for row in rows {
             let state: Value = row.try_get(3)?;
-            let state = RecordState::from_json(&state)
-                .ok_or_else(|| StoreError::Internal("unreadable state in sync_records".into()))?;
+            let state = RecordState::from_json(&state).ok_or_else(|| {
+                StoreError::Internal(Cause::new("unreadable state in sync_records"))
+            })?;
             let record = Record {
                 state,
                 changed: false,
@@ -423,10 +424,9 @@ pub async fn fold_from(
         let full = rows.len() == 2000;
         let mut changes = Vec::with_capacity(rows.len());
         for row in &rows {
-            changes.push(
-                PendingRow::read(row)
-                    .map_err(|e| StoreError::Internal(format!("unreadable log row: {e}")))?,
-            );
+            changes.push(PendingRow::read(row).map_err(|e| {
+                StoreError::Internal(Cause::new(format!("unreadable log row: {e}")))
+            })?);
         }
         let keys = changes
             .iter()
@@ -570,7 +570,7 @@ pub async fn snapshot_page(
     for row in rows.iter().take(limit) {
         let state: Value = row.try_get(2)?;
         let state = RecordState::from_json(&state)
-            .ok_or_else(|| StoreError::Internal("unreadable state in sync_records".into()))?;
+            .ok_or_else(|| StoreError::Internal(Cause::new("unreadable state in sync_records")))?;
         let updated_at = row.try_get::<_, PgTimestamp>(4)?.0;
         entries.push((updated_at, snapshot_entry(row, &state)?));
     }
