@@ -335,13 +335,19 @@ impl HttpConn {
 
     pub async fn get(&mut self, path: &str, auth: Option<&str>) -> Result<(u16, Bytes)> {
         match auth {
-            Some(a) => self.send("GET", path, &[("authorization", a)], Bytes::new()).await,
+            Some(a) => {
+                self.send("GET", path, &[("authorization", a)], Bytes::new())
+                    .await
+            }
             None => self.send("GET", path, &[], Bytes::new()).await,
         }
     }
 }
 
-pub async fn tcp_connect(addr: SocketAddr, source: Option<IpAddr>) -> Result<tokio::net::TcpStream> {
+pub async fn tcp_connect(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> Result<tokio::net::TcpStream> {
     let stream = match source {
         None => tokio::net::TcpStream::connect(addr).await?,
         Some(ip) => {
@@ -389,8 +395,7 @@ pub async fn authed_ws(
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let stream = tcp_connect(addr, source).await?;
-    let (mut ws, _) =
-        tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream).await?;
     let auth = serde_json::json!({"type": "auth", "token": token, "clientId": client_id});
     ws.send(Message::text(auth.to_string())).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

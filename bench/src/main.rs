@@ -42,9 +42,9 @@ impl Opts {
         let mut map = HashMap::new();
         let mut i = 0;
         while i < args.len() {
-            let key = args[i]
-                .strip_prefix("--")
-                .ok_or_else(|| common::err(format!("unexpected argument {}\n\n{USAGE}", args[i])))?;
+            let key = args[i].strip_prefix("--").ok_or_else(|| {
+                common::err(format!("unexpected argument {}\n\n{USAGE}", args[i]))
+            })?;
             if matches!(key, "durable" | "child") {
                 map.insert(key.to_string(), "true".to_string());
                 i += 1;
@@ -61,13 +61,17 @@ impl Opts {
     fn usize(&self, key: &str, default: usize) -> Result<usize> {
         match self.0.get(key) {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| common::err(format!("--{key}: not a number: {v}"))),
+            Some(v) => v
+                .parse()
+                .map_err(|_| common::err(format!("--{key}: not a number: {v}"))),
         }
     }
     fn f64(&self, key: &str, default: f64) -> Result<f64> {
         match self.0.get(key) {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| common::err(format!("--{key}: not a number: {v}"))),
+            Some(v) => v
+                .parse()
+                .map_err(|_| common::err(format!("--{key}: not a number: {v}"))),
         }
     }
     fn list(&self, key: &str, default: &[usize]) -> Result<Vec<usize>> {
@@ -76,7 +80,11 @@ impl Opts {
             Some(v) if v.is_empty() || v == "none" => Ok(Vec::new()),
             Some(v) => v
                 .split(',')
-                .map(|p| p.trim().parse().map_err(|_| common::err(format!("--{key}: bad list {v}"))))
+                .map(|p| {
+                    p.trim()
+                        .parse()
+                        .map_err(|_| common::err(format!("--{key}: bad list {v}")))
+                })
                 .collect(),
         }
     }
@@ -169,11 +177,10 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let out = opts
-        .0
-        .get("out")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results/results.jsonl"));
+    let out =
+        opts.0.get("out").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results/results.jsonl")
+        });
     let mut results = Results::new(out.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
