@@ -77,21 +77,6 @@ impl Cluster {
         let _ = self.pg.stop().await;
         let _ = std::fs::remove_dir_all(dir);
     }
-
-    /// The server's schema, applied once (the in-process server would do it too) so baselines can use it.
-    pub async fn migrate(&self) -> Result<()> {
-        let store = mana_sync::store::Store::new(
-            self.app_conn.parse()?,
-            &mana_sync::store::StoreOptions {
-                pool_size: 1,
-                acquire_timeout: Duration::from_secs(10),
-                retention: None,
-            },
-        );
-        app::migrate(&store).await.map_err(|e| err(e.0))?;
-        store.close();
-        Ok(())
-    }
 }
 
 pub async fn connect_pg(conn: &str) -> Result<tokio_postgres::Client> {
@@ -457,6 +442,52 @@ impl Results {
     pub fn error(&mut self, what: impl std::fmt::Display) {
         self.errors += 1;
         eprintln!("ERROR: {what}");
+    }
+}
+
+/// A small xorshift generator: reproducible random picks without a dependency.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        // xorshift must not start at 0.
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// A closed-loop measurement: everything starts at `start` (a moment after it is planned, so every
+/// connection is ready), results completing before `warm_end` are warm-up, the load stops at `end`.
+#[derive(Clone, Copy)]
+pub struct Window {
+    pub start: Instant,
+    pub warm_end: Instant,
+    pub end: Instant,
+}
+
+impl Window {
+    pub fn starting_soon(warm: Duration, measured: Duration) -> Window {
+        let start = Instant::now() + Duration::from_millis(200);
+        Window {
+            start,
+            warm_end: start + warm,
+            end: start + warm + measured,
+        }
+    }
+    pub fn measured(&self) -> Duration {
+        self.end - self.warm_end
+    }
+    /// Whether something that completed at `done` counts.
+    pub fn counts(&self, done: Instant) -> bool {
+        done >= self.warm_end && done <= self.end
     }
 }
 

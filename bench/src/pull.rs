@@ -29,19 +29,6 @@ const PULL_PAGE: &str = concat!(
     "AND ($5 = '' OR client_id <> $5) ORDER BY created_at, id LIMIT $6"
 );
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 async fn load(cluster: &Cluster, users: usize, per_user: usize, results: &Results) -> Result<f64> {
     let su = cluster.su().await?;
     su.batch_execute("SET session_replication_role = replica")
@@ -128,7 +115,7 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
     let mut sql = cluster.app_role().await?;
     let lock = sql.prepare(LOCK_SHARED).await?;
     let page = sql.prepare(PULL_PAGE).await?;
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut rng = Rng::new(0);
     let mut pick = move || {
         let u = rng.below(users);
         let k = rng.below(per_user - 1400);

@@ -23,20 +23,21 @@ pub struct Args {
     pub durable: bool,
 }
 
-const APP: &str = "todo";
+pub const APP: &str = "todo";
 const NOTES: &str = "Pick up the parcel at the post office before six";
 
-fn record(dev: &str, n: u64) -> Value {
+pub fn record(dev: &str, n: u64) -> Value {
     json!({
         "title": format!("Task {n} of {dev}"),
-        "done": n % 2 == 0,
+        "done": n.is_multiple_of(2),
         "priority": n % 5,
         "notes": NOTES,
         "updatedAt": "2026-11-21T10:05:00.000Z",
     })
 }
 
-fn body(dev: &str, since: &str, seq: &mut u64, batch: usize) -> Bytes {
+/// A push of `batch` inserts of new records `r-{dev}-{seq}` (seq counting on from `seq`).
+pub fn body(dev: &str, since: &str, seq: &mut u64, batch: usize) -> Bytes {
     let mut changes = Vec::with_capacity(batch);
     for _ in 0..batch {
         *seq += 1;
@@ -61,6 +62,7 @@ struct Outcome {
 
 /// `devices` devices push `batch`-sized batches as fast as they can for warm + dur; returns changes/s
 /// over the measured window, push latency, and checks afterwards that every acknowledged change is stored.
+#[allow(clippy::too_many_arguments)]
 async fn push_cell(
     addr: std::net::SocketAddr,
     cluster: &Cluster,
@@ -240,6 +242,45 @@ async fn raw_cell(
     Ok(window as f64 / dur.as_secs_f64())
 }
 
+/// Today's server's way of storing a change: a transaction of its own (`set_config` + a single-row INSERT
+/// into sync_changes, so the stamp/clock/notify triggers and row-level security apply), as the ordinary role.
+pub struct OneTx {
+    set: tokio_postgres::Statement,
+    insert: tokio_postgres::Statement,
+}
+
+impl OneTx {
+    pub async fn prepare(client: &tokio_postgres::Client) -> Result<OneTx> {
+        let set = client
+            .prepare("SELECT set_config('app.current_user_id', $1, true)")
+            .await?;
+        let insert = client
+            .prepare(concat!(
+                "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, field_meta, client_id) ",
+                "VALUES ($1, 'tasks', $2, $3, 'insert', $4, '{}', $5)"
+            ))
+            .await?;
+        Ok(OneTx { set, insert })
+    }
+
+    /// Stores one change of `user`'s record `id` (app todo, table tasks) in a transaction of its own.
+    pub async fn store(
+        &self,
+        client: &mut tokio_postgres::Client,
+        user: &str,
+        id: &str,
+        data: &Value,
+        device: &str,
+    ) -> Result<()> {
+        let tx = client.transaction().await?;
+        tx.execute(&self.set, &[&user]).await?;
+        tx.execute(&self.insert, &[&APP, &id, &user, data, &device])
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
 /// Today's server's pattern: one transaction per change (set_config + single-row INSERT), `conns`
 /// connections as the ordinary role, each its own user.
 async fn one_tx_cell(
@@ -259,15 +300,7 @@ async fn one_tx_cell(
         let dev = format!("{tag}-d{c}");
         tasks.push(tokio::spawn(async move {
             let mut client = connect_pg(&conn_str).await?;
-            let set = client
-                .prepare("SELECT set_config('app.current_user_id', $1, true)")
-                .await?;
-            let ins = client
-                .prepare(concat!(
-                    "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, field_meta, client_id) ",
-                    "VALUES ($1, 'tasks', $2, $3, 'insert', $4, '{}', $5)"
-                ))
-                .await?;
+            let one_tx = OneTx::prepare(&client).await?;
             tokio::time::sleep_until(start.into()).await;
             let mut seq = 0u64;
             let mut window = 0u64;
@@ -275,10 +308,7 @@ async fn one_tx_cell(
                 seq += 1;
                 let id = format!("r-{dev}-{seq}");
                 let data = record(&dev, seq);
-                let tx = client.transaction().await?;
-                tx.execute(&set, &[&user]).await?;
-                tx.execute(&ins, &[&APP, &id, &user, &data, &dev]).await?;
-                tx.commit().await?;
+                one_tx.store(&mut client, &user, &id, &data, &dev).await?;
                 let done = Instant::now();
                 if done >= warm_end && done <= end {
                     window += 1;
