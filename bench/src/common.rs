@@ -77,22 +77,6 @@ impl Cluster {
         let _ = self.pg.stop().await;
         let _ = std::fs::remove_dir_all(dir);
     }
-
-    /// The server's schema, applied once (the in-process server would do it too) so baselines can use it.
-    pub async fn migrate(&self) -> Result<()> {
-        let store = mana_sync::store::Store::new(
-            self.app_conn.parse()?,
-            &mana_sync::store::StoreOptions {
-                pool_size: 1,
-                acquire_timeout: Duration::from_secs(10),
-                retention: None,
-                known_users: 0,
-            },
-        );
-        app::migrate(&store).await.map_err(|e| err(e.0))?;
-        store.close();
-        Ok(())
-    }
 }
 
 pub async fn connect_pg(conn: &str) -> Result<tokio_postgres::Client> {
@@ -336,13 +320,19 @@ impl HttpConn {
 
     pub async fn get(&mut self, path: &str, auth: Option<&str>) -> Result<(u16, Bytes)> {
         match auth {
-            Some(a) => self.send("GET", path, &[("authorization", a)], Bytes::new()).await,
+            Some(a) => {
+                self.send("GET", path, &[("authorization", a)], Bytes::new())
+                    .await
+            }
             None => self.send("GET", path, &[], Bytes::new()).await,
         }
     }
 }
 
-pub async fn tcp_connect(addr: SocketAddr, source: Option<IpAddr>) -> Result<tokio::net::TcpStream> {
+pub async fn tcp_connect(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> Result<tokio::net::TcpStream> {
     let stream = match source {
         None => tokio::net::TcpStream::connect(addr).await?,
         Some(ip) => {
@@ -390,8 +380,7 @@ pub async fn authed_ws(
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let stream = tcp_connect(addr, source).await?;
-    let (mut ws, _) =
-        tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream).await?;
     let auth = serde_json::json!({"type": "auth", "token": token, "clientId": client_id});
     ws.send(Message::text(auth.to_string())).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -453,6 +442,52 @@ impl Results {
     pub fn error(&mut self, what: impl std::fmt::Display) {
         self.errors += 1;
         eprintln!("ERROR: {what}");
+    }
+}
+
+/// A small xorshift generator: reproducible random picks without a dependency.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        // xorshift must not start at 0.
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// A closed-loop measurement: everything starts at `start` (a moment after it is planned, so every
+/// connection is ready), results completing before `warm_end` are warm-up, the load stops at `end`.
+#[derive(Clone, Copy)]
+pub struct Window {
+    pub start: Instant,
+    pub warm_end: Instant,
+    pub end: Instant,
+}
+
+impl Window {
+    pub fn starting_soon(warm: Duration, measured: Duration) -> Window {
+        let start = Instant::now() + Duration::from_millis(200);
+        Window {
+            start,
+            warm_end: start + warm,
+            end: start + warm + measured,
+        }
+    }
+    pub fn measured(&self) -> Duration {
+        self.end - self.warm_end
+    }
+    /// Whether something that completed at `done` counts.
+    pub fn counts(&self, done: Instant) -> bool {
+        done >= self.warm_end && done <= self.end
     }
 }
 

@@ -46,7 +46,9 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
         let mut opening = Vec::with_capacity(args.sockets);
         for i in 0..args.sockets {
             let token = keys.token(&format!("c{nonce}r{run}-u{}", i / args.per_user.max(1)));
-            let source: IpAddr = format!("127.0.0.{}", 2 + i % args.sources.max(1)).parse().unwrap();
+            let source: IpAddr = format!("127.0.0.{}", 2 + i % args.sources.max(1))
+                .parse()
+                .unwrap();
             let gate = gate.clone();
             opening.push(tokio::spawn(async move {
                 let _p = gate.acquire_owned().await.unwrap();
@@ -73,11 +75,18 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
         let mut dead = 0;
         for ws in sockets.iter_mut().step_by(step) {
             let ok = async {
-                ws.send(Message::text(json!({"type": "ping"}).to_string())).await.ok()?;
+                ws.send(Message::text(json!({"type": "ping"}).to_string()))
+                    .await
+                    .ok()?;
                 loop {
-                    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.ok()?? {
+                    match tokio::time::timeout(Duration::from_secs(5), ws.next())
+                        .await
+                        .ok()??
+                    {
                         Ok(Message::Text(t)) if t.as_str().contains("pong") => return Some(()),
-                        Ok(Message::Text(_)) | Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => continue,
+                        Ok(Message::Text(_)) | Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => {
+                            continue
+                        }
                         _ => return None,
                     }
                 }
@@ -99,7 +108,9 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
         }
         results.errors += failures.len().saturating_sub(5) as u64;
         if dead > 0 {
-            results.error(format!("connections run {run}: {dead} sampled sockets did not answer ping"));
+            results.error(format!(
+                "connections run {run}: {dead} sampled sockets did not answer ping"
+            ));
         }
         results.write("connections", "run", json!({"run": run, "sockets": n, "failed": failures.len(),
             "open_secs": open_secs, "server_rss_idle": idle, "server_rss_after": after, "server_vmhwm": hwm,
@@ -116,11 +127,19 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
     let n = median(&rows.iter().map(|r| r.0 as f64).collect::<Vec<_>>());
     let projection = idle + 100_000.0 * per_conn;
     println!();
-    println!("connections (child server process; medians of {} runs)", args.runs);
+    println!(
+        "connections (child server process; medians of {} runs)",
+        args.runs
+    );
     println!("| sockets held | server RSS idle | server RSS with sockets | bytes per connection | PROJECTION: RSS at 100k sockets |");
     println!("|---:|---:|---:|---:|---:|");
-    println!("| {n:.0} | {} | {} | {per_conn:.0} B ({}) | {} (projected, not measured) |",
-        fmt_bytes(idle), fmt_bytes(after), fmt_bytes(per_conn), fmt_bytes(projection));
+    println!(
+        "| {n:.0} | {} | {} | {per_conn:.0} B ({}) | {} (projected, not measured) |",
+        fmt_bytes(idle),
+        fmt_bytes(after),
+        fmt_bytes(per_conn),
+        fmt_bytes(projection)
+    );
     results.write("connections", "summary", json!({"runs": args.runs, "sockets": n, "server_rss_idle": idle,
         "server_rss_after": after, "bytes_per_connection": per_conn, "projected_rss_100k": projection,
         "projection": true}));

@@ -26,7 +26,11 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
     let keys = Keys::create()?;
     let bin = server_binary();
     let size = std::fs::metadata(&bin)?.len();
-    println!("footprint: {} ({} bytes, stripped by the release profile)", bin.display(), size);
+    println!(
+        "footprint: {} ({} bytes, stripped by the release profile)",
+        bin.display(),
+        size
+    );
     let nonce = mana_sync::auth::unix_now();
     let mut idle_runs = Vec::new();
     let mut load_runs = Vec::new();
@@ -68,12 +72,25 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
                                    "data": {"title": format!("Task {seq}"), "done": false}})
                         })
                         .collect();
-                    let body = json!({"clientId": "dev", "since": since, "changes": batch}).to_string();
+                    let body =
+                        json!({"clientId": "dev", "since": since, "changes": batch}).to_string();
                     let (status, resp) = conn
-                        .send("POST", "/sync/todo", &[("authorization", &token), ("content-type", "application/json"), ("x-client-id", "dev")], Bytes::from(body))
+                        .send(
+                            "POST",
+                            "/sync/todo",
+                            &[
+                                ("authorization", &token),
+                                ("content-type", "application/json"),
+                                ("x-client-id", "dev"),
+                            ],
+                            Bytes::from(body),
+                        )
                         .await?;
                     if status != 200 {
-                        return Err(err(format!("push answered {status}: {}", String::from_utf8_lossy(&resp))));
+                        return Err(err(format!(
+                            "push answered {status}: {}",
+                            String::from_utf8_lossy(&resp)
+                        )));
                     }
                     since = synced_until(&resp).ok_or_else(|| err("no syncedUntil"))?;
                     changes += 20;
@@ -95,8 +112,12 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
         let rate = changes as f64 / args.load_secs;
         eprintln!("  run {run}: idle RSS {}, peak under push load {} ({rate:.0} changes/s), after load {}",
             fmt_bytes(idle as f64), fmt_bytes(peak as f64), fmt_bytes(after as f64));
-        results.write("footprint", "run", json!({"run": run, "binary_bytes": size, "idle_rss": idle,
-            "load_peak_rss": peak, "after_load_rss": after, "load_changes_per_s": rate}));
+        results.write(
+            "footprint",
+            "run",
+            json!({"run": run, "binary_bytes": size, "idle_rss": idle,
+            "load_peak_rss": peak, "after_load_rss": after, "load_changes_per_s": rate}),
+        );
         idle_runs.push(idle as f64);
         load_runs.push(peak as f64);
         after_runs.push(after as f64);
@@ -104,11 +125,20 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
         child.stop().await;
     }
     println!();
-    println!("footprint (child server process, medians of {} runs)", args.runs);
+    println!(
+        "footprint (child server process, medians of {} runs)",
+        args.runs
+    );
     println!("| stripped release binary | idle RSS after start | peak RSS under push load (16 devices x batch 20) | RSS after load |");
     println!("|---:|---:|---:|---:|");
-    println!("| {} ({size} B) | {} | {} ({:.0} changes/s) | {} |", fmt_bytes(size as f64), fmt_bytes(median(&idle_runs)),
-        fmt_bytes(median(&load_runs)), median(&rate_runs), fmt_bytes(median(&after_runs)));
+    println!(
+        "| {} ({size} B) | {} | {} ({:.0} changes/s) | {} |",
+        fmt_bytes(size as f64),
+        fmt_bytes(median(&idle_runs)),
+        fmt_bytes(median(&load_runs)),
+        median(&rate_runs),
+        fmt_bytes(median(&after_runs))
+    );
     results.write("footprint", "summary", json!({"runs": args.runs, "binary_bytes": size, "idle_rss": median(&idle_runs),
         "load_peak_rss": median(&load_runs), "after_load_rss": median(&after_runs), "load_changes_per_s": median(&rate_runs)}));
     Ok(())

@@ -6,6 +6,7 @@ mod common;
 mod connections;
 mod footprint;
 mod hist;
+mod hot;
 mod notify;
 mod pull;
 mod push;
@@ -24,6 +25,11 @@ Scenarios:
                --batches 1,20,200 --devices 1,4,16,64 --one-user 16 --warm 1 --secs 3 [--durable]
   pull         p50/p99 of 1,000-row pages vs the same SQL run directly
                --rows 1000000 --rows-per-user 10000 --requests 500 --warm-requests 50
+  empty-pull   req/s, p50/p99 of pulls with nothing new (the 30 s poll) vs the Go server's SQL for them
+               --users 64 --connections 16 --warm 1 --secs 5 [--durable]
+  mix          90 % empty pulls, 9 % pushes of 1 change, 1 % of 20; req/s, p50/p99 per kind vs the same mix
+               as the Go server's SQL
+               --users 1000 --connections 16 --warm 1 --secs 5 [--durable]
   notify       push -> sync-available latency to N sockets of the pushing user (+ other users' sockets)
                --sockets 1,100,1000 --rounds 100 --warm-rounds 10 --others 100 [--child]
   connections  idle authenticated WebSockets held by a child server process; RSS per connection
@@ -42,9 +48,9 @@ impl Opts {
         let mut map = HashMap::new();
         let mut i = 0;
         while i < args.len() {
-            let key = args[i]
-                .strip_prefix("--")
-                .ok_or_else(|| common::err(format!("unexpected argument {}\n\n{USAGE}", args[i])))?;
+            let key = args[i].strip_prefix("--").ok_or_else(|| {
+                common::err(format!("unexpected argument {}\n\n{USAGE}", args[i]))
+            })?;
             if matches!(key, "durable" | "child") {
                 map.insert(key.to_string(), "true".to_string());
                 i += 1;
@@ -61,13 +67,17 @@ impl Opts {
     fn usize(&self, key: &str, default: usize) -> Result<usize> {
         match self.0.get(key) {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| common::err(format!("--{key}: not a number: {v}"))),
+            Some(v) => v
+                .parse()
+                .map_err(|_| common::err(format!("--{key}: not a number: {v}"))),
         }
     }
     fn f64(&self, key: &str, default: f64) -> Result<f64> {
         match self.0.get(key) {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| common::err(format!("--{key}: not a number: {v}"))),
+            Some(v) => v
+                .parse()
+                .map_err(|_| common::err(format!("--{key}: not a number: {v}"))),
         }
     }
     fn list(&self, key: &str, default: &[usize]) -> Result<Vec<usize>> {
@@ -76,7 +86,11 @@ impl Opts {
             Some(v) if v.is_empty() || v == "none" => Ok(Vec::new()),
             Some(v) => v
                 .split(',')
-                .map(|p| p.trim().parse().map_err(|_| common::err(format!("--{key}: bad list {v}"))))
+                .map(|p| {
+                    p.trim()
+                        .parse()
+                        .map_err(|_| common::err(format!("--{key}: bad list {v}")))
+                })
                 .collect(),
         }
     }
@@ -115,6 +129,22 @@ async fn scenario(name: &str, o: &Opts, results: &mut Results) -> Result<()> {
                 results,
             )
             .await
+        }
+        "empty-pull" | "mix" => {
+            let default_users = if name == "mix" { 1000 } else { 64 };
+            let args = hot::Args {
+                runs,
+                users: o.usize("users", default_users)?,
+                connections: o.usize("connections", 16)?,
+                warm: Duration::from_secs_f64(o.f64("warm", 1.0)?),
+                dur: Duration::from_secs_f64(o.f64("secs", 5.0)?),
+                durable: o.flag("durable"),
+            };
+            if name == "mix" {
+                hot::run_mix(args, results).await
+            } else {
+                hot::run_empty_pull(args, results).await
+            }
         }
         "notify" => {
             notify::run(
@@ -169,18 +199,25 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let out = opts
-        .0
-        .get("out")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results/results.jsonl"));
+    let out =
+        opts.0.get("out").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results/results.jsonl")
+        });
     let mut results = Results::new(out.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     let names: Vec<&str> = if args[0] == "all" {
-        vec!["footprint", "push", "notify", "pull", "connections"]
+        vec![
+            "footprint",
+            "push",
+            "empty-pull",
+            "mix",
+            "notify",
+            "pull",
+            "connections",
+        ]
     } else {
         vec![args[0].as_str()]
     };

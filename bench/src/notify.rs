@@ -87,14 +87,27 @@ struct CellResult {
     closed: Vec<String>,
 }
 
-async fn cell(addr: std::net::SocketAddr, keys: &Keys, tag: &str, n: usize, args: &Args) -> Result<CellResult> {
+async fn cell(
+    addr: std::net::SocketAddr,
+    keys: &Keys,
+    tag: &str,
+    n: usize,
+    args: &Args,
+) -> Result<CellResult> {
     let user = format!("{tag}-u");
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (other_tx, mut other_rx) = mpsc::unbounded_channel();
     let u = user.clone();
     let mine = open_sockets(addr, keys, move |_| u.clone(), n, tx).await?;
     let t = tag.to_string();
-    let others = open_sockets(addr, keys, move |i| format!("{t}-other{}", i % 10), args.others, other_tx).await?;
+    let others = open_sockets(
+        addr,
+        keys,
+        move |i| format!("{t}-other{}", i % 10),
+        args.others,
+        other_tx,
+    )
+    .await?;
 
     let token = format!("Bearer {}", keys.token(&user));
     let mut conn = HttpConn::connect(addr, None).await?;
@@ -118,13 +131,20 @@ async fn cell(addr: std::net::SocketAddr, keys: &Keys, tag: &str, n: usize, args
             .send(
                 "POST",
                 "/sync/todo",
-                &[("authorization", &token), ("content-type", "application/json"), ("x-client-id", "pusher")],
+                &[
+                    ("authorization", &token),
+                    ("content-type", "application/json"),
+                    ("x-client-id", "pusher"),
+                ],
                 Bytes::from(body.to_string()),
             )
             .await?;
         let push_took = t0.elapsed();
         if status != 200 {
-            return Err(err(format!("push answered {status}: {}", String::from_utf8_lossy(&resp))));
+            return Err(err(format!(
+                "push answered {status}: {}",
+                String::from_utf8_lossy(&resp)
+            )));
         }
         since = synced_until(&resp).ok_or_else(|| err("push response without syncedUntil"))?;
         if measured {
@@ -191,11 +211,16 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
         let s = InProcess::start(cluster, &keys).await?;
         (s.addr, Some(s), None)
     };
-    let mode = if args.child { "child process (release binary of the main crate)" } else { "in-process" };
+    let mode = if args.child {
+        "child process (release binary of the main crate)"
+    } else {
+        "in-process"
+    };
     println!("notify: server {mode} on {addr}; {} other users' sockets connected; {} rounds after {} warm-up per run",
         args.others, args.rounds, args.warm_rounds);
     let nonce = mana_sync::auth::unix_now();
-    let mut per_n: std::collections::BTreeMap<usize, Vec<(Histogram, Histogram)>> = Default::default();
+    let mut per_n: std::collections::BTreeMap<usize, Vec<(Histogram, Histogram)>> =
+        Default::default();
     let mut leaked_total = 0;
     for run in 0..args.runs {
         for &n in &args.sockets {
@@ -207,10 +232,16 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
                 r.missing, r.duplicates, r.leaked
             );
             if r.missing > 0 {
-                results.error(format!("{n} sockets, run {run}: {} notifications never arrived (5 s)", r.missing));
+                results.error(format!(
+                    "{n} sockets, run {run}: {} notifications never arrived (5 s)",
+                    r.missing
+                ));
             }
             if r.leaked > 0 {
-                results.error(format!("{n} sockets, run {run}: other users' sockets received {} notifications", r.leaked));
+                results.error(format!(
+                    "{n} sockets, run {run}: other users' sockets received {} notifications",
+                    r.leaked
+                ));
             }
             for c in r.closed.iter().take(5) {
                 results.error(format!("{n} sockets, run {run}: {c}"));
@@ -223,15 +254,25 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
         }
     }
     let med = |hs: &[(Histogram, Histogram)], q: f64, push: bool| {
-        median(&hs.iter().map(|h| ms(if push { &h.1 } else { &h.0 }.quantile(q))).collect::<Vec<_>>())
+        median(
+            &hs.iter()
+                .map(|h| ms(if push { &h.1 } else { &h.0 }.quantile(q)))
+                .collect::<Vec<_>>(),
+        )
     };
     println!();
     println!("notify ({mode}; medians of {} runs; latency from just before the push request to sync-available at each socket)", args.runs);
     println!("| sockets of the pushing user | p50 ms | p99 ms | max ms | push response p50 ms | other users' sockets notified |");
     println!("|---:|---:|---:|---:|---:|---:|");
     for (n, hs) in &per_n {
-        println!("| {n} | {:.2} | {:.2} | {:.2} | {:.2} | {leaked_total} of {} sockets |", med(hs, 0.5, false), med(hs, 0.99, false),
-            med(hs, 1.0, false), med(hs, 0.5, true), args.others);
+        println!(
+            "| {n} | {:.2} | {:.2} | {:.2} | {:.2} | {leaked_total} of {} sockets |",
+            med(hs, 0.5, false),
+            med(hs, 0.99, false),
+            med(hs, 1.0, false),
+            med(hs, 0.5, true),
+            args.others
+        );
         results.write("notify", "summary", json!({"sockets": n, "server": mode, "runs": args.runs,
             "p50_ms": med(hs, 0.5, false), "p99_ms": med(hs, 0.99, false), "max_ms": med(hs, 1.0, false),
             "push_p50_ms": med(hs, 0.5, true), "other_users_received_total": leaked_total}));

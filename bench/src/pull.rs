@@ -29,22 +29,10 @@ const PULL_PAGE: &str = concat!(
     "AND ($5 = '' OR client_id <> $5) ORDER BY created_at, id LIMIT $6"
 );
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 async fn load(cluster: &Cluster, users: usize, per_user: usize, results: &Results) -> Result<f64> {
     let su = cluster.su().await?;
-    su.batch_execute("SET session_replication_role = replica").await?;
+    su.batch_execute("SET session_replication_role = replica")
+        .await?;
     let started = Instant::now();
     let chunk = (per_user / 20).max(1);
     let mut i0 = 0usize;
@@ -88,8 +76,12 @@ async fn load(cluster: &Cluster, users: usize, per_user: usize, results: &Result
         users * per_user,
         fmt_bytes(size as f64)
     );
-    results.write("pull", "load", json!({"rows": users * per_user, "users": users, "load_secs": load_secs,
-        "vacuum_analyze_secs": vacuum, "relation_bytes": size}));
+    results.write(
+        "pull",
+        "load",
+        json!({"rows": users * per_user, "users": users, "load_secs": load_secs,
+        "vacuum_analyze_secs": vacuum, "relation_bytes": size}),
+    );
     Ok(load_secs)
 }
 
@@ -106,7 +98,9 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
     let users = (args.rows / args.rows_per_user).max(1);
     let per_user = args.rows_per_user;
     if per_user < 1500 {
-        return Err(err("--rows-per-user must be at least 1500 (a full page after every cursor)"));
+        return Err(err(
+            "--rows-per-user must be at least 1500 (a full page after every cursor)",
+        ));
     }
     println!(
         "pull: {} rows over {users} users ({per_user} each, rows interleaved in time), cluster non-durable; server in-process on {}",
@@ -121,7 +115,7 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
     let mut sql = cluster.app_role().await?;
     let lock = sql.prepare(LOCK_SHARED).await?;
     let page = sql.prepare(PULL_PAGE).await?;
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut rng = Rng::new(0);
     let mut pick = move || {
         let u = rng.below(users);
         let k = rng.below(per_user - 1400);
@@ -148,7 +142,15 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
                     );
                     let t = Instant::now();
                     let r = conn
-                        .send("GET", &path, &[("authorization", &tokens[u]), ("x-client-id", "bench-puller")], bytes::Bytes::new())
+                        .send(
+                            "GET",
+                            &path,
+                            &[
+                                ("authorization", &tokens[u]),
+                                ("x-client-id", "bench-puller"),
+                            ],
+                            bytes::Bytes::new(),
+                        )
                         .await;
                     let took = t.elapsed();
                     match r {
@@ -156,7 +158,10 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
                             let v: Value = serde_json::from_slice(&body)?;
                             let count = v["serverChanges"].as_array().map(|a| a.len()).unwrap_or(0);
                             if count != 1000 || v["hasMore"] != json!(true) {
-                                results.error(format!("pull of puser-{u} since {k}s: {count} changes, hasMore {}", v["hasMore"]));
+                                results.error(format!(
+                                    "pull of puser-{u} since {k}s: {count} changes, hasMore {}",
+                                    v["hasMore"]
+                                ));
                             }
                             if measured {
                                 srv.record_duration(took);
@@ -180,7 +185,10 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
                     tx.execute(&lock, &[&user]).await?;
                     let tq = Instant::now();
                     let rows = tx
-                        .query(&page, &[&user, &"todo", &"tasks", &since, &"bench-puller", &1001i64])
+                        .query(
+                            &page,
+                            &[&user, &"todo", &"tasks", &since, &"bench-puller", &1001i64],
+                        )
                         .await?;
                     let q_took = tq.elapsed();
                     tx.commit().await?;
@@ -206,14 +214,28 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
         tx_runs.push(tx_h);
         q_runs.push(q_h);
     }
-    let med = |hs: &[Histogram], q: f64| median(&hs.iter().map(|h| ms(h.quantile(q))).collect::<Vec<_>>());
+    let med = |hs: &[Histogram], q: f64| {
+        median(&hs.iter().map(|h| ms(h.quantile(q))).collect::<Vec<_>>())
+    };
     println!();
     println!("pull: {} rows, {users} users, 1,000-row pages, {} requests per run after {} warm-up; medians of {} runs",
         users * per_user, args.requests, args.warm_requests, args.runs);
     println!("| what | p50 ms | p99 ms | max ms |");
     println!("|---|---:|---:|---:|");
-    for (name, hs) in [("GET /sync/todo/pull (server, HTTP, JSON)", &srv_runs), ("same SQL directly: BEGIN + lock + page query + COMMIT", &tx_runs), ("same SQL directly: page query alone", &q_runs)] {
-        println!("| {name} | {:.2} | {:.2} | {:.2} |", med(hs, 0.5), med(hs, 0.99), med(hs, 1.0));
+    for (name, hs) in [
+        ("GET /sync/todo/pull (server, HTTP, JSON)", &srv_runs),
+        (
+            "same SQL directly: BEGIN + lock + page query + COMMIT",
+            &tx_runs,
+        ),
+        ("same SQL directly: page query alone", &q_runs),
+    ] {
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.2} |",
+            med(hs, 0.5),
+            med(hs, 0.99),
+            med(hs, 1.0)
+        );
     }
     let ratio_p50 = med(&srv_runs, 0.5) / med(&tx_runs, 0.5);
     let ratio_p99 = med(&srv_runs, 0.99) / med(&tx_runs, 0.99);

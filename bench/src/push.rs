@@ -23,20 +23,21 @@ pub struct Args {
     pub durable: bool,
 }
 
-const APP: &str = "todo";
+pub const APP: &str = "todo";
 const NOTES: &str = "Pick up the parcel at the post office before six";
 
-fn record(dev: &str, n: u64) -> Value {
+pub fn record(dev: &str, n: u64) -> Value {
     json!({
         "title": format!("Task {n} of {dev}"),
-        "done": n % 2 == 0,
+        "done": n.is_multiple_of(2),
         "priority": n % 5,
         "notes": NOTES,
         "updatedAt": "2026-11-21T10:05:00.000Z",
     })
 }
 
-fn body(dev: &str, since: &str, seq: &mut u64, batch: usize) -> Bytes {
+/// A push of `batch` inserts of new records `r-{dev}-{seq}` (seq counting on from `seq`).
+pub fn body(dev: &str, since: &str, seq: &mut u64, batch: usize) -> Bytes {
     let mut changes = Vec::with_capacity(batch);
     for _ in 0..batch {
         *seq += 1;
@@ -46,7 +47,8 @@ fn body(dev: &str, since: &str, seq: &mut u64, batch: usize) -> Bytes {
         }));
     }
     Bytes::from(
-        json!({"clientId": dev, "since": since, "schemaVersion": 1, "changes": changes}).to_string(),
+        json!({"clientId": dev, "since": since, "schemaVersion": 1, "changes": changes})
+            .to_string(),
     )
 }
 
@@ -60,6 +62,7 @@ struct Outcome {
 
 /// `devices` devices push `batch`-sized batches as fast as they can for warm + dur; returns changes/s
 /// over the measured window, push latency, and checks afterwards that every acknowledged change is stored.
+#[allow(clippy::too_many_arguments)]
 async fn push_cell(
     addr: std::net::SocketAddr,
     cluster: &Cluster,
@@ -187,7 +190,13 @@ const RAW_INSERT: &str = concat!(
 );
 
 /// Raw ingest: the same rows, one multi-row insert per batch (its own transaction), one connection.
-async fn raw_cell(cluster: &Cluster, tag: &str, batch: usize, warm: Duration, dur: Duration) -> Result<f64> {
+async fn raw_cell(
+    cluster: &Cluster,
+    tag: &str,
+    batch: usize,
+    warm: Duration,
+    dur: Duration,
+) -> Result<f64> {
     let client = cluster.su().await?;
     client.batch_execute(RAW_TABLE).await?;
     let stmt = client.prepare(RAW_INSERT).await?;
@@ -221,7 +230,8 @@ async fn raw_cell(cluster: &Cluster, tag: &str, batch: usize, warm: Duration, du
             spaces.push(None);
         }
         let params: [&(dyn ToSql + Sync); 12] = [
-            &APP, &user, &dev, &tables, &ids, &ops, &data, &meta, &versions, &actors, &origins, &spaces,
+            &APP, &user, &dev, &tables, &ids, &ops, &data, &meta, &versions, &actors, &origins,
+            &spaces,
         ];
         client.execute(&stmt, &params).await?;
         let done = Instant::now();
@@ -232,9 +242,54 @@ async fn raw_cell(cluster: &Cluster, tag: &str, batch: usize, warm: Duration, du
     Ok(window as f64 / dur.as_secs_f64())
 }
 
+/// Today's server's way of storing a change: a transaction of its own (`set_config` + a single-row INSERT
+/// into sync_changes, so the stamp/clock/notify triggers and row-level security apply), as the ordinary role.
+pub struct OneTx {
+    set: tokio_postgres::Statement,
+    insert: tokio_postgres::Statement,
+}
+
+impl OneTx {
+    pub async fn prepare(client: &tokio_postgres::Client) -> Result<OneTx> {
+        let set = client
+            .prepare("SELECT set_config('app.current_user_id', $1, true)")
+            .await?;
+        let insert = client
+            .prepare(concat!(
+                "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, field_meta, client_id) ",
+                "VALUES ($1, 'tasks', $2, $3, 'insert', $4, '{}', $5)"
+            ))
+            .await?;
+        Ok(OneTx { set, insert })
+    }
+
+    /// Stores one change of `user`'s record `id` (app todo, table tasks) in a transaction of its own.
+    pub async fn store(
+        &self,
+        client: &mut tokio_postgres::Client,
+        user: &str,
+        id: &str,
+        data: &Value,
+        device: &str,
+    ) -> Result<()> {
+        let tx = client.transaction().await?;
+        tx.execute(&self.set, &[&user]).await?;
+        tx.execute(&self.insert, &[&APP, &id, &user, data, &device])
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
 /// Today's server's pattern: one transaction per change (set_config + single-row INSERT), `conns`
 /// connections as the ordinary role, each its own user.
-async fn one_tx_cell(cluster: &Cluster, tag: &str, conns: usize, warm: Duration, dur: Duration) -> Result<f64> {
+async fn one_tx_cell(
+    cluster: &Cluster,
+    tag: &str,
+    conns: usize,
+    warm: Duration,
+    dur: Duration,
+) -> Result<f64> {
     let start = Instant::now() + Duration::from_millis(200);
     let warm_end = start + warm;
     let end = warm_end + dur;
@@ -245,15 +300,7 @@ async fn one_tx_cell(cluster: &Cluster, tag: &str, conns: usize, warm: Duration,
         let dev = format!("{tag}-d{c}");
         tasks.push(tokio::spawn(async move {
             let mut client = connect_pg(&conn_str).await?;
-            let set = client
-                .prepare("SELECT set_config('app.current_user_id', $1, true)")
-                .await?;
-            let ins = client
-                .prepare(concat!(
-                    "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, field_meta, client_id) ",
-                    "VALUES ($1, 'tasks', $2, $3, 'insert', $4, '{}', $5)"
-                ))
-                .await?;
+            let one_tx = OneTx::prepare(&client).await?;
             tokio::time::sleep_until(start.into()).await;
             let mut seq = 0u64;
             let mut window = 0u64;
@@ -261,10 +308,7 @@ async fn one_tx_cell(cluster: &Cluster, tag: &str, conns: usize, warm: Duration,
                 seq += 1;
                 let id = format!("r-{dev}-{seq}");
                 let data = record(&dev, seq);
-                let tx = client.transaction().await?;
-                tx.execute(&set, &[&user]).await?;
-                tx.execute(&ins, &[&APP, &id, &user, &data, &dev]).await?;
-                tx.commit().await?;
+                one_tx.store(&mut client, &user, &id, &data, &dev).await?;
                 let done = Instant::now();
                 if done >= warm_end && done <= end {
                     window += 1;
@@ -291,7 +335,11 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
     let keys = Keys::create()?;
     let server = InProcess::start(cluster, &keys).await?;
     let addr = server.addr;
-    let durability = if args.durable { "durable" } else { "non-durable (fsync/synchronous_commit/full_page_writes off)" };
+    let durability = if args.durable {
+        "durable"
+    } else {
+        "non-durable (fsync/synchronous_commit/full_page_writes off)"
+    };
     println!("push: cluster {durability}; server in-process on {addr}; {} cores; runs {}, warm-up {:?}, measured {:?} per cell",
         num_cpus(), args.runs, args.warm, args.dur);
 
@@ -310,8 +358,12 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
             let tag = format!("otx{nonce}r{run}c{c}");
             let v = one_tx_cell(cluster, &tag, c, args.warm, args.dur).await?;
             eprintln!("  run {run}: one-tx-per-change, {c} connections: {v:.0} changes/s");
-            results.write("push", "run", json!({"run": run, "baseline": "one_tx_per_change", "connections": c,
-                "changes_per_s": v, "durable": args.durable}));
+            results.write(
+                "push",
+                "run",
+                json!({"run": run, "baseline": "one_tx_per_change", "connections": c,
+                "changes_per_s": v, "durable": args.durable}),
+            );
             one_tx.entry(c).or_default().push(v);
             tx_run.insert(c, v);
         }
@@ -319,23 +371,38 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
             let tag = format!("raw{nonce}r{run}b{b}");
             let raw_v = raw_cell(cluster, &tag, b, args.warm, args.dur).await?;
             eprintln!("  run {run}: raw ingest, batch {b}: {raw_v:.0} changes/s");
-            results.write("push", "run", json!({"run": run, "baseline": "raw_ingest", "batch": b,
-                "changes_per_s": raw_v, "durable": args.durable}));
+            results.write(
+                "push",
+                "run",
+                json!({"run": run, "baseline": "raw_ingest", "batch": b,
+                "changes_per_s": raw_v, "durable": args.durable}),
+            );
             raw.entry(b).or_default().push(raw_v);
             let mut cells: Vec<(usize, bool)> = args.devices.iter().map(|&d| (d, false)).collect();
             cells.extend(args.one_user_devices.iter().map(|&d| (d, true)));
             for (d, one_user) in cells {
-                let tag = format!("p{nonce}r{run}b{b}d{d}{}", if one_user { "one" } else { "" });
-                let (v, out) =
-                    push_cell(addr, cluster, &keys, &tag, b, d, one_user, args.warm, args.dur).await?;
+                let tag = format!(
+                    "p{nonce}r{run}b{b}d{d}{}",
+                    if one_user { "one" } else { "" }
+                );
+                let (v, out) = push_cell(
+                    addr, cluster, &keys, &tag, b, d, one_user, args.warm, args.dur,
+                )
+                .await?;
                 for e in out.errors.iter().take(5) {
-                    results.error(format!("push batch {b} devices {d} one_user {one_user}: {e}"));
+                    results.error(format!(
+                        "push batch {b} devices {d} one_user {one_user}: {e}"
+                    ));
                 }
                 if out.errors.len() > 5 {
                     results.errors += (out.errors.len() - 5) as u64;
                     eprintln!("  ... {} more errors", out.errors.len() - 5);
                 }
-                let tx_base = tx_run.get(&d).copied().or_else(|| tx_run.values().copied().last()).unwrap_or(f64::NAN);
+                let tx_base = tx_run
+                    .get(&d)
+                    .copied()
+                    .or_else(|| tx_run.values().copied().last())
+                    .unwrap_or(f64::NAN);
                 eprintln!(
                     "  run {run}: push batch {b}, {d} devices ({}): {v:.0} changes/s, p50 {:.2} ms, p99 {:.2} ms; /raw {:.2}, /1tx {:.1}",
                     if one_user { "one user" } else { "distinct users" },
@@ -346,31 +413,61 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
                     "latency": out.hist.summary_ms(), "raw_ingest_changes_per_s": raw_v,
                     "one_tx_changes_per_s": tx_base, "ratio_raw": v / raw_v, "ratio_one_tx": v / tx_base,
                     "errors": out.errors.len(), "durable": args.durable}));
-                push.entry((b, d, one_user)).or_default().push((v, out.hist));
-                ratios_raw.entry((b, d, one_user)).or_default().push(v / raw_v);
-                ratios_tx.entry((b, d, one_user)).or_default().push(v / tx_base);
+                push.entry((b, d, one_user))
+                    .or_default()
+                    .push((v, out.hist));
+                ratios_raw
+                    .entry((b, d, one_user))
+                    .or_default()
+                    .push(v / raw_v);
+                ratios_tx
+                    .entry((b, d, one_user))
+                    .or_default()
+                    .push(v / tx_base);
             }
         }
     }
 
     println!();
-    println!("push ({}; medians of {} runs; ratios are medians of per-run ratios)", if args.durable { "durable cluster" } else { "non-durable cluster" }, args.runs);
+    println!(
+        "push ({}; medians of {} runs; ratios are medians of per-run ratios)",
+        if args.durable {
+            "durable cluster"
+        } else {
+            "non-durable cluster"
+        },
+        args.runs
+    );
     println!("| batch | devices | users | push changes/s | push p50 ms | push p99 ms | raw ingest changes/s | push/raw | one-tx-per-change changes/s (same conns) | push/one-tx |");
     println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for ((b, d, one_user), runs) in &push {
         let v = median(&runs.iter().map(|r| r.0).collect::<Vec<_>>());
-        let p50 = median(&runs.iter().map(|r| ms(r.1.quantile(0.5))).collect::<Vec<_>>());
-        let p99 = median(&runs.iter().map(|r| ms(r.1.quantile(0.99))).collect::<Vec<_>>());
+        let p50 = median(
+            &runs
+                .iter()
+                .map(|r| ms(r.1.quantile(0.5)))
+                .collect::<Vec<_>>(),
+        );
+        let p99 = median(
+            &runs
+                .iter()
+                .map(|r| ms(r.1.quantile(0.99)))
+                .collect::<Vec<_>>(),
+        );
         let raw_v = median(&raw[b]);
         let tx_v = one_tx.get(d).map(|v| median(v)).unwrap_or(f64::NAN);
         let rr = median(&ratios_raw[&(*b, *d, *one_user)]);
         let rt = median(&ratios_tx[&(*b, *d, *one_user)]);
         let users = if *one_user { "one" } else { "distinct" };
         println!("| {b} | {d} | {users} | {v:.0} | {p50:.2} | {p99:.2} | {raw_v:.0} | {rr:.2} | {tx_v:.0} | {rt:.1} |");
-        results.write("push", "summary", json!({"batch": b, "devices": d, "users": users, "runs": args.runs,
+        results.write(
+            "push",
+            "summary",
+            json!({"batch": b, "devices": d, "users": users, "runs": args.runs,
             "changes_per_s_median": v, "p50_ms_median": p50, "p99_ms_median": p99,
             "raw_ingest_changes_per_s_median": raw_v, "one_tx_changes_per_s_median": tx_v,
-            "ratio_raw_median": rr, "ratio_one_tx_median": rt, "durable": args.durable}));
+            "ratio_raw_median": rr, "ratio_one_tx_median": rt, "durable": args.durable}),
+        );
     }
     server.stop().await;
     Ok(())
