@@ -168,9 +168,15 @@ CREATE TABLE IF NOT EXISTS sync_records (
     schema_version INT NOT NULL DEFAULT 1,
     PRIMARY KEY (user_id, app_id, table_name, record_id)
 );
-CREATE INDEX IF NOT EXISTS idx_sync_records_user_app_updated ON sync_records (user_id, app_id, updated_at);
-CREATE INDEX IF NOT EXISTS idx_sync_records_user_app_table_updated
-    ON sync_records (user_id, app_id, table_name, updated_at);
+-- Snapshots page through an app's records by updated_at, optionally only some tables (table_name is the
+-- last column so the filter is checked in the index). No index but the primary key starts with
+-- (user_id, app_id, table_name): a push loads its records by primary key, and without statistics (a young
+-- table) the planner picked a (user_id, app_id, table_name, updated_at) index and filtered a whole table's
+-- records instead. (Replaces that index and (user_id, app_id, updated_at), which older versions created.)
+CREATE INDEX IF NOT EXISTS idx_sync_records_user_app_updated_table
+    ON sync_records (user_id, app_id, updated_at, table_name);
+DROP INDEX IF EXISTS idx_sync_records_user_app_updated;
+DROP INDEX IF EXISTS idx_sync_records_user_app_table_updated;
 ALTER TABLE sync_records ENABLE ROW LEVEL SECURITY;
 ALTER TABLE sync_records FORCE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS sync_records_owner ON sync_records;
