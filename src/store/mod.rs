@@ -747,7 +747,7 @@ async fn log_page(
         None
     };
     Ok(Page {
-        changes: changes.iter().map(StoredChange::to_wire).collect(),
+        changes: changes.into_iter().map(StoredChange::into_wire).collect(),
         next,
     })
 }
