@@ -6,6 +6,10 @@
 //! pull, under the same per-user lock, so it never skips a change a pull would have returned. Events of the
 //! unified stream carry an `id:` — the cursor up to which every listed app has been delivered — so a client
 //! can resume with `Last-Event-ID` without a gap.
+//!
+//! A stream cannot be re-authenticated: it ends when its token expires (plus `WS_TOKEN_LEEWAY_SECS`, as a
+//! WebSocket closes with 4001), with a last `token-expired` event; the client reconnects with a fresh token
+//! and resumes from its cursor.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -44,6 +48,7 @@ pub async fn open(
     scope: Scope,
     user: String,
     device: Option<String>,
+    expires: tokio::time::Instant,
 ) -> Result<Response<Body>, ApiError> {
     let last_event_id = match request.headers().get("last-event-id") {
         None => None,
@@ -98,6 +103,7 @@ pub async fn open(
         start: query.since,
         cursors,
         sender,
+        expires,
     };
     tokio::spawn(stream.run(registration));
 
@@ -123,12 +129,15 @@ struct Stream {
     /// Per app: everything up to here has been delivered.
     cursors: BTreeMap<String, Micros>,
     sender: mpsc::Sender<Bytes>,
+    /// The token's expiry plus the leeway: the stream ends then.
+    expires: tokio::time::Instant,
 }
 
 /// Why a stream ended.
 enum End {
     ClientGone,
     Stalled,
+    TokenExpired,
     Store(StoreError),
 }
 
@@ -151,6 +160,13 @@ impl Stream {
                     Err(Evicted::SlowConsumer) => Err(End::Stalled),
                 },
                 _ = heartbeat.tick() => self.send(sse_event("heartbeat", None, "{}")).await,
+                () = tokio::time::sleep_until(self.expires) => {
+                    let why = json!({
+                        "error": "token_expired",
+                        "message": "the token expired; reconnect with a fresh one and resume from your cursor",
+                    });
+                    self.send(sse_event("token-expired", None, &why.to_string())).await.and(Err(End::TokenExpired))
+                },
                 () = self.sender.closed() => Err(End::ClientGone),
                 _ = shutdown.changed() => break,
             };

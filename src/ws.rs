@@ -353,8 +353,9 @@ impl Session {
     }
 }
 
-/// When a socket authenticated with `claims` must close unless refreshed: at expiry plus the leeway.
-fn token_deadline(claims: &Claims, leeway: Duration) -> Instant {
+/// When a socket (or stream) authenticated with `claims` must close unless refreshed: at expiry plus the
+/// leeway.
+pub(crate) fn token_deadline(claims: &Claims, leeway: Duration) -> Instant {
     let remaining = claims.exp.saturating_sub(unix_now()).max(0) as u64;
     Instant::now() + Duration::from_secs(remaining) + leeway
 }

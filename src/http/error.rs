@@ -16,6 +16,8 @@ pub struct ApiError {
     pub retry_after: Option<u32>,
     /// For 405.
     pub allow: Option<&'static str>,
+    /// The connection is closed after this answer (the request's body was not, or not wholly, read).
+    pub close: bool,
 }
 
 impl ApiError {
@@ -26,6 +28,19 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             allow: None,
+            close: false,
+        }
+    }
+
+    /// 413 for a body over `cap` bytes; the connection closes after it.
+    pub fn payload_too_large(cap: usize) -> ApiError {
+        ApiError {
+            close: true,
+            ..ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("request body exceeds the limit of {cap} bytes"),
+            )
         }
     }
 
@@ -80,6 +95,13 @@ impl From<StoreError> for ApiError {
             StoreError::Contention(_) => ApiError::unavailable(
                 "database_contention",
                 "the write collided with another; retry shortly",
+            ),
+            StoreError::Rejected(why) => ApiError::bad_request(
+                "invalid_value",
+                format!(
+                    "the database refused a value of this request ({}); nothing was written",
+                    why.database_message().unwrap_or("data exception")
+                ),
             ),
             StoreError::Internal(why) => {
                 crate::log::error("database error", &[("error", why.to_string().into())]);

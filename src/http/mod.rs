@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -179,18 +179,12 @@ async fn push(
     let header_device = client_id_header(request.headers())?;
     check_content_type(request.headers())?;
     let received_at = now_micros();
-    let body = tokio::time::timeout(
+    let body = read_body(
+        request,
+        app.config.max_body_bytes,
         app.config.body_read_timeout,
-        read_body(request, app.config.max_body_bytes),
     )
-    .await
-    .map_err(|_| {
-        ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            "the request body did not arrive in time",
-        )
-    })??;
+    .await?;
     let changeset = protocol::parse_changeset(&body, received_at)?;
     drop(body);
     let device = header_device.or_else(|| changeset.client_id.clone());
@@ -268,7 +262,8 @@ async fn stream(
     let claims = authenticate(app, request.headers()).await?;
     gate(app, &claims.sub).await?;
     let device = client_id_header(request.headers())?;
-    sse::open(app.clone(), request, scope, claims.sub, device).await
+    let expires = crate::ws::token_deadline(&claims, app.config.ws_token_leeway);
+    sse::open(app.clone(), request, scope, claims.sub, device, expires).await
 }
 
 async fn health(app: &App) -> Result<Response<Body>, ApiError> {
@@ -381,34 +376,89 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// Reads the whole body, refusing more than `cap` bytes: a declared length over the cap is refused before
 /// reading anything, and a chunked body is cut off as soon as it grows past the cap.
-async fn read_body(request: Request<Incoming>, cap: usize) -> Result<Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("request body exceeds the limit of {cap} bytes"),
-        )
+/// How much of an oversized body is read and thrown away so that the client, which may be writing it all
+/// before it reads anything (browsers' `fetch`, Node), gets to read the 413 instead of a broken pipe: up
+/// to this many bytes in all, within `DRAIN_TIME`, while data keeps coming (`DRAIN_IDLE`). Larger, slower
+/// or stalled bodies are cut off.
+const DRAIN_FACTOR: usize = 2;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+const DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads a request body of at most `cap` bytes within `timeout` (408 `body_timeout` otherwise). A body over
+/// the cap — declared or found while reading a chunked one — answers 413 `payload_too_large` after the
+/// rest is drained (never kept) up to `DRAIN_FACTOR` × cap, and the connection is closed after it.
+async fn read_body(
+    request: Request<Incoming>,
+    cap: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, ApiError> {
+    let drain_limit = cap.saturating_mul(DRAIN_FACTOR) as u64;
+    let declared = match request.headers().get(header::CONTENT_LENGTH) {
+        None => None,
+        Some(length) => Some(
+            length
+                .to_str()
+                .ok()
+                .and_then(|l| l.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_content_length",
+                        "Content-Length is not a number",
+                    )
+                })?,
+        ),
     };
-    if let Some(length) = request.headers().get(header::CONTENT_LENGTH) {
-        let length: u64 = length
-            .to_str()
-            .ok()
-            .and_then(|l| l.parse().ok())
-            .ok_or_else(|| {
-                ApiError::bad_request("invalid_content_length", "Content-Length is not a number")
-            })?;
-        if length > cap as u64 {
-            return Err(too_large());
+    let mut body = request.into_body();
+    if let Some(length) = declared.filter(|&length| length > cap as u64) {
+        if length <= drain_limit {
+            drain(&mut body, drain_limit).await;
         }
+        return Err(ApiError::payload_too_large(cap));
     }
-    match Limited::new(request.into_body(), cap).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(_) => Err(ApiError::bad_request(
-            "body_read_failed",
-            "the request body could not be read",
+    let read = async {
+        let mut collected = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| {
+                ApiError::bad_request("body_read_failed", "the request body could not be read")
+            })?;
+            if let Ok(data) = frame.into_data() {
+                if collected.len() + data.len() > cap {
+                    return Ok(None);
+                }
+                collected.extend_from_slice(&data);
+            }
+        }
+        Ok(Some(collected.freeze()))
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(Some(bytes))) => Ok(bytes),
+        Ok(Ok(None)) => {
+            drain(&mut body, drain_limit.saturating_sub(cap as u64)).await;
+            Err(ApiError::payload_too_large(cap))
+        }
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "the request body did not arrive in time",
         )),
     }
+}
+
+/// Reads and discards up to `limit` more bytes of `body` within `DRAIN_TIME`, while frames keep coming.
+async fn drain(body: &mut Incoming, limit: u64) {
+    let discard = async {
+        let mut seen = 0u64;
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout(DRAIN_IDLE, body.frame()).await {
+            if let Ok(data) = frame.into_data() {
+                seen += data.len() as u64;
+                if seen > limit {
+                    return;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, discard).await;
 }
 
 fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
@@ -438,6 +488,9 @@ pub fn error_response(error: &ApiError) -> Response<Body> {
     }
     if error.status == StatusCode::UNAUTHORIZED {
         headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    if error.close {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
 }

@@ -331,3 +331,44 @@ fn emitted_changes_omit_absent_keys_and_always_date_deletes() {
     assert_eq!(bare["deletedAt"], json!("2026-11-21T10:05:00.000Z"));
     assert!(bare.get("fields").is_none() && bare.get("data").is_none());
 }
+
+#[test]
+fn numbers_postgresql_cannot_store_are_refused_naming_the_change() {
+    use crate::protocol::changeset::storable_number;
+    for ok in [
+        "0",
+        "-0",
+        "1",
+        "-1.5",
+        "1e1000",
+        "1E-1000",
+        "1e+5",
+        "0.000e1000",
+        "0e-1000",
+        "123456789012345678901234567890",
+    ] {
+        assert!(storable_number(ok), "{ok}");
+    }
+    let digits = |n: usize| "9".repeat(n);
+    assert!(storable_number(&digits(131_072)));
+    assert!(!storable_number(&digits(131_073)));
+    assert!(storable_number(&format!("0.{}", digits(16_383))));
+    assert!(!storable_number(&format!("0.{}", digits(16_384))));
+    assert!(storable_number(&format!("{}e1000", digits(130_072))));
+    assert!(!storable_number(&format!("{}e1000", digits(130_073))));
+    for bad in [
+        "1e1001",
+        "1e-1001",
+        "1e131072",
+        "1e-16384",
+        "1e99999999999999999999",
+    ] {
+        assert!(!storable_number(bad), "{bad}");
+    }
+    let body: Value = serde_json::from_str(
+        r#"{"changes":[{"table":"t","id":"a","op":"insert","data":{}},
+                       {"table":"t","id":"b","op":"insert","data":{"x":[1,{"y":1e131072}]}}]}"#,
+    )
+    .unwrap();
+    check_rejected(body, "invalid_number", "change 1: data holds the number 1e");
+}

@@ -39,6 +39,9 @@ pub enum StoreError {
     Saturated,
     /// The database aborted the transaction to resolve contention (deadlock, serialization): retry.
     Contention(Cause),
+    /// The database refused a value the client sent (SQLSTATE class 22, data exception): the client's
+    /// fault, nothing was written, a retry fails the same way.
+    Rejected(Cause),
     /// Anything else: a bug or a broken database, never the client's fault.
     Internal(Cause),
 }
@@ -63,6 +66,14 @@ impl Cause {
     pub fn code(&self) -> Option<&SqlState> {
         self.source.as_deref().and_then(tokio_postgres::Error::code)
     }
+
+    /// PostgreSQL's own message (without our prefix), if it sent one.
+    pub fn database_message(&self) -> Option<&str> {
+        self.source
+            .as_deref()
+            .and_then(tokio_postgres::Error::as_db_error)
+            .map(|e| e.message())
+    }
 }
 
 impl std::fmt::Display for Cause {
@@ -81,6 +92,7 @@ impl std::fmt::Display for StoreError {
             StoreError::Unavailable(why) => write!(f, "database unavailable: {why}"),
             StoreError::Saturated => f.write_str("database connection pool saturated"),
             StoreError::Contention(why) => write!(f, "transaction aborted by contention: {why}"),
+            StoreError::Rejected(why) => write!(f, "the database refused a value: {why}"),
             StoreError::Internal(why) => write!(f, "database error: {why}"),
         }
     }
@@ -91,6 +103,7 @@ impl std::error::Error for StoreError {
         match self {
             StoreError::Unavailable(why)
             | StoreError::Contention(why)
+            | StoreError::Rejected(why)
             | StoreError::Internal(why) => why.source.as_deref().map(|e| e as _),
             StoreError::Saturated => None,
         }
@@ -126,6 +139,7 @@ impl From<tokio_postgres::Error> for StoreError {
                     StoreError::Unavailable
                 }
                 Some(code) if CONTENTION_STATES.contains(code) => StoreError::Contention,
+                Some(code) if code.code().starts_with("22") => StoreError::Rejected,
                 Some(_) => StoreError::Internal,
                 // No SQLSTATE: the socket failed (unavailable) or we sent or read something wrong (a bug).
                 None if std::error::Error::source(error)

@@ -91,6 +91,11 @@ fn push_json(name: &str, body: Value, code: &'static str) -> Case {
 }
 
 /// A push of one valid insert followed by `bad` (so the error must name change 1 and nothing is written).
+/// A JSON value from its text, numbers kept exactly as written (serde_json's `arbitrary_precision`).
+fn raw_json(text: &str) -> Value {
+    serde_json::from_str(text).expect("test JSON")
+}
+
 fn bad_change(name: &str, bad: Value, code: &'static str) -> Case {
     push_json(
         name,
@@ -575,6 +580,32 @@ fn cases(user: &str) -> Vec<Case> {
             "U+0000: field value",
             json!({"table": "tasks", "id": "x", "op": "update", "fields": {"a": {"value": "\u{0}"}}}),
             "invalid_change",
+        ),
+        // ---- numbers PostgreSQL's numeric cannot hold (JSON can write them; serde_json keeps their text)
+        bad_change(
+            "number: 1e131072 in data",
+            raw_json(r#"{"table":"tasks","id":"n","op":"insert","data":{"n":1e131072}}"#),
+            "invalid_number",
+        ),
+        bad_change(
+            "number: 1e-16384 in a field",
+            raw_json(
+                r#"{"table":"tasks","id":"n","op":"update","fields":{"n":{"value":1e-16384}}}"#,
+            ),
+            "invalid_number",
+        ),
+        bad_change(
+            "number: 200,000 digits in actor",
+            raw_json(&format!(
+                r#"{{"table":"tasks","id":"n","op":"insert","data":{{}},"actor":{{"n":{}}}}}"#,
+                "9".repeat(200_000)
+            )),
+            "invalid_number",
+        ),
+        bad_change(
+            "number: exponent 1001, nested in data",
+            raw_json(r#"{"table":"tasks","id":"n","op":"insert","data":{"a":[{"b":1E+1001}]}}"#),
+            "invalid_number",
         ),
         // ---- body size and framing -----------------------------------------------------------------
         case(
@@ -1402,5 +1433,64 @@ async fn websocket_bad_messages_after_auth_are_errors_not_closes() {
         next_frame(&mut socket, WAIT).await,
         Received::Json(json!({"type": "pong"}))
     );
+    server.stop().await;
+}
+
+/// Behind the parser's own check: any value PostgreSQL refuses (SQLSTATE class 22) is the client's fault,
+/// not a 500, and the batch is written not at all. The store is driven directly with a batch the parser
+/// would have refused, the way a future gap in the parser would let one through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_the_database_refuses_is_a_client_error_and_writes_nothing() {
+    use mana_sync::protocol::{Changeset, NewChange, Op};
+    let server = TestServer::start().await;
+    let user = unique_user("refused-value");
+    let good = |id: &str, data: Value| NewChange {
+        table: "tasks".into(),
+        record_id: id.into(),
+        op: Op::Insert,
+        data: data.as_object().unwrap().clone(),
+        field_meta: Default::default(),
+        space_id: None,
+        actor: None,
+        origin: None,
+        schema_version: 1,
+    };
+    let batch = Changeset {
+        client_id: None,
+        since: mana_sync::protocol::time::parse_rfc3339(LOG_START).unwrap(),
+        changes: vec![
+            good("fine", json!({"title": "ok"})),
+            good("huge", serde_json::from_str(r#"{"n": 1e131072}"#).unwrap()),
+        ],
+        received_at: mana_sync::http::now_micros(),
+    };
+    let error = server
+        .app
+        .store
+        .push(&user, "todo", Some("dev"), &batch, 100, None)
+        .await
+        .expect_err("PostgreSQL cannot store 1e131072");
+    assert!(
+        matches!(error, mana_sync::store::StoreError::Rejected(_)),
+        "{error:?}"
+    );
+    let api = mana_sync::http::error::ApiError::from(error);
+    assert_eq!(
+        (api.status.as_u16(), api.code),
+        (400, "invalid_value"),
+        "{}",
+        api.message
+    );
+    assert_eq!(support::count_rows(&user).await, 0);
+    // The connection it used is fine for the next request.
+    let reply = server
+        .push(
+            &user,
+            "todo",
+            Some("dev"),
+            &changeset(vec![insert("tasks", "t", json!({}))]),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
     server.stop().await;
 }

@@ -623,3 +623,82 @@ async fn saturated_pool_is_503_and_nothing_queues_forever() {
     assert_eq!(reply.status, 200, "{}", reply.text);
     server.stop().await;
 }
+
+/// What a browser's `fetch` does with a big upload: it writes the whole body before it reads anything.
+/// The server must let it finish (draining what it will not keep) so the 413 can be read, not answer
+/// and close under it (a broken pipe, which the client reports as a network error and retries forever).
+/// Twenty 12 MB pushes in a row, declared and chunked; nothing is written; the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_written_before_reading_gets_a_readable_413() {
+    use std::io::{Read, Write};
+    let server = TestServer::start().await;
+    let user = unique_user("big-upload");
+    let auth = bearer(&user);
+    let body = vec![b' '; 12 * 1024 * 1024];
+    let addr = server.addr;
+    for attempt in 0..20 {
+        let chunked = attempt % 2 == 1;
+        let auth = auth.clone();
+        let body = body.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let framing = if chunked {
+                "Transfer-Encoding: chunked".to_owned()
+            } else {
+                format!("Content-Length: {}", body.len())
+            };
+            let head = format!(
+                "POST /sync/todo HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\
+                 Content-Type: application/json\r\n{framing}\r\n\r\n"
+            );
+            let mut written = stream.write_all(head.as_bytes());
+            if chunked {
+                for chunk in body.chunks(64 * 1024) {
+                    written = written
+                        .and_then(|()| write!(stream, "{:x}\r\n", chunk.len()))
+                        .and_then(|()| stream.write_all(chunk))
+                        .and_then(|()| stream.write_all(b"\r\n"));
+                }
+                written = written.and_then(|()| stream.write_all(b"0\r\n\r\n"));
+            } else {
+                written = written.and_then(|()| stream.write_all(&body));
+            }
+            written.map_err(|e| format!("writing the body failed: {e}"))?;
+            let mut answer = Vec::new();
+            stream
+                .read_to_end(&mut answer)
+                .map_err(|e| format!("reading the answer failed: {e}"))?;
+            Ok::<_, String>(String::from_utf8_lossy(&answer).into_owned())
+        })
+        .await
+        .unwrap();
+        let answer =
+            answer.unwrap_or_else(|e| panic!("attempt {attempt} (chunked: {chunked}): {e}"));
+        assert!(
+            answer.starts_with("HTTP/1.1 413"),
+            "attempt {attempt}: {answer}"
+        );
+        assert!(
+            answer.contains("\"error\":\"payload_too_large\""),
+            "{answer}"
+        );
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+    }
+    assert_eq!(support::count_rows(&user).await, 0);
+    let reply = server
+        .push(
+            &user,
+            "todo",
+            Some("dev-a"),
+            &changeset(vec![insert("tasks", "t1", json!({}))]),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    server.stop().await;
+}

@@ -747,3 +747,57 @@ async fn the_unified_stream_covers_many_apps_and_resumes_from_last_event_id_with
     reply.assert_error(400, "invalid_last_event_id");
     server.stop().await;
 }
+
+/// A stream cannot re-authenticate, so it ends when its token expires (plus the leeway), with a last
+/// `token-expired` event, instead of delivering changes for as long as the client keeps it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_at_token_expiry_with_an_event_that_says_why() {
+    let server = TestServer::start_with(|c| c.ws_token_leeway = Duration::ZERO).await;
+    let user = unique_user("sse-exp");
+    for path in ["/sync/todo/stream", "/sync/stream?apps=todo"] {
+        let started = std::time::Instant::now();
+        let short = token_with(
+            &json!({"sub": user, "aud": "mana", "exp": mana_sync::auth::unix_now() + 2}),
+        );
+        let url = server.url(path);
+        let auth = format!("Bearer {short}");
+        let mut stream = SseClient::open(&url, &[("authorization", &auth)]).await;
+        assert_eq!(stream.status, 200, "{path}");
+        // Still delivering before the expiry.
+        let pushed = server
+            .push(
+                &user,
+                "todo",
+                Some("laptop"),
+                &changeset(vec![insert("tasks", path, json!({}))]),
+            )
+            .await;
+        assert_eq!(pushed.status, 200, "{}", pushed.text);
+        // Changes (the backlog, then the push) until the last event.
+        let mut changes = 0;
+        let last = loop {
+            let event = stream.next_change(WAIT).await.expect("an event");
+            if event.event != "changes" {
+                break event;
+            }
+            changes += 1;
+        };
+        assert!(
+            changes >= 1,
+            "{path}: the push was delivered before the expiry"
+        );
+        assert_eq!(last.event, "token-expired", "{path}");
+        assert_eq!(last.data["error"], json!("token_expired"));
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "not before the token expired: {:?}",
+            started.elapsed()
+        );
+        let after = tokio::time::timeout(WAIT, stream.events.recv()).await;
+        assert!(
+            matches!(after, Ok(None)),
+            "{path}: the stream ended: {after:?}"
+        );
+    }
+    server.stop().await;
+}
