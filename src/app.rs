@@ -33,6 +33,8 @@ pub struct App {
     pub metrics: Metrics,
     /// Permits for requests in flight (SPEC §11: saturation answers 503, it does not queue).
     pub request_permits: Arc<tokio::sync::Semaphore>,
+    /// Requests in flight per user (at most `MAX_REQUESTS_PER_USER`; more get 429).
+    pub requests_per_user: Arc<crate::http::per_user::InFlight>,
     open_connections: AtomicUsize,
 }
 
@@ -124,6 +126,7 @@ pub async fn build(
             acquire_timeout: config.db_acquire_timeout,
             retention: config.log_retention,
             known_users: config.known_stamps_max_users,
+            max_per_user: config.db_max_per_user,
         },
     );
     migrate(&store).await?;
@@ -173,6 +176,7 @@ pub async fn build(
         config.ws_max_per_user,
     ));
     let request_permits = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests));
+    let requests_per_user = crate::http::per_user::InFlight::new(config.max_requests_per_user);
     let app = Arc::new(App {
         config,
         store,
@@ -184,6 +188,7 @@ pub async fn build(
         billing,
         metrics: Metrics::default(),
         request_permits,
+        requests_per_user,
         open_connections: AtomicUsize::new(0),
     });
     crate::notify::spawn_listener(app.clone());

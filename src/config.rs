@@ -28,6 +28,8 @@ pub struct Config {
     pub pull_page_size: usize,
     pub pull_max_page_size: usize,
     pub db_pool_size: usize,
+    /// Pool connections one user may hold at once.
+    pub db_max_per_user: usize,
     pub db_acquire_timeout: Duration,
     pub header_read_timeout: Duration,
     pub max_connections: usize,
@@ -52,6 +54,8 @@ pub struct Config {
     pub billing_cache_max_users: usize,
     /// Requests handled at once; more get 503 + Retry-After instead of queueing without bound.
     pub max_concurrent_requests: usize,
+    /// Requests of one user handled at once; more get 429 + Retry-After.
+    pub max_requests_per_user: usize,
     /// A keep-alive connection with no request in flight for this long is closed.
     pub idle_timeout: Duration,
     /// A request body must arrive completely within this (slow-body attacks hold connections otherwise).
@@ -152,6 +156,7 @@ impl Config {
             pull_page_size: positive(&get, "PULL_PAGE_SIZE", 1000)?,
             pull_max_page_size: positive(&get, "PULL_MAX_PAGE_SIZE", 5000)?,
             db_pool_size: positive(&get, "DB_POOL_SIZE", 16)?,
+            db_max_per_user: positive(&get, "DB_MAX_PER_USER", 4)?,
             db_acquire_timeout: millis(&get, "DB_ACQUIRE_TIMEOUT_MS", 5000)?,
             header_read_timeout: millis(&get, "HEADER_READ_TIMEOUT_MS", 10_000)?,
             max_connections: positive(&get, "MAX_CONNECTIONS", 10_000)?,
@@ -187,6 +192,7 @@ impl Config {
             billing_timeout: millis(&get, "BILLING_TIMEOUT_MS", 2000)?,
             billing_cache_max_users: positive(&get, "BILLING_CACHE_MAX_USERS", 100_000)?,
             max_concurrent_requests: positive(&get, "MAX_CONCURRENT_REQUESTS", 1024)?,
+            max_requests_per_user: positive(&get, "MAX_REQUESTS_PER_USER", 64)?,
             idle_timeout: millis(&get, "IDLE_TIMEOUT_MS", 60_000)?,
             known_stamps_max_users: parse(
                 &get,

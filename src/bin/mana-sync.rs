@@ -179,6 +179,7 @@ async fn migrate() -> Result<(), String> {
             acquire_timeout: config.db_acquire_timeout,
             retention: config.log_retention,
             known_users: 0,
+            max_per_user: 1,
         },
     );
     let outcome = app::migrate(&store).await.map_err(|e| e.to_string());

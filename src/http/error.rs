@@ -32,6 +32,14 @@ impl ApiError {
         }
     }
 
+    /// 429: this user has too much in flight; retry shortly.
+    pub fn too_many_requests(message: impl Into<String>) -> ApiError {
+        ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", message)
+        }
+    }
+
     /// 413 for a body over `cap` bytes; the connection closes after it.
     pub fn payload_too_large(cap: usize) -> ApiError {
         ApiError {

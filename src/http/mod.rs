@@ -5,6 +5,7 @@
 //! are added here, to every response, so that browsers also see error bodies.
 
 pub mod error;
+pub mod per_user;
 pub mod router;
 
 use std::convert::Infallible;
@@ -175,6 +176,7 @@ async fn push(
     app_id: &str,
 ) -> Result<Response<Body>, ApiError> {
     let claims = authenticate(app, request.headers()).await?;
+    let _slot = user_slot(app, &claims.sub)?;
     gate(app, &claims.sub).await?;
     let header_device = client_id_header(request.headers())?;
     check_content_type(request.headers())?;
@@ -237,6 +239,7 @@ async fn pull(
     app_id: &str,
 ) -> Result<Response<Body>, ApiError> {
     let claims = authenticate(app, request.headers()).await?;
+    let _slot = user_slot(app, &claims.sub)?;
     gate(app, &claims.sub).await?;
     let device = client_id_header(request.headers())?;
     let query = protocol::parse_pull_query(
@@ -260,6 +263,7 @@ async fn stream(
     scope: sse::Scope,
 ) -> Result<Response<Body>, ApiError> {
     let claims = authenticate(app, request.headers()).await?;
+    let _slot = user_slot(app, &claims.sub)?;
     gate(app, &claims.sub).await?;
     let device = client_id_header(request.headers())?;
     let expires = crate::ws::token_deadline(&claims, app.config.ws_token_leeway);
@@ -287,6 +291,17 @@ async fn health(app: &App) -> Result<Response<Body>, ApiError> {
         StatusCode::SERVICE_UNAVAILABLE
     };
     Ok(json_response(status, &body))
+}
+
+/// One of the user's request slots, held until the handler returns (a stream's body outlives it), so one
+/// user's requests hold at most their share of the server's slots, however slowly their bodies arrive.
+fn user_slot(app: &App, user: &str) -> Result<per_user::Slot, ApiError> {
+    app.requests_per_user.enter(user).ok_or_else(|| {
+        ApiError::too_many_requests(format!(
+            "more than {} requests of this account are in flight; retry shortly",
+            app.config.max_requests_per_user
+        ))
+    })
 }
 
 /// The billing gate (SPEC §9): 402 for users whose sync is inactive; failures of the billing service let

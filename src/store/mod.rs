@@ -6,6 +6,7 @@
 //! form for a push, the shared form for a read. Together with the stamping trigger in `schema.sql` that is
 //! what makes the cursor guarantee hold (see ARCHITECTURE.md, "The cursor").
 
+mod fair;
 mod known;
 mod pool;
 mod push;
@@ -167,12 +168,17 @@ pub struct StoreOptions {
     pub retention: Option<Duration>,
     /// Users whose newest stamp is kept in memory (0: none; every read asks the database).
     pub known_users: usize,
+    /// Pool connections one user may hold at once (at most `pool_size`).
+    pub max_per_user: usize,
 }
 
 pub struct Store {
     pool: Pool,
     retention: Option<Duration>,
     known: KnownStamps,
+    /// Per-user shares of the pool, taken before a pooled connection.
+    slots: fair::UserSlots,
+    acquire_timeout: Duration,
 }
 
 /// What the schema migration did.
@@ -186,10 +192,24 @@ pub enum Migration {
 const USER_LOCK_CLASS: i32 = 0x5359_4E43;
 const MIGRATION_LOCK_CLASS: i32 = USER_LOCK_CLASS + 1;
 
-const LOCK_SHARED: &str =
-    "SELECT set_config('app.current_user_id', $1, true), pg_advisory_xact_lock_shared(1398361667, hashtext($1))";
-const LOCK_EXCLUSIVE: &str =
-    "SELECT set_config('app.current_user_id', $1, true), pg_advisory_xact_lock(1398361667, hashtext($1))";
+/// Waiting for the user's lock (held by another instance or a direct writer) ends after this, with
+/// SQLSTATE 55P03 (contention: 503 + Retry-After). It also bounds every other lock wait of the transaction.
+macro_rules! lock_timeout {
+    () => {
+        "set_config('lock_timeout', '5000', true)"
+    };
+}
+pub(crate) use lock_timeout;
+const LOCK_SHARED: &str = concat!(
+    "SELECT set_config('app.current_user_id', $1, true), ",
+    lock_timeout!(),
+    ", pg_advisory_xact_lock_shared(1398361667, hashtext($1))"
+);
+const LOCK_EXCLUSIVE: &str = concat!(
+    "SELECT set_config('app.current_user_id', $1, true), ",
+    lock_timeout!(),
+    ", pg_advisory_xact_lock(1398361667, hashtext($1))"
+);
 /// The start of every log read: the columns `stored_change` reads, in its order, for one user's app.
 macro_rules! select_changes {
     () => {
@@ -273,6 +293,8 @@ impl Store {
             pool: Pool::new(config, options.pool_size, options.acquire_timeout),
             retention: options.retention,
             known: KnownStamps::new(options.known_users),
+            slots: fair::UserSlots::new(options.max_per_user.min(options.pool_size)),
+            acquire_timeout: options.acquire_timeout,
         }
     }
 
@@ -291,6 +313,22 @@ impl Store {
         let mut config = self.pool.config().clone();
         config.application_name(application_name);
         Ok(config.connect(tokio_postgres::NoTls).await?)
+    }
+
+    /// The user's share of the pool (and, for a writer, the user's turn), waited for before a pooled
+    /// connection is taken: one user cannot hold more than its share, whatever it sends.
+    async fn user_share(
+        &self,
+        user: &str,
+        write: bool,
+    ) -> Result<fair::UserPermit<'_>, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.acquire_timeout;
+        self.slots.acquire(user, write, deadline).await
+    }
+
+    /// Users holding or waiting for a share of the pool.
+    pub fn users_at_the_database(&self) -> usize {
+        self.slots.users()
     }
 
     /// What this instance knows of each user's clock (fed by commits and cross-instance hints).
@@ -421,6 +459,7 @@ impl Store {
             }
         }
         let ticket = self.known.ticket(user);
+        let _share = self.user_share(user, false).await?;
         let mut connection = self.pool.get().await?;
         let quick = match mode {
             ReadMode::Log(since) => {
@@ -543,6 +582,7 @@ impl Store {
         params: &[&(dyn ToSql + Sync)],
         map: impl Fn(&Row) -> T,
     ) -> Result<Vec<T>, StoreError> {
+        let _share = self.user_share(user, false).await?;
         let mut connection = self.pool.get().await?;
         let tx = connection.client.transaction().await?;
         tx.execute(

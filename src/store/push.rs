@@ -25,7 +25,8 @@ use crate::protocol::{Changeset, NewChange, SyncResponse, WireChange};
 /// schema's triggers (their `WHEN` skips them, so no PL/pgSQL runs for our inserts), the exclusive lock.
 const LOCK_PUSH: &str = concat!(
     "SELECT set_config('app.current_user_id', $1, true), set_config('mana_sync.stamped', 'on', true), ",
-    "pg_advisory_xact_lock(1398361667, hashtext($1))"
+    super::lock_timeout!(),
+    ", pg_advisory_xact_lock(1398361667, hashtext($1))"
 );
 /// The user's clock and fold state (no row for a user never seen) and the database's time.
 const PUSH_STATE: &str = concat!(
@@ -112,6 +113,9 @@ impl Store {
             ReadMode::Snapshot(_) => false,
         };
         let ticket = self.known.ticket(user);
+        // The user's pushes queue here, holding nothing shared, instead of at the advisory lock with a
+        // pooled connection each.
+        let _share = self.user_share(user, true).await?;
         let mut connection = self.pool.get().await?;
         connection.in_transaction = true;
         let pushed = PushTx {

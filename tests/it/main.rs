@@ -7,6 +7,7 @@ mod auth;
 mod bad_input;
 mod cli;
 mod cursor;
+mod fair_share;
 mod faults;
 mod http_errors;
 mod operations;

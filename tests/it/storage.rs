@@ -173,6 +173,7 @@ async fn the_migration_is_idempotent_and_safe_from_two_instances_at_once() {
         acquire_timeout: std::time::Duration::from_secs(10),
         retention: None,
         known_users: 0,
+        max_per_user: 2,
     };
     let stores: Vec<Store> = (0..3)
         .map(|_| Store::new(database.parse().unwrap(), &options))
