@@ -33,6 +33,8 @@ pub struct App {
     pub metrics: Metrics,
     /// Permits for requests in flight (SPEC §11: saturation answers 503, it does not queue).
     pub request_permits: Arc<tokio::sync::Semaphore>,
+    /// WebSockets that have not authenticated yet (at most `WS_MAX_UNAUTHENTICATED`; more get 503).
+    pub unauthenticated_sockets: Arc<tokio::sync::Semaphore>,
     /// Requests in flight per user (at most `MAX_REQUESTS_PER_USER`; more get 429).
     pub requests_per_user: Arc<crate::http::per_user::InFlight>,
     open_connections: AtomicUsize,
@@ -177,6 +179,8 @@ pub async fn build(
     ));
     let request_permits = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests));
     let requests_per_user = crate::http::per_user::InFlight::new(config.max_requests_per_user);
+    let unauthenticated_sockets =
+        Arc::new(tokio::sync::Semaphore::new(config.ws_max_unauthenticated));
     let app = Arc::new(App {
         config,
         store,
@@ -189,6 +193,7 @@ pub async fn build(
         metrics: Metrics::default(),
         request_permits,
         requests_per_user,
+        unauthenticated_sockets,
         open_connections: AtomicUsize::new(0),
     });
     crate::notify::spawn_listener(app.clone());

@@ -38,6 +38,8 @@ pub struct Config {
     /// A WebSocket must authenticate within this.
     pub ws_auth_timeout: Duration,
     pub ws_max_per_user: usize,
+    /// WebSockets waiting to authenticate, over all users.
+    pub ws_max_unauthenticated: usize,
     /// Added to a token's expiry before its socket is closed (at most 60 s per the contract).
     pub ws_token_leeway: Duration,
     pub ws_messages_per_second: u32,
@@ -169,6 +171,7 @@ impl Config {
             )?,
             ws_auth_timeout: millis(&get, "WS_AUTH_TIMEOUT_MS", 10_000)?,
             ws_max_per_user: positive(&get, "WS_MAX_PER_USER", 50)?,
+            ws_max_unauthenticated: positive(&get, "WS_MAX_UNAUTHENTICATED", 1000)?,
             ws_token_leeway: Duration::from_secs(parse(
                 &get,
                 "WS_TOKEN_LEEWAY_SECS",

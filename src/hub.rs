@@ -181,19 +181,11 @@ impl Hub {
         });
         let mut shard = self.shard(user).lock();
         let connections = shard.entry(user.to_owned()).or_default();
-        if kind == Kind::Socket {
-            let sockets = connections
-                .iter()
-                .filter(|s| s.kind == Kind::Socket)
-                .count();
-            if sockets >= self.max_sockets_per_user {
-                if connections.is_empty() {
-                    shard.remove(user);
-                }
-                return Err(RegisterError::TooManySockets {
-                    limit: self.max_sockets_per_user,
-                });
-            }
+        // One cap over WebSockets and streams together: either kind holds a socket and a task.
+        if connections.len() >= self.max_sockets_per_user {
+            return Err(RegisterError::TooManySockets {
+                limit: self.max_sockets_per_user,
+            });
         }
         connections.push(subscriber.clone());
         Ok(Registration {
@@ -416,24 +408,26 @@ mod tests {
     }
 
     #[test]
-    fn caps_sockets_per_user_but_not_streams() {
+    fn caps_sockets_and_streams_of_a_user_together() {
         let hub = Arc::new(Hub::new(2, 2));
         let _a = hub
             .register("u", Interest::Apps(None), Kind::Socket, None)
             .unwrap();
-        let _b = hub
-            .register("u", Interest::Apps(None), Kind::Socket, None)
-            .unwrap();
-        assert_eq!(
-            hub.register("u", Interest::Apps(None), Kind::Socket, None)
-                .err(),
-            Some(RegisterError::TooManySockets { limit: 2 })
-        );
-        assert!(hub
+        let b = hub
             .register("u", Interest::Apps(None), Kind::Stream, None)
-            .is_ok());
+            .unwrap();
+        for kind in [Kind::Socket, Kind::Stream] {
+            assert_eq!(
+                hub.register("u", Interest::Apps(None), kind, None).err(),
+                Some(RegisterError::TooManySockets { limit: 2 })
+            );
+        }
         assert!(hub
             .register("v", Interest::Apps(None), Kind::Socket, None)
+            .is_ok());
+        drop(b);
+        assert!(hub
+            .register("u", Interest::Apps(None), Kind::Stream, None)
             .is_ok());
     }
 

@@ -17,12 +17,31 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::TcpListener;
 
 use parking_lot::Mutex;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::app::App;
+use crate::app::{App, ConnectionGuard};
 use crate::log;
+
+/// A connection's place under `MAX_CONNECTIONS` and in the open-connection count, shared by its
+/// requests; whoever takes it (an upgraded WebSocket) keeps it until it ends.
+#[derive(Clone)]
+pub struct ConnectionSlot(Arc<parking_lot::Mutex<Option<(OwnedSemaphorePermit, ConnectionGuard)>>>);
+
+/// A slot taken over by an upgraded connection.
+pub struct HeldSlot(#[allow(dead_code)] Option<(OwnedSemaphorePermit, ConnectionGuard)>);
+
+impl ConnectionSlot {
+    fn new(permit: OwnedSemaphorePermit, guard: ConnectionGuard) -> ConnectionSlot {
+        ConnectionSlot(Arc::new(parking_lot::Mutex::new(Some((permit, guard)))))
+    }
+
+    /// Takes the slot over (once; later calls get an empty one).
+    pub fn take(&self) -> HeldSlot {
+        HeldSlot(self.0.lock().take())
+    }
+}
 
 /// Serves until `shutdown` resolves, then stops accepting and drains in-flight requests for at most the
 /// configured shutdown timeout.
@@ -57,14 +76,18 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let guard = app.connection_opened();
+        // The connection's slot (and its count in /health) is handed to a WebSocket on upgrade: an
+        // upgraded socket keeps counting against MAX_CONNECTIONS until it ends.
+        let slot = ConnectionSlot::new(permit, app.connection_opened());
         let activity = Arc::new(Activity::default());
         let service = {
             let app = app.clone();
             let activity = activity.clone();
-            service_fn(move |request| {
+            let slot = slot.clone();
+            service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
                 let app = app.clone();
                 let activity = activity.clone();
+                request.extensions_mut().insert(slot.clone());
                 async move {
                     activity.begin();
                     let response = crate::http::handle(app, request).await;
@@ -101,8 +124,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
                     ],
                 );
             }
-            drop(guard);
-            drop(permit);
+            drop(slot);
         });
     }
 

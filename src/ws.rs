@@ -63,11 +63,36 @@ pub fn upgrade(
                 format!("WebSocket handshake failed: {e}"),
             )
         })?;
-    tokio::spawn(run(app, websocket, interest));
+    // Not yet authenticated sockets have a small global cap of their own (they cost a socket and a task for
+    // up to WS_AUTH_TIMEOUT_MS before anyone knows whose they are).
+    let unauthenticated = app
+        .unauthenticated_sockets
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            ApiError::unavailable(
+                "too_many_unauthenticated_sockets",
+                "too many WebSockets are waiting to authenticate; retry shortly",
+            )
+        })?;
+    // The upgraded socket keeps its connection's place under MAX_CONNECTIONS until it ends.
+    let slot = request
+        .extensions()
+        .get::<crate::server::ConnectionSlot>()
+        .map(crate::server::ConnectionSlot::take);
+    tokio::spawn(async move {
+        let _slot = slot;
+        run(app, websocket, interest, unauthenticated).await
+    });
     Ok(response.map(|body| body.boxed()))
 }
 
-async fn run(app: Arc<App>, websocket: HyperWebsocket, interest: Interest) {
+async fn run(
+    app: Arc<App>,
+    websocket: HyperWebsocket,
+    interest: Interest,
+    unauthenticated: tokio::sync::OwnedSemaphorePermit,
+) {
     let socket = match websocket.await {
         Ok(socket) => socket,
         Err(e) => {
@@ -84,6 +109,7 @@ async fn run(app: Arc<App>, websocket: HyperWebsocket, interest: Interest) {
         sink,
         stream,
         interest,
+        unauthenticated: Some(unauthenticated),
     };
     let close = session.serve().await;
     if let Some((code, reason)) = close {
@@ -96,6 +122,8 @@ struct Session {
     sink: Sink,
     stream: Stream,
     interest: Interest,
+    /// Held until the socket authenticated (`WS_MAX_UNAUTHENTICATED`).
+    unauthenticated: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// What ends a session from our side: the close code and its reason. `None`: the client left.
@@ -155,22 +183,23 @@ impl Session {
         };
 
         // 2. Registration.
+        self.unauthenticated.take();
         let user = claims.sub.clone();
-        let registration =
-            match self
-                .app
-                .hub
-                .register(&user, self.interest.clone(), Kind::Socket, client_id)
-            {
-                Ok(registration) => registration,
-                Err(crate::hub::RegisterError::TooManySockets { limit }) => {
-                    self.send_error(&format!(
-                        "too many WebSocket connections for this user (limit {limit})"
+        let registration = match self.app.hub.register(
+            &user,
+            self.interest.clone(),
+            Kind::Socket,
+            client_id,
+        ) {
+            Ok(registration) => registration,
+            Err(crate::hub::RegisterError::TooManySockets { limit }) => {
+                self.send_error(&format!(
+                        "too many real-time connections (WebSockets and streams) for this user (limit {limit})"
                     ))
                     .await;
-                    return Some((CloseCode::Policy, "too many connections"));
-                }
-            };
+                return Some((CloseCode::Policy, "too many connections"));
+            }
+        };
         if !self.send(&ServerMessage::AuthOk).await {
             return self.write_stalled();
         }

@@ -1051,8 +1051,9 @@ mod tests {
             max = max.max(auth.verified_cache_len());
             assert!(auth.verified_cache_len() <= 100, "{i}");
         }
-        // It did fill up (so evictions happened), and still works.
-        assert!(max > 75, "{max}");
+        // It filled a good part of its room (shards are cleared when full, so the total hovers around half
+        // the bound; the maximum over 1,000 inserts lies well above 40), and still works.
+        assert!(max > 40, "{max}");
         assert_eq!(auth.verified_cache_stats(), (0, 1000));
         assert_eq!(
             auth.verify(&last).await.map(|c| c.sub),

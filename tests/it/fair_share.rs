@@ -138,3 +138,114 @@ async fn one_users_slow_bodies_hold_only_its_own_share_of_request_slots() {
     drop(sockets);
     server.stop().await;
 }
+
+/// WebSockets and SSE streams of one user share one cap (`WS_MAX_PER_USER`): streams used to have none,
+/// so one user could hold thousands. Over the cap a stream gets 429 and a socket an error then 1008;
+/// another user still connects, and a slot comes back when a connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_and_streams_of_one_user_share_one_cap() {
+    let server = TestServer::start_with(|c| c.ws_max_per_user = 3).await;
+    let user = unique_user("many-conns");
+    let auth = format!("Bearer {}", token(&user));
+    let _socket = server.authed_socket("/ws", &user, Some("a")).await;
+    let stream_url = server.url("/sync/todo/stream");
+    let first = SseClient::open(&stream_url, &[("authorization", &auth)]).await;
+    let second = SseClient::open(&stream_url, &[("authorization", &auth)]).await;
+    assert_eq!((first.status, second.status), (200, 200));
+
+    let refused = server
+        .request(
+            "GET",
+            "/sync/todo/stream",
+            &[("authorization", &auth)],
+            None,
+        )
+        .await;
+    refused.assert_error(429, "too_many_connections");
+    let mut socket = server.socket("/ws").await;
+    send_json(&mut socket, &json!({"type": "auth", "token": token(&user)})).await;
+    assert!(matches!(
+        next_frame(&mut socket, Duration::from_secs(10)).await,
+        Received::Json(_)
+    ));
+    assert!(matches!(
+        next_frame(&mut socket, Duration::from_secs(10)).await,
+        Received::Closed { code: 1008, .. }
+    ));
+
+    // Other users are not affected.
+    let other = unique_user("other-conns");
+    let _theirs = server.authed_socket("/ws", &other, None).await;
+    let theirs = SseClient::open(
+        &stream_url,
+        &[("authorization", &format!("Bearer {}", token(&other)))],
+    )
+    .await;
+    assert_eq!(theirs.status, 200);
+    server.stop().await;
+}
+
+/// Sockets that never authenticate have a small global cap of their own (they cost a socket and a task
+/// for up to the auth deadline before anyone knows whose they are); past it an upgrade gets 503 +
+/// `Retry-After`, and a slot comes back as soon as a socket authenticates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_sockets_have_their_own_small_cap() {
+    let server = TestServer::start_with(|c| c.ws_max_unauthenticated = 2).await;
+    let mut first = server.socket("/ws").await;
+    let _second = server.socket("/ws").await;
+    let upgrade = || {
+        raw_request(
+            server.addr,
+            "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="
+                .to_owned(),
+            Vec::new(),
+        )
+    };
+    let refused = upgrade().await;
+    refused.assert_error(503, "too_many_unauthenticated_sockets");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    // Authenticating gives the slot back.
+    let user = unique_user("authenticates");
+    send_json(&mut first, &json!({"type": "auth", "token": token(&user)})).await;
+    assert_eq!(
+        next_frame(&mut first, Duration::from_secs(10)).await,
+        Received::Json(json!({"type": "auth-ok"}))
+    );
+    let _third = server
+        .authed_socket("/ws", &unique_user("third"), None)
+        .await;
+    server.stop().await;
+}
+
+/// An upgraded WebSocket keeps its connection's place under `MAX_CONNECTIONS` (before, the upgrade gave
+/// the slot back, so 3 × 7,000 sockets took the process to 17,581 open files with a cap of 10,000 and
+/// `/health` reported one connection): with a cap of 3 and three open sockets, a fourth connection waits
+/// in the backlog until one closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgraded_sockets_keep_counting_against_the_connection_cap() {
+    let server = TestServer::start_with(|c| c.max_connections = 3).await;
+    let mut sockets = Vec::new();
+    for i in 0..3 {
+        sockets.push(
+            server
+                .authed_socket("/ws", &unique_user(&format!("conn-{i}")), None)
+                .await,
+        );
+    }
+    assert_eq!(server.app.open_connections(), 3);
+    let url = server.url("/health");
+    let waiting = tokio::spawn(async move { request("GET", &url, &[], None).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a fourth connection is not served while three sockets are open"
+    );
+    drop(sockets.pop());
+    let health = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("served once a socket closed")
+        .unwrap();
+    assert_eq!(health.status, 200, "{}", health.text);
+    server.stop().await;
+}
