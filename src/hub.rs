@@ -205,7 +205,8 @@ impl Hub {
     }
 
     /// Tells every connection of `user` interested in `app` — except the device that made the change —
-    /// that `tables` changed.
+    /// that `tables` changed. More than `MAX_HINT_TABLES` tables become "this app changed" (`None`), so
+    /// nothing queued per connection grows with the number of tables a push names.
     pub fn notify(
         &self,
         user: &str,
@@ -213,6 +214,7 @@ impl Hub {
         tables: Option<&BTreeSet<String>>,
         origin: Option<&str>,
     ) {
+        let tables = tables.filter(|tables| tables.len() <= MAX_HINT_TABLES);
         let shard = self.shard(user).lock();
         let Some(connections) = shard.get(user) else {
             return;
@@ -296,6 +298,10 @@ impl Hub {
     }
 }
 
+/// A hint naming more tables than this says "this app changed" instead (clients then pull every
+/// collection of the app).
+pub const MAX_HINT_TABLES: usize = 256;
+
 /// Merges `hint` into a waiting hint it can join; true when it did.
 fn coalesce(waiting: &mut [Hint], hint: &Hint) -> bool {
     match hint {
@@ -309,8 +315,10 @@ fn coalesce(waiting: &mut [Hint], hint: &Hint) -> bool {
                         tables: queued_tables,
                     } if queued_app == app => {
                         match (queued_tables.as_mut(), tables) {
-                            (Some(queued_tables), Some(tables)) => {
-                                queued_tables.extend(tables.iter().cloned())
+                            (Some(waiting), Some(tables))
+                                if waiting.len() + tables.len() <= MAX_HINT_TABLES =>
+                            {
+                                waiting.extend(tables.iter().cloned())
                             }
                             _ => *queued_tables = None,
                         }

@@ -41,12 +41,16 @@ pub fn hint_payload(
     stamp: Micros,
 ) -> String {
     let stamp = time::format_cursor(stamp);
+    let app_changed = || json!({"i": instance, "u": user, "a": app, "c": client, "s": stamp});
+    if tables.len() > crate::hub::MAX_HINT_TABLES {
+        return app_changed().to_string();
+    }
     let payload = json!({"i": instance, "u": user, "a": app, "t": tables, "c": client, "s": stamp})
         .to_string();
     if payload.len() <= MAX_PAYLOAD {
         payload
     } else {
-        json!({"i": instance, "u": user, "a": app, "c": client, "s": stamp}).to_string()
+        app_changed().to_string()
     }
 }
 
@@ -240,6 +244,12 @@ mod tests {
             .collect();
         let payload = hint_payload("inst", "u", "todo", &many, None, stamp);
         assert!(payload.len() <= MAX_PAYLOAD);
+        assert_eq!(parse_hint(&payload).unwrap().tables, None);
+        // More tables than a hint may name, however short: "the app changed".
+        let short: BTreeSet<String> = (0..=crate::hub::MAX_HINT_TABLES)
+            .map(|i| format!("t{i}"))
+            .collect();
+        let payload = hint_payload("inst", "u", "todo", &short, None, stamp);
         assert_eq!(parse_hint(&payload).unwrap().tables, None);
         assert_eq!(parse_hint(&payload).unwrap().stamp, Some(stamp));
         // The trigger's form for direct writers: no instance.

@@ -249,3 +249,45 @@ async fn upgraded_sockets_keep_counting_against_the_connection_cap() {
     assert_eq!(health.status, 200, "{}", health.text);
     server.stop().await;
 }
+
+/// A push naming more tables than a hint may carry (scaled down from 100,000) reaches another device's
+/// socket as one `sync-available` for the app — listing the app's tables as the database knows them, not a
+/// per-socket copy of the push's list — and a stream still delivers every change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_naming_many_tables_is_one_app_changed_hint() {
+    let server = TestServer::start().await;
+    let user = unique_user("many-tables");
+    let mut socket = server.authed_socket("/ws", &user, Some("phone")).await;
+    let auth = format!("Bearer {}", token(&user));
+    let mut stream = SseClient::open(
+        &server.url("/sync/todo/stream"),
+        &[("authorization", &auth)],
+    )
+    .await;
+    let count = mana_sync::hub::MAX_HINT_TABLES + 44;
+    let changes: Vec<Value> = (0..count)
+        .map(|i| insert(&format!("t{i}"), "r", json!({"n": i})))
+        .collect();
+    let reply = server
+        .push(&user, "todo", Some("laptop"), &changeset(changes))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    match next_frame(&mut socket, Duration::from_secs(10)).await {
+        Received::Json(message) => {
+            assert_eq!(message["type"], json!("sync-available"));
+            assert_eq!(message["appId"], json!("todo"));
+            assert_eq!(message["tables"].as_array().map(Vec::len), Some(count));
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut delivered = 0;
+    while delivered < count {
+        let event = stream
+            .next_change(Duration::from_secs(10))
+            .await
+            .expect("the stream delivers every change");
+        delivered += event.data["changes"].as_array().map_or(0, Vec::len);
+    }
+    assert_eq!(delivered, count);
+    server.stop().await;
+}
