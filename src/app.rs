@@ -129,6 +129,7 @@ pub async fn build(
             retention: config.log_retention,
             known_users: config.known_stamps_max_users,
             max_per_user: config.db_max_per_user,
+            statement_timeout: config.db_statement_timeout,
         },
     );
     migrate(&store).await?;

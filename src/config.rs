@@ -30,6 +30,9 @@ pub struct Config {
     pub db_pool_size: usize,
     /// Pool connections one user may hold at once.
     pub db_max_per_user: usize,
+    /// PostgreSQL's statement timeout for our sessions, and (plus 1 s) how long a request waits for the
+    /// database; `None` (0): no limit.
+    pub db_statement_timeout: Option<Duration>,
     pub db_acquire_timeout: Duration,
     pub header_read_timeout: Duration,
     pub max_connections: usize,
@@ -159,6 +162,15 @@ impl Config {
             pull_max_page_size: positive(&get, "PULL_MAX_PAGE_SIZE", 5000)?,
             db_pool_size: positive(&get, "DB_POOL_SIZE", 16)?,
             db_max_per_user: positive(&get, "DB_MAX_PER_USER", 4)?,
+            db_statement_timeout: match parse(
+                &get,
+                "DB_STATEMENT_TIMEOUT_MS",
+                30_000u64,
+                "milliseconds (0 = no limit)",
+            )? {
+                0 => None,
+                millis => Some(Duration::from_millis(millis)),
+            },
             db_acquire_timeout: millis(&get, "DB_ACQUIRE_TIMEOUT_MS", 5000)?,
             header_read_timeout: millis(&get, "HEADER_READ_TIMEOUT_MS", 10_000)?,
             max_connections: positive(&get, "MAX_CONNECTIONS", 10_000)?,

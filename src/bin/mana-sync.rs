@@ -180,6 +180,7 @@ async fn migrate() -> Result<(), String> {
             retention: config.log_retention,
             known_users: 0,
             max_per_user: 1,
+            statement_timeout: None,
         },
     );
     let outcome = app::migrate(&store).await.map_err(|e| e.to_string());

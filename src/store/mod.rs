@@ -111,9 +111,11 @@ impl std::error::Error for StoreError {
     }
 }
 
-/// SQLSTATEs that mean "the server is going away or cannot take us now" (besides class 08, connection
-/// exceptions).
-const UNAVAILABLE_STATES: [SqlState; 5] = [
+/// SQLSTATEs that mean "the server is going away, cannot take us now, or took too long" (besides class 08,
+/// connection exceptions).
+const UNAVAILABLE_STATES: [SqlState; 7] = [
+    SqlState::QUERY_CANCELED,
+    SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
     SqlState::ADMIN_SHUTDOWN,
     SqlState::CRASH_SHUTDOWN,
     SqlState::CANNOT_CONNECT_NOW,
@@ -170,6 +172,9 @@ pub struct StoreOptions {
     pub known_users: usize,
     /// Pool connections one user may hold at once (at most `pool_size`).
     pub max_per_user: usize,
+    /// PostgreSQL's `statement_timeout` for our sessions, and (plus a second) how long a request waits
+    /// for the database's answers. `None`: no limit.
+    pub statement_timeout: Option<Duration>,
 }
 
 pub struct Store {
@@ -179,6 +184,7 @@ pub struct Store {
     /// Per-user shares of the pool, taken before a pooled connection.
     slots: fair::UserSlots,
     acquire_timeout: Duration,
+    answer_deadline: Option<Duration>,
 }
 
 /// What the schema migration did.
@@ -288,13 +294,56 @@ pub(super) const CLOCK_ADVANCE: &str = concat!(
 );
 
 impl Store {
-    pub fn new(config: tokio_postgres::Config, options: &StoreOptions) -> Store {
+    pub fn new(mut config: tokio_postgres::Config, options: &StoreOptions) -> Store {
+        // A peer that vanished without closing (host down, network cut) is noticed within about a minute
+        // instead of the kernel's two hours.
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3);
+        // PostgreSQL itself ends a statement that runs too long (releasing its locks), and a session left
+        // idle inside a transaction (a client of ours that vanished mid-push).
+        if let Some(timeout) = options.statement_timeout {
+            let millis = timeout.as_millis().max(1);
+            let ours = format!(
+                "-c statement_timeout={millis} -c idle_in_transaction_session_timeout={}",
+                millis * 2
+            );
+            let options = match config.get_options() {
+                Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {ours}"),
+                _ => ours,
+            };
+            config.options(&options);
+        }
         Store {
             pool: Pool::new(config, options.pool_size, options.acquire_timeout),
             retention: options.retention,
             known: KnownStamps::new(options.known_users),
             slots: fair::UserSlots::new(options.max_per_user.min(options.pool_size)),
             acquire_timeout: options.acquire_timeout,
+            answer_deadline: options
+                .statement_timeout
+                .map(|timeout| timeout + Duration::from_secs(1)),
+        }
+    }
+
+    /// Bounds the database work of one request: past the deadline (a database that stopped answering),
+    /// the request gets `Unavailable` (503 + Retry-After) and its connection, whose transaction state is
+    /// unknown, is closed instead of reused (the work future is dropped with the connection marked).
+    async fn within_deadline<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let Some(deadline) = self.answer_deadline else {
+            return work.await;
+        };
+        match tokio::time::timeout(deadline, work).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable(Cause::new(format!(
+                "the database did not answer within {} ms",
+                deadline.as_millis()
+            )))),
         }
     }
 
@@ -350,6 +399,8 @@ impl Store {
         let mut connection = self.pool.get().await?;
         let checksum = format!("{:016x}", fnv1a(SCHEMA_SQL.as_bytes()));
         let tx = connection.client.transaction().await?;
+        // Upgrading a large database (the backfill) may take long: no statement timeout for it.
+        tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
         tx.execute(
             "SELECT pg_advisory_xact_lock($1, 0)",
             &[&MIGRATION_LOCK_CLASS],
@@ -461,16 +512,22 @@ impl Store {
         let ticket = self.known.ticket(user);
         let _share = self.user_share(user, false).await?;
         let mut connection = self.pool.get().await?;
-        let quick = match mode {
-            ReadMode::Log(since) => {
-                read_log(&mut connection, user, app, tables, device, since, limit).await?
-            }
-            ReadMode::Snapshot(_) => None,
-        };
-        let (page, clock) = match quick {
-            Some(read) => read,
-            None => read_locked(&mut connection, user, app, tables, device, mode, limit).await?,
-        };
+        let (page, clock) = self
+            .within_deadline(async {
+                let quick = match mode {
+                    ReadMode::Log(since) => {
+                        read_log(&mut connection, user, app, tables, device, since, limit).await?
+                    }
+                    ReadMode::Snapshot(_) => None,
+                };
+                match quick {
+                    Some(read) => Ok(read),
+                    None => {
+                        read_locked(&mut connection, user, app, tables, device, mode, limit).await
+                    }
+                }
+            })
+            .await?;
         self.known.learn(user, ticket, clock);
         Ok(SyncResponse {
             synced_until: time::format_cursor(page.next.unwrap_or(clock.max(since))),
@@ -600,10 +657,15 @@ fn page_limit(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX - 1).max(1) + 1
 }
 
-/// Ends a transaction begun by hand after a failure, so the connection can be reused; if even that fails,
-/// the connection stays marked and the pool closes it.
+/// Ends a transaction begun by hand after a failure, so the connection can be reused; if even that fails
+/// (or the database does not answer within a second), the connection stays marked and the pool closes it.
 async fn rollback(connection: &mut PooledConnection) {
-    if connection.client.batch_execute("ROLLBACK").await.is_ok() {
+    let rolled_back = tokio::time::timeout(
+        Duration::from_secs(1),
+        connection.client.batch_execute("ROLLBACK"),
+    )
+    .await;
+    if matches!(rolled_back, Ok(Ok(()))) {
         connection.in_transaction = false;
     }
 }
@@ -676,6 +738,8 @@ async fn read_locked(
         ReadMode::Snapshot(_) => (connection.prepare(LOCK_EXCLUSIVE).await?, time::EPOCH),
     };
     let page_statement = connection.prepare(tables.page_sql()).await?;
+    // Marked while the transaction may be open: a cancelled read closes the connection.
+    connection.in_transaction = true;
     let tx = connection.client.transaction().await?;
     tx.execute(&lock, &[&user]).await?;
     if let ReadMode::Snapshot(_) = mode {
@@ -684,6 +748,7 @@ async fn read_locked(
     let page = read_page(&tx, &page_statement, user, app, tables, device, mode, limit).await?;
     let clock = vouched_cursor(&tx, user, since).await?;
     tx.commit().await?;
+    connection.in_transaction = false;
     Ok((page, clock))
 }
 

@@ -118,15 +118,18 @@ impl Store {
         let _share = self.user_share(user, true).await?;
         let mut connection = self.pool.get().await?;
         connection.in_transaction = true;
-        let pushed = PushTx {
-            connection: &mut connection,
-            user,
-            app,
-            device,
-            limit,
-        }
-        .run(changeset, mode, page_in_step_one, hint)
-        .await;
+        let pushed = self
+            .within_deadline(
+                PushTx {
+                    connection: &mut connection,
+                    user,
+                    app,
+                    device,
+                    limit,
+                }
+                .run(changeset, mode, page_in_step_one, hint),
+            )
+            .await;
         match pushed {
             Ok((response, clock)) => {
                 connection.in_transaction = false;

@@ -291,3 +291,99 @@ async fn a_push_naming_many_tables_is_one_app_changed_hint() {
     assert_eq!(delivered, count);
     server.stop().await;
 }
+
+/// PostgreSQL stops answering (every process of the cluster SIGSTOPped) while the server has connections
+/// open to it: requests already at the database used to hang for as long as it did. Now a request gets
+/// 503 + `Retry-After` once `DB_STATEMENT_TIMEOUT_MS` (+1 s) passed, its connection is closed rather than
+/// reused, and the server recovers when the database answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_database_gives_503_after_the_deadline_and_the_server_recovers() {
+    use mana_sync::devdb::{EmbeddedOptions, EmbeddedPostgres};
+    let dir = std::path::PathBuf::from(format!("/tmp/msfrz-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let options = EmbeddedOptions {
+        durable: false,
+        ..EmbeddedOptions::new(&dir)
+    };
+    let embedded = EmbeddedPostgres::start(options)
+        .await
+        .expect("private cluster starts");
+    let url = embedded.connection_string();
+    let server = TestServer::start_with(move |config| {
+        config.database_url = Some(url);
+        config.db_statement_timeout = Some(Duration::from_secs(1));
+        config.db_acquire_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let user = unique_user("frozen");
+    let first = changeset(vec![insert("tasks", "t1", json!({}))]);
+    let reply = server.push(&user, "todo", Some("dev"), &first).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+
+    // Every process of the cluster: the postmaster (first line of postmaster.pid) and its children.
+    let postmaster: u32 = std::fs::read_to_string(dir.join("pgdata/postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut pids = vec![postmaster];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let after_name = stat.rsplit(')').next().unwrap_or("");
+        let ppid = after_name
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(postmaster) {
+            pids.push(entry.file_name().to_string_lossy().parse().unwrap());
+        }
+    }
+    let signal = |name: &str| {
+        for pid in &pids {
+            let _ = std::process::Command::new("kill")
+                .args([name, &pid.to_string()])
+                .status();
+        }
+    };
+    signal("-STOP");
+    let second = changeset(vec![insert("tasks", "t2", json!({}))]);
+    let answered = tokio::time::timeout(
+        Duration::from_secs(30),
+        server.push(&user, "todo", Some("dev"), &second),
+    )
+    .await;
+    let snapshot = tokio::time::timeout(
+        Duration::from_secs(30),
+        server.pull(&user, "todo", Some("other"), "tasks", EPOCH, None),
+    )
+    .await;
+    signal("-CONT");
+    let reply = answered.expect("answered while the database was frozen");
+    reply.assert_error(503, "database_unavailable");
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    let reply = snapshot.expect("answered while the database was frozen");
+    assert_eq!(reply.status, 503, "{}", reply.text);
+
+    // Recovery: the database answers again, and so does the server.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let reply = loop {
+        let reply = server.push(&user, "todo", Some("dev"), &second).await;
+        if reply.status == 200 || std::time::Instant::now() > deadline {
+            break reply;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let (changes, _) = server
+        .pull_all(&user, "todo", Some("other"), "tasks", EPOCH, None)
+        .await;
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    server.stop().await;
+    embedded.stop().await.expect("cluster stops");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -174,6 +174,7 @@ async fn the_migration_is_idempotent_and_safe_from_two_instances_at_once() {
         retention: None,
         known_users: 0,
         max_per_user: 2,
+        statement_timeout: None,
     };
     let stores: Vec<Store> = (0..3)
         .map(|_| Store::new(database.parse().unwrap(), &options))
