@@ -161,6 +161,8 @@ fn ask(url: &str, key: Option<&str>, timeout: Duration) -> Result<bool, String> 
         ureq::Agent::config_builder()
             .timeout_global(Some(timeout))
             .http_status_as_error(false)
+            // A redirect is an answer we do not follow (it could point anywhere): not 200, so fail open.
+            .max_redirects(0)
             .build(),
     );
     let mut request = agent.get(url);
@@ -189,9 +191,8 @@ fn ask(url: &str, key: Option<&str>, timeout: Duration) -> Result<bool, String> 
 fn encode_segment(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
+            // '.' is encoded too: a user id `.` or `..` must not become a dot-segment of the path.
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'~' => (b as char).to_string(),
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -203,8 +204,12 @@ mod tests {
 
     #[test]
     fn user_ids_are_encoded_as_one_path_segment() {
-        assert_eq!(encode_segment("user-1_a.b~"), "user-1_a.b~");
+        assert_eq!(encode_segment("user-1_a~"), "user-1_a~");
         assert_eq!(encode_segment("a/b c?ü"), "a%2Fb%20c%3F%C3%BC");
+        // No dot-segments: `.` and `..` would change which resource the URL names.
+        assert_eq!(encode_segment("."), "%2E");
+        assert_eq!(encode_segment(".."), "%2E%2E");
+        assert_eq!(encode_segment("a.b"), "a%2Eb");
     }
 
     #[tokio::test]

@@ -115,6 +115,8 @@ pub fn fetch_jwks_url(url: &str, timeout: Duration) -> Result<KeySet, String> {
         // Status is checked below so that the error names the status code
         // instead of a generic transport failure.
         .http_status_as_error(false)
+        // The key set comes from the configured URL only: a redirect (to another host, say) is an error.
+        .max_redirects(0)
         .build()
         .into();
     let mut resp = agent
@@ -165,6 +167,62 @@ mod tests {
                 .verifying_key()
                 .as_bytes(),
         )
+    }
+
+    /// Answers one HTTP request on `listener` with `response`; counts requests in `hits`.
+    fn serve_once(
+        listener: std::net::TcpListener,
+        response: String,
+        hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        use std::io::{Read, Write};
+        std::thread::spawn(move || {
+            if let Ok((mut stream, _)) = listener.accept() {
+                hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request);
+                let _ = stream.write_all(response.as_bytes());
+            }
+        });
+    }
+
+    #[test]
+    fn a_redirect_is_not_followed() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let elsewhere_addr = elsewhere.local_addr().unwrap();
+        let body = format!(
+            r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","x":"{}","kid":"k"}}]}}"#,
+            x_of(1)
+        );
+        let elsewhere_hits = Arc::new(AtomicUsize::new(0));
+        serve_once(
+            elsewhere,
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+            elsewhere_hits.clone(),
+        );
+        let configured = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/jwks", configured.local_addr().unwrap());
+        serve_once(
+            configured,
+            format!(
+                "HTTP/1.1 302 Found\r\nLocation: http://{elsewhere_addr}/jwks\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let error =
+            fetch_jwks_url(&url, Duration::from_secs(5)).expect_err("a redirect is an error");
+        assert!(error.contains("302"), "{error}");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            elsewhere_hits.load(Ordering::SeqCst),
+            0,
+            "the redirect was not followed"
+        );
     }
 
     #[test]

@@ -197,6 +197,12 @@ fn sanitize(s: &str) -> String {
 
 fn parse_header(segment: &str) -> Result<Header, AuthError> {
     let map = json_object(&b64(segment, "header")?, "header")?;
+    // RFC 7515 §4.1.11: extensions listed in `crit` must be understood, and we understand none.
+    if map.contains_key("crit") {
+        return Err(AuthError::Malformed(
+            "header crit names extensions this server does not support".into(),
+        ));
+    }
     let alg = match map.get("alg") {
         Some(Value::String(s)) => sanitize(s),
         Some(_) => return Err(AuthError::Malformed("header alg is not a string".into())),
@@ -425,6 +431,26 @@ mod tests {
     }
 
     const HDR: &str = r#"{"alg":"EdDSA","kid":"k1","typ":"JWT"}"#;
+
+    #[test]
+    fn a_crit_header_is_refused() {
+        let k = key(1);
+        for header in [
+            r#"{"alg":"EdDSA","kid":"k1","crit":["b64"],"b64":false}"#,
+            r#"{"alg":"EdDSA","kid":"k1","crit":[]}"#,
+        ] {
+            let token = sign_raw(header, &claims_json(""), &k);
+            assert!(
+                matches!(
+                    verify_token(&token, &keyset("k1", &k), NOW, &rules()),
+                    Err(AuthError::Malformed(_))
+                ),
+                "{header}"
+            );
+        }
+        let token = sign_raw(HDR, &claims_json(""), &k);
+        assert!(verify_token(&token, &keyset("k1", &k), NOW, &rules()).is_ok());
+    }
 
     fn claims_json(extra: &str) -> String {
         format!(

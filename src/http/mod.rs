@@ -331,9 +331,10 @@ async fn authenticate(app: &App, headers: &HeaderMap) -> Result<Claims, ApiError
     let token = auth::bearer_token(value)?;
     let claims = app.auth.verify(token).await?;
     // The user id ends up in SQL parameters and lock keys; keep it to something PostgreSQL can store.
-    if claims.sub.len() > 255 || claims.sub.contains('\0') {
+    // Nor control characters (CR, LF, ESC, …): it also ends up in log lines and outbound URLs.
+    if claims.sub.len() > 255 || claims.sub.chars().any(char::is_control) {
         return Err(auth::AuthError::Malformed(
-            "sub is longer than 255 bytes or contains U+0000".into(),
+            "sub is longer than 255 bytes or contains a control character".into(),
         )
         .into());
     }

@@ -48,6 +48,8 @@ pub fn is_identifier(text: &str) -> bool {
         && text
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        // `.` and `..` (and other all-dot names) read as path segments wherever an id meets a path.
+        && !text.bytes().all(|b| b == b'.')
 }
 
 #[cfg(test)]

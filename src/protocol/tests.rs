@@ -227,7 +227,18 @@ fn identifiers() {
     for ok in ["a", "todo", "A-Z_0.9", &"x".repeat(64)] {
         assert!(is_identifier(ok), "{ok}");
     }
-    for bad in ["", "a b", "ä", "a/b", "a%20", &"x".repeat(65), "a\0"] {
+    for bad in [
+        "",
+        "a b",
+        "ä",
+        "a/b",
+        "a%20",
+        &"x".repeat(65),
+        "a\0",
+        ".",
+        "..",
+        "...",
+    ] {
         assert!(!is_identifier(bad), "{bad:?}");
     }
 }

@@ -85,6 +85,22 @@ impl Drop for PooledConnection {
     }
 }
 
+/// One waiter in the `waiting` gauge, for as long as it exists.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(gauge: &'a AtomicUsize) -> Waiting<'a> {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Pool occupancy, for /health and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolStatus {
@@ -111,11 +127,12 @@ impl Pool {
 
     pub async fn get(&self) -> Result<PooledConnection, StoreError> {
         let inner = &self.inner;
-        inner.waiting.fetch_add(1, Ordering::Relaxed);
+        // Counted by a guard, so that a waiter whose request is cancelled stops counting too.
+        let waiting = Waiting::new(&inner.waiting);
         let permit =
             tokio::time::timeout(inner.acquire_timeout, inner.permits.clone().acquire_owned())
                 .await;
-        inner.waiting.fetch_sub(1, Ordering::Relaxed);
+        drop(waiting);
         let permit = match permit {
             Ok(Ok(permit)) => permit,
             Ok(Err(_closed)) => {
@@ -189,5 +206,29 @@ impl Pool {
     pub fn close(&self) {
         self.inner.permits.close();
         self.inner.idle.lock().clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_cancelled_waiter_stops_counting() {
+        let config: tokio_postgres::Config = "host=/nonexistent user=nobody".parse().unwrap();
+        let pool = Pool::new(config, 1, Duration::from_secs(60));
+        let _taken = pool.inner.permits.clone().try_acquire_owned().unwrap();
+        let waiter = {
+            let pool = Pool {
+                inner: pool.inner.clone(),
+            };
+            tokio::spawn(async move { pool.get().await.map(drop) })
+        };
+        while pool.status().waiting == 0 {
+            tokio::task::yield_now().await;
+        }
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(pool.status().waiting, 0);
     }
 }

@@ -212,6 +212,14 @@ async fn subject_and_audience() {
         json!({"sub": "u".repeat(300), "iat": now, "exp": now + 900, "aud": "mana"}),
     );
     assert_401(&pull_bearer(&server, &huge_sub).await, "malformed_token");
+    // Nor one with control characters (it ends up in log lines and outbound URLs).
+    for sub in ["a\r\nb", "esc\u{1b}[31m", "tab\t"] {
+        let token = forge(
+            &test_header(),
+            json!({"sub": sub, "iat": now, "exp": now + 900, "aud": "mana"}),
+        );
+        assert_401(&pull_bearer(&server, &token).await, "malformed_token");
+    }
 
     let user = unique_user("auth-aud");
     let wrong_aud = forge(

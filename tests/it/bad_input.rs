@@ -879,6 +879,18 @@ fn cases(user: &str) -> Vec<Case> {
             "invalid_app_id",
         ),
         get(
+            "app id: `.` on pull",
+            format!("/sync/./pull?collection=tasks&since={}", encode(LOG_START)),
+            vec![],
+            "invalid_app_id",
+        ),
+        get(
+            "app id: `..` on stream",
+            "/sync/../stream".into(),
+            vec![],
+            "invalid_app_id",
+        ),
+        get(
             "app id: colon on stream",
             "/sync/to:do/stream".into(),
             vec![],
