@@ -18,6 +18,8 @@ pub struct ApiError {
     pub allow: Option<&'static str>,
     /// The connection is closed after this answer (the request's body was not, or not wholly, read).
     pub close: bool,
+    /// What went wrong underneath, for the log line of this request (never sent to the client).
+    pub detail: Option<String>,
 }
 
 impl ApiError {
@@ -29,6 +31,7 @@ impl ApiError {
             retry_after: None,
             allow: None,
             close: false,
+            detail: None,
         }
     }
 
@@ -111,14 +114,34 @@ impl From<StoreError> for ApiError {
                     why.database_message().unwrap_or("data exception")
                 ),
             ),
-            StoreError::Internal(why) => {
-                crate::log::error("database error", &[("error", why.to_string().into())]);
-                ApiError::new(
+            // Logged by the request's own log line (with its request id), which carries `detail`.
+            StoreError::Internal(why) => ApiError {
+                detail: Some(format!("database error: {why}")),
+                ..ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal_error",
                     "internal error; it has been logged",
                 )
-            }
+            },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Cause;
+
+    #[test]
+    fn a_database_error_keeps_its_cause_for_the_log_and_not_for_the_client() {
+        let error = ApiError::from(StoreError::Internal(Cause::new("ERROR: boom")));
+        assert_eq!(error.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(error.detail.as_deref(), Some("database error: ERROR: boom"));
+        assert!(!error.body().contains("boom"), "{}", error.body());
+        let refused = ApiError::from(StoreError::Rejected(Cause::new("ERROR: bad")));
+        assert_eq!(
+            (refused.status.as_u16(), refused.code),
+            (400, "invalid_value")
+        );
     }
 }

@@ -73,16 +73,22 @@ pub async fn handle(
         Ok(response) => response,
         Err(error) => {
             if error.status.is_server_error() {
-                crate::log::warn(
-                    "request failed",
-                    &[
-                        ("requestId", request_id.as_str().into()),
-                        ("method", method.as_str().into()),
-                        ("path", path.as_str().into()),
-                        ("status", error.status.as_u16().into()),
-                        ("error", error.code.into()),
-                    ],
-                );
+                let mut fields = vec![
+                    ("requestId", request_id.as_str().into()),
+                    ("method", method.as_str().into()),
+                    ("path", path.as_str().into()),
+                    ("status", error.status.as_u16().into()),
+                    ("error", error.code.into()),
+                ];
+                if let Some(detail) = &error.detail {
+                    // For a database error: PostgreSQL's message and SQLSTATE (never values or tokens).
+                    fields.push(("detail", detail.as_str().into()));
+                }
+                if error.status == StatusCode::INTERNAL_SERVER_ERROR {
+                    crate::log::error("request failed", &fields);
+                } else {
+                    crate::log::warn("request failed", &fields);
+                }
             }
             error_response(&error)
         }

@@ -154,8 +154,14 @@ impl From<tokio_postgres::Error> for StoreError {
             }
         };
         let variant = classify(&error);
+        // PostgreSQL's message without its DETAIL (which may quote values); the SQLSTATE is added by
+        // `Display`.
+        let message = match error.as_db_error() {
+            Some(db) => format!("{}: {}", db.severity(), db.message()),
+            None => error.to_string(),
+        };
         variant(Cause {
-            message: error.to_string(),
+            message,
             source: Some(Arc::new(error)),
         })
     }
