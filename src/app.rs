@@ -130,6 +130,7 @@ pub async fn build(
             known_users: config.known_stamps_max_users,
             max_per_user: config.db_max_per_user,
             statement_timeout: config.db_statement_timeout,
+            max_future_skew: config.max_future_skew,
         },
     );
     migrate(&store).await?;

@@ -65,6 +65,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// A request body must arrive completely within this (slow-body attacks hold connections otherwise).
     pub body_read_timeout: Duration,
+    /// How far past its arrival a change's timestamps are believed; later ones are ordered at that bound.
+    pub max_future_skew: Duration,
     /// Users whose newest stamp is kept in memory to answer "nothing new" (0: never answer from memory).
     pub known_stamps_max_users: usize,
 }
@@ -209,6 +211,9 @@ impl Config {
             max_concurrent_requests: positive(&get, "MAX_CONCURRENT_REQUESTS", 1024)?,
             max_requests_per_user: positive(&get, "MAX_REQUESTS_PER_USER", 64)?,
             idle_timeout: millis(&get, "IDLE_TIMEOUT_MS", 60_000)?,
+            max_future_skew: Duration::from_secs(
+                positive(&get, "MAX_FUTURE_SKEW_SECS", 86_400)? as u64
+            ),
             known_stamps_max_users: parse(
                 &get,
                 "KNOWN_STAMPS_MAX_USERS",

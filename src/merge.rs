@@ -41,7 +41,10 @@
 //! gets the change's *fallback time*: for a delete its `deletedAt`; then the change's own
 //! `updatedAt`, then its `createdAt` (this is the rule the web client uses for inserts, which carry no
 //! field timestamps); then the time the server received the change. The fallback's string is stored
-//! alongside its instant, so a stored `at` string always parses to its stored instant.
+//! alongside its instant, so a stored `at` string parses to its stored instant — except that an instant
+//! later than the change's `latest_at` (its arrival plus the allowed future skew) is ordered at
+//! `latest_at` while its string is kept: a clock set to the year 9999 must not pin a field forever.
+//! `latest_at` travels with the change like `received_at`, so the order stays a function of the change.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -241,6 +244,10 @@ pub struct IncomingChange<'a> {
     pub received_at: i64,
     /// `received_at` formatted as the server stamps field times (e.g. `time::format_millis`).
     pub received_at_text: &'a str,
+    /// The latest instant a time of this change is ordered at (its arrival plus the allowed future skew):
+    /// a later `at` keeps its string but is ordered as if it were this, so a field stamped in the year
+    /// 9999 can still be changed the next day.
+    pub latest_at: i64,
 }
 
 /// A string that parses as RFC 3339, with its instant.
@@ -274,10 +281,12 @@ fn fallback_time<'a>(change: &IncomingChange<'a>) -> (i64, &'a str) {
 /// it is stamped with its fallback time.
 pub fn versions_of(change: &IncomingChange) -> RecordState {
     let (fallback_micros, fallback_text) = fallback_time(change);
+    let fallback_micros = fallback_micros.min(change.latest_at);
     let mut fields = BTreeMap::new();
     for (name, value) in change.values {
         let (at_micros, at) =
             parsed(change.times.get(name)).unwrap_or((fallback_micros, fallback_text));
+        let at_micros = at_micros.min(change.latest_at);
         fields.insert(
             name.clone(),
             FieldVersion {
@@ -295,7 +304,7 @@ pub fn versions_of(change: &IncomingChange) -> RecordState {
             .unwrap_or(fallback_text);
         // The tombstone's time is deletedAt itself when it parses, which is what the fallback starts with.
         let (at_micros, at) = match time::parse_rfc3339(deleted_at) {
-            Ok(micros) => (micros, deleted_at),
+            Ok(micros) => (micros.min(change.latest_at), deleted_at),
             Err(_) => (fallback_micros, fallback_text),
         };
         fields.insert(
@@ -399,6 +408,7 @@ mod tests {
         client_id: String,
         received_at: i64,
         received_at_text: String,
+        latest_at: i64,
     }
 
     impl Change {
@@ -411,6 +421,7 @@ mod tests {
                 client_id: client.to_owned(),
                 received_at: micros(RECEIVED),
                 received_at_text: RECEIVED.to_owned(),
+                latest_at: i64::MAX,
             }
         }
 
@@ -428,6 +439,11 @@ mod tests {
             change
         }
 
+        fn latest(mut self, text: &str) -> Change {
+            self.latest_at = micros(text);
+            self
+        }
+
         fn received(mut self, text: &str) -> Change {
             self.received_at = micros(text);
             self.received_at_text = text.to_owned();
@@ -443,6 +459,7 @@ mod tests {
                 client_id: &self.client_id,
                 received_at: self.received_at,
                 received_at_text: &self.received_at_text,
+                latest_at: self.latest_at,
             }
         }
     }
@@ -563,6 +580,50 @@ mod tests {
         ab.merge(&b);
         ba.merge(&a);
         assert_eq!(ab, ba);
+    }
+
+    #[test]
+    fn a_time_far_in_the_future_is_ordered_at_the_bound_and_keeps_its_string() {
+        let mut state = RecordState::default();
+        let future = Change::update(
+            "a",
+            json!({"title": "from 9999"}),
+            json!({"title": "9999-12-31T23:59:59.999Z"}),
+        )
+        .latest("2026-11-22T10:00:00.000Z");
+        apply_change(&mut state, &future);
+        let stored = &state.fields["title"];
+        assert_eq!(stored.at, "9999-12-31T23:59:59.999Z", "the string is kept");
+        assert_eq!(stored.at_micros, micros("2026-11-22T10:00:00.000Z"));
+        // A day later an edit wins again; without the bound nothing could ever beat the year 9999.
+        let later = Change::update(
+            "b",
+            json!({"title": "edited"}),
+            json!({"title": "2026-11-23T10:00:00.000Z"}),
+        );
+        let (winners, conflicts) = apply_change(&mut state, &later);
+        assert_eq!(winners, vec!["title".to_owned()]);
+        assert!(conflicts.is_empty());
+        // Deletes and fallback times are bounded the same way.
+        let mut state = RecordState::default();
+        let mut delete = Change::delete("a", "9999-01-01T00:00:00.000Z");
+        delete.latest_at = micros("2026-11-22T10:00:00.000Z");
+        apply_change(&mut state, &delete);
+        assert_eq!(
+            state.fields[DELETED_AT].at_micros,
+            micros("2026-11-22T10:00:00.000Z")
+        );
+        let insert = Change::insert(
+            "a",
+            json!({"x": 1, "updatedAt": "9999-01-01T00:00:00.000Z"}),
+        )
+        .latest("2026-11-22T10:00:00.000Z");
+        let mut state = RecordState::default();
+        apply_change(&mut state, &insert);
+        assert_eq!(
+            state.fields["x"].at_micros,
+            micros("2026-11-22T10:00:00.000Z")
+        );
     }
 
     #[test]

@@ -385,6 +385,13 @@ pub fn render(app: &App) -> String {
     );
     single(
         &mut out,
+        "mana_sync_changes_beyond_future_skew_total",
+        "counter",
+        "Pushed changes with a timestamp further ahead than MAX_FUTURE_SKEW_SECS (ordered at that bound).",
+        app.store.times_beyond_skew(),
+    );
+    single(
+        &mut out,
         "mana_sync_known_stamps_users",
         "gauge",
         "Users whose newest stamp this instance keeps in memory.",

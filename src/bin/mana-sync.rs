@@ -181,6 +181,7 @@ async fn migrate() -> Result<(), String> {
             known_users: 0,
             max_per_user: 1,
             statement_timeout: None,
+            max_future_skew: std::time::Duration::from_secs(86_400),
         },
     );
     let outcome = app::migrate(&store).await.map_err(|e| e.to_string());

@@ -181,6 +181,8 @@ pub struct StoreOptions {
     /// PostgreSQL's `statement_timeout` for our sessions, and (plus a second) how long a request waits
     /// for the database's answers. `None`: no limit.
     pub statement_timeout: Option<Duration>,
+    /// How far past its arrival a change's times are believed; later ones are ordered at that bound.
+    pub max_future_skew: Duration,
 }
 
 pub struct Store {
@@ -191,6 +193,9 @@ pub struct Store {
     slots: fair::UserSlots,
     acquire_timeout: Duration,
     answer_deadline: Option<Duration>,
+    future_skew: Micros,
+    /// Changes with a time beyond `future_skew` (for /metrics).
+    beyond_skew: std::sync::atomic::AtomicU64,
 }
 
 /// What the schema migration did.
@@ -331,6 +336,9 @@ impl Store {
             answer_deadline: options
                 .statement_timeout
                 .map(|timeout| timeout + Duration::from_secs(1)),
+            future_skew: Micros::try_from(options.max_future_skew.as_micros())
+                .unwrap_or(Micros::MAX),
+            beyond_skew: Default::default(),
         }
     }
 
@@ -379,6 +387,11 @@ impl Store {
     ) -> Result<fair::UserPermit<'_>, StoreError> {
         let deadline = tokio::time::Instant::now() + self.acquire_timeout;
         self.slots.acquire(user, write, deadline).await
+    }
+
+    /// Changes whose times were beyond `MAX_FUTURE_SKEW_SECS` (ordered at that bound), since start.
+    pub fn times_beyond_skew(&self) -> u64 {
+        self.beyond_skew.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Users holding or waiting for a share of the pool.
@@ -529,7 +542,18 @@ impl Store {
                 match quick {
                     Some(read) => Ok(read),
                     None => {
-                        read_locked(&mut connection, user, app, tables, device, mode, limit).await
+                        let skew = self.future_skew;
+                        read_locked(
+                            &mut connection,
+                            user,
+                            app,
+                            tables,
+                            device,
+                            mode,
+                            limit,
+                            skew,
+                        )
+                        .await
                     }
                 }
             })
@@ -558,7 +582,7 @@ impl Store {
             let mut connection = self.pool.get().await?;
             let tx = connection.client.transaction().await?;
             tx.execute(LOCK_EXCLUSIVE, &[&user]).await?;
-            records::fold_pending(&tx, user).await?;
+            records::fold_pending(&tx, user, self.future_skew).await?;
             let deleted = tx.execute(PRUNE, &[&user, &cutoff, &batch]).await?;
             tx.commit().await?;
             pruned += deleted;
@@ -728,6 +752,7 @@ async fn read_log(
 
 /// A read in one transaction: snapshots (which fold first, under the exclusive lock) and log reads whose
 /// cursor is ahead of the clock. Returns the page and the vouched cursor.
+#[allow(clippy::too_many_arguments)]
 async fn read_locked(
     connection: &mut PooledConnection,
     user: &str,
@@ -736,6 +761,7 @@ async fn read_locked(
     device: &str,
     mode: ReadMode,
     limit: usize,
+    future_skew: Micros,
 ) -> Result<(Page, Micros), StoreError> {
     // A snapshot reads the record state, which must first absorb rows other programs wrote: that writes,
     // so it takes the exclusive lock. Log reads take the shared lock.
@@ -749,7 +775,7 @@ async fn read_locked(
     let tx = connection.client.transaction().await?;
     tx.execute(&lock, &[&user]).await?;
     if let ReadMode::Snapshot(_) = mode {
-        records::fold_pending(&tx, user).await?;
+        records::fold_pending(&tx, user, future_skew).await?;
     }
     let page = read_page(&tx, &page_statement, user, app, tables, device, mode, limit).await?;
     let clock = vouched_cursor(&tx, user, since).await?;

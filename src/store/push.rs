@@ -126,14 +126,17 @@ impl Store {
                     app,
                     device,
                     limit,
+                    future_skew: self.future_skew,
                 }
                 .run(changeset, mode, page_in_step_one, hint),
             )
             .await;
         match pushed {
-            Ok((response, clock)) => {
+            Ok((response, clock, beyond_skew)) => {
                 connection.in_transaction = false;
                 self.known.learn(user, ticket, clock);
+                self.beyond_skew
+                    .fetch_add(beyond_skew, std::sync::atomic::Ordering::Relaxed);
                 Ok(response)
             }
             Err(error) => {
@@ -151,23 +154,25 @@ struct PushTx<'a, 'c> {
     app: &'a str,
     device: &'a str,
     limit: usize,
+    future_skew: Micros,
 }
 
 impl PushTx<'_, '_> {
-    /// Returns the response and the user's clock at commit.
+    /// Returns the response, the user's clock at commit and how many changes had times beyond the skew.
     async fn run(
         self,
         changeset: &Changeset,
         mode: ReadMode,
         page_in_step_one: bool,
         hint: Option<Hint<'_>>,
-    ) -> Result<(SyncResponse, Micros), StoreError> {
+    ) -> Result<(SyncResponse, Micros, u64), StoreError> {
         let PushTx {
             connection,
             user,
             app,
             device,
             limit,
+            future_skew,
         } = self;
         let keys: Vec<(String, String, String)> = changeset
             .changes
@@ -205,14 +210,18 @@ impl PushTx<'_, '_> {
                     }
                 },
             )?;
-            (ClockState::read(&clock)?, Batch::from_rows(&batch)?, page)
+            (
+                ClockState::read(&clock)?,
+                Batch::from_rows(&batch, future_skew)?,
+                page,
+            )
         };
 
         // Rows other programs wrote are folded first (they change the states just loaded).
         if let Some(from) = records::pending_from(clock.last_at, clock.folded_at) {
             let client = &connection.client;
-            if records::fold_from(client, user, from).await? {
-                batch = Batch::load(client, user, keys.clone()).await?;
+            if records::fold_from(client, user, from, future_skew).await? {
+                batch = Batch::load(client, user, keys.clone(), future_skew).await?;
             }
             clock = ClockState::read(&client.query_one(&state, &[&user]).await?)?;
         }
@@ -362,7 +371,7 @@ impl PushTx<'_, '_> {
             synced_until: time::format_cursor(synced_until),
             has_more: page.next.is_some(),
         };
-        Ok((response, clock_now))
+        Ok((response, clock_now, batch.beyond_skew()))
     }
 }
 

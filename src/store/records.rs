@@ -80,6 +80,10 @@ type Key = (String, String, String); // app, table, record id
 /// States of the records a batch touches, loaded in one round trip.
 pub struct Batch {
     records: HashMap<Key, Record>,
+    /// How far past its arrival a change's times are believed (`MAX_FUTURE_SKEW_SECS`).
+    future_skew: Micros,
+    /// Changes with a time beyond that bound (ordered at the bound).
+    beyond_skew: u64,
 }
 
 /// States of the batch's records, looked up by primary key (a join from the key arrays, so the planner
@@ -117,20 +121,27 @@ impl Batch {
         tx: &impl GenericClient,
         user: &str,
         keys: Vec<Key>,
+        future_skew: Micros,
     ) -> Result<Batch, StoreError> {
         if keys.is_empty() {
-            return Ok(Batch {
-                records: HashMap::new(),
-            });
+            return Batch::from_rows(&[], future_skew);
         }
         let apps: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
         let tables: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
         let ids: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
-        Batch::from_rows(&tx.query(LOAD, &[&user, &apps, &tables, &ids]).await?)
+        Batch::from_rows(
+            &tx.query(LOAD, &[&user, &apps, &tables, &ids]).await?,
+            future_skew,
+        )
+    }
+
+    /// Changes of this batch with a time beyond the future-skew bound.
+    pub fn beyond_skew(&self) -> u64 {
+        self.beyond_skew
     }
 
     /// The states `LOAD` returned.
-    pub fn from_rows(rows: &[Row]) -> Result<Batch, StoreError> {
+    pub fn from_rows(rows: &[Row], future_skew: Micros) -> Result<Batch, StoreError> {
         let mut records: HashMap<Key, Record> = HashMap::new();
         for row in rows {
             let state: Value = row.try_get(3)?;
@@ -149,7 +160,11 @@ impl Batch {
             };
             records.insert((row.get(0), row.get(1), row.get(2)), record);
         }
-        Ok(Batch { records })
+        Ok(Batch {
+            records,
+            future_skew,
+            beyond_skew: 0,
+        })
     }
 
     /// Merges one change into its record. Returns the fields that won and the conflicts.
@@ -171,6 +186,10 @@ impl Batch {
             _ => None,
         };
         let received_text = time::format_millis(received_at);
+        let latest_at = received_at.saturating_add(self.future_skew);
+        if has_time_after(change, latest_at) {
+            self.beyond_skew += 1;
+        }
         let incoming = IncomingChange {
             kind: kind_of(change.op),
             values: &change.data,
@@ -179,6 +198,7 @@ impl Batch {
             client_id,
             received_at,
             received_at_text: &received_text,
+            latest_at,
         };
         let (winners, conflicts) = merge::apply(&mut record.state, &incoming);
         if !winners.is_empty() || (change.op == Op::Insert && change.data.is_empty()) {
@@ -303,6 +323,19 @@ impl Batch {
     }
 }
 
+/// Whether any time a change carries (field times, `updatedAt`, `createdAt`, `deletedAt`) is after `latest`.
+fn has_time_after(change: &NewChange, latest: Micros) -> bool {
+    let named = [merge::DELETED_AT, "updatedAt", "createdAt"]
+        .into_iter()
+        .filter_map(|name| change.data.get(name));
+    change
+        .field_meta
+        .values()
+        .chain(named)
+        .filter_map(Value::as_str)
+        .any(|text| time::parse_rfc3339(text).is_ok_and(|at| at > latest))
+}
+
 fn kind_of(op: Op) -> ChangeKind {
     match op {
         Op::Insert => ChangeKind::Insert,
@@ -381,9 +414,13 @@ pub fn conflict_json(table: &str, id: &str, conflict: &merge::FieldConflict) -> 
 }
 
 /// Brings the user's record states up to date with log rows not folded yet. Needs the exclusive lock.
-pub async fn fold_pending(tx: &impl GenericClient, user: &str) -> Result<(), StoreError> {
+pub async fn fold_pending(
+    tx: &impl GenericClient,
+    user: &str,
+    future_skew: Micros,
+) -> Result<(), StoreError> {
     if let Some(from) = fold_start(tx, user).await? {
-        fold_from(tx, user, from).await?;
+        fold_from(tx, user, from, future_skew).await?;
     }
     Ok(())
 }
@@ -412,6 +449,7 @@ pub async fn fold_from(
     tx: &impl GenericClient,
     user: &str,
     from: Micros,
+    future_skew: Micros,
 ) -> Result<bool, StoreError> {
     let mut folded = from;
     let mut any = false;
@@ -438,7 +476,7 @@ pub async fn fold_from(
                 )
             })
             .collect();
-        let mut batch = Batch::load(tx, user, dedup(keys)).await?;
+        let mut batch = Batch::load(tx, user, dedup(keys), future_skew).await?;
         for pending in &changes {
             let (winners, _) = batch.apply(
                 &pending.app,

@@ -387,3 +387,55 @@ async fn a_frozen_database_gives_503_after_the_deadline_and_the_server_recovers(
     embedded.stop().await.expect("cluster stops");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A field stamped in the year 9999 used to win against every later edit forever. Now a time further
+/// ahead than `MAX_FUTURE_SKEW_SECS` (1 s here) past its arrival is ordered at that bound — its string is
+/// kept and emitted — so an edit made after the bound wins, and /metrics counts the far-future change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_far_in_the_future_cannot_pin_a_field_forever() {
+    let server = TestServer::start_with(|c| c.max_future_skew = Duration::from_secs(1)).await;
+    let user = unique_user("year-9999");
+    let edit = |value: &str, at: &str| {
+        json!({"table": "tasks", "id": "t1", "op": "update",
+               "fields": {"title": {"value": value, "at": at}}})
+    };
+    let reply = server
+        .push(
+            &user,
+            "todo",
+            Some("a"),
+            &changeset(vec![edit("pinned", "9999-12-31T23:59:59.999Z")]),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let (changes, _) = server
+        .pull_all(&user, "todo", Some("b"), "tasks", EPOCH, None)
+        .await;
+    assert_eq!(
+        changes[0]["fields"]["title"]["at"],
+        json!("9999-12-31T23:59:59.999Z"),
+        "the original string is kept"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let now = mana_sync::protocol::time::format_millis(mana_sync::http::now_micros());
+    let reply = server
+        .push(
+            &user,
+            "todo",
+            Some("b"),
+            &changeset(vec![edit("edited", &now)]),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(reply.body["conflicts"], json!([]), "the later edit wins");
+    let (changes, _) = server
+        .pull_all(&user, "todo", Some("c"), "tasks", EPOCH, None)
+        .await;
+    assert_eq!(changes[0]["data"]["title"], json!("edited"));
+    let metrics = server.request("GET", "/metrics", &[], None).await.text;
+    assert!(
+        metrics.contains("mana_sync_changes_beyond_future_skew_total 1"),
+        "{metrics}"
+    );
+    server.stop().await;
+}

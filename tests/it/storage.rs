@@ -175,6 +175,7 @@ async fn the_migration_is_idempotent_and_safe_from_two_instances_at_once() {
         known_users: 0,
         max_per_user: 2,
         statement_timeout: None,
+        max_future_skew: std::time::Duration::from_secs(86_400),
     };
     let stores: Vec<Store> = (0..3)
         .map(|_| Store::new(database.parse().unwrap(), &options))
