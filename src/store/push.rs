@@ -225,51 +225,18 @@ impl PushTx<'_, '_> {
             }
             clock = ClockState::read(&client.query_one(&state, &[&user]).await?)?;
         }
-        let page = match mode {
-            ReadMode::Snapshot(_) => {
-                read_page(
-                    &connection.client,
-                    &page_statement,
-                    user,
-                    app,
-                    Tables::All,
-                    device,
-                    mode,
-                    limit,
-                )
-                .await?
+        // The page: read in step 1 when memory expected changes; read now when the clock, read under the
+        // lock, says something is newer than `since` after all (or for a snapshot); else empty.
+        let anything_new = clock.last_at.is_some_and(|last| last > since);
+        let client = &connection.client;
+        let page = match (mode, page.take()) {
+            (ReadMode::Log(_), Some(rows)) => {
+                super::log_page(client, user, app, Tables::All, device, rows, limit).await?
             }
-            ReadMode::Log(_) => {
-                // The clock, read under the lock, says whether anything is newer than `since`.
-                let anything_new = clock.last_at.is_some_and(|last| last > since);
-                match page.take() {
-                    Some(rows) => {
-                        super::log_page(
-                            &connection.client,
-                            user,
-                            app,
-                            Tables::All,
-                            device,
-                            rows,
-                            limit,
-                        )
-                        .await?
-                    }
-                    None if anything_new => {
-                        read_page(
-                            &connection.client,
-                            &page_statement,
-                            user,
-                            app,
-                            Tables::All,
-                            device,
-                            mode,
-                            limit,
-                        )
-                        .await?
-                    }
-                    None => super::Page::empty(),
-                }
+            (ReadMode::Log(_), None) if !anything_new => super::Page::empty(),
+            (mode, _) => {
+                let all = Tables::All;
+                read_page(client, &page_statement, user, app, all, device, mode, limit).await?
             }
         };
 
