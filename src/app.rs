@@ -131,6 +131,7 @@ pub async fn build(
             max_per_user: config.db_max_per_user,
             statement_timeout: config.db_statement_timeout,
             max_future_skew: config.max_future_skew,
+            page_max_bytes: config.page_max_bytes,
         },
     );
     migrate(&store).await?;

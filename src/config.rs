@@ -67,6 +67,8 @@ pub struct Config {
     pub body_read_timeout: Duration,
     /// How far past its arrival a change's timestamps are believed; later ones are ordered at that bound.
     pub max_future_skew: Duration,
+    /// A log page (pull, push response, stream event) holds about this many bytes at most (one row at least).
+    pub page_max_bytes: usize,
     /// Users whose newest stamp is kept in memory to answer "nothing new" (0: never answer from memory).
     pub known_stamps_max_users: usize,
 }
@@ -211,6 +213,7 @@ impl Config {
             max_concurrent_requests: positive(&get, "MAX_CONCURRENT_REQUESTS", 1024)?,
             max_requests_per_user: positive(&get, "MAX_REQUESTS_PER_USER", 64)?,
             idle_timeout: millis(&get, "IDLE_TIMEOUT_MS", 60_000)?,
+            page_max_bytes: positive(&get, "PAGE_MAX_BYTES", 4 * 1024 * 1024)?,
             max_future_skew: Duration::from_secs(
                 positive(&get, "MAX_FUTURE_SKEW_SECS", 86_400)? as u64
             ),

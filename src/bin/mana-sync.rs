@@ -182,6 +182,7 @@ async fn migrate() -> Result<(), String> {
             max_per_user: 1,
             statement_timeout: None,
             max_future_skew: std::time::Duration::from_secs(86_400),
+            page_max_bytes: 4 << 20,
         },
     );
     let outcome = app::migrate(&store).await.map_err(|e| e.to_string());

@@ -183,6 +183,8 @@ pub struct StoreOptions {
     pub statement_timeout: Option<Duration>,
     /// How far past its arrival a change's times are believed; later ones are ordered at that bound.
     pub max_future_skew: Duration,
+    /// A log page holds rows up to about this many bytes of stored data (at least one row).
+    pub page_max_bytes: usize,
 }
 
 pub struct Store {
@@ -194,6 +196,7 @@ pub struct Store {
     acquire_timeout: Duration,
     answer_deadline: Option<Duration>,
     future_skew: Micros,
+    page_max_bytes: usize,
     /// Changes with a time beyond `future_skew` (for /metrics).
     beyond_skew: std::sync::atomic::AtomicU64,
 }
@@ -235,11 +238,36 @@ macro_rules! select_changes {
     };
 }
 
-/// $1 user, $2 app, $3 table, $4 since, $5 device ('' = none), $6 limit.
-const PULL_PAGE: &str = concat!(
-    select_changes!(),
-    "table_name = $3 AND created_at > $4 ",
-    "AND ($5 = '' OR client_id <> $5) ORDER BY created_at, id LIMIT $6"
+/// A log page bounded by rows (`$limit`, the page size + 1) and by bytes (`$budget`): the rows that fit
+/// the budget by their stored size (`pg_column_size` of data, field_meta and actor), at least one, plus
+/// `fetched`, how many rows the row bound found (more than returned: the budget cut the page). Rows past
+/// the budget are never detoasted or sent.
+macro_rules! bounded_page {
+    ($filter:literal, $limit:literal, $budget:literal) => {
+        concat!(
+            "SELECT id, table_name, record_id, op, data, field_meta, created_at, schema_version, actor, ",
+            "origin, space_id, fetched FROM (SELECT page.*, count(*) OVER () AS fetched, ",
+            "sum(size) OVER (ORDER BY created_at, uid ROWS UNBOUNDED PRECEDING) AS running, ",
+            "row_number() OVER (ORDER BY created_at, uid) AS n FROM (",
+            "SELECT id AS uid, id::text AS id, table_name, record_id, op, data, field_meta, created_at, ",
+            "schema_version, actor, origin, space_id, coalesce(pg_column_size(data), 0) ",
+            "+ coalesce(pg_column_size(field_meta), 0) + coalesce(pg_column_size(actor), 0) AS size ",
+            "FROM sync_changes WHERE user_id = $1 AND app_id = $2 AND ",
+            $filter,
+            " ORDER BY created_at, id LIMIT ",
+            $limit,
+            ") AS page) AS sized WHERE n = 1 OR running <= ",
+            $budget,
+            " ORDER BY created_at, uid"
+        )
+    };
+}
+
+/// $1 user, $2 app, $3 table, $4 since, $5 device ('' = none), $6 limit, $7 byte budget.
+const PULL_PAGE: &str = bounded_page!(
+    "table_name = $3 AND created_at > $4 AND ($5 = '' OR client_id <> $5)",
+    "$6",
+    "$7"
 );
 /// The rest of a group of rows sharing one timestamp at a page boundary ($4 = that time, $6 = last id).
 const PULL_TIES: &str = concat!(
@@ -247,22 +275,23 @@ const PULL_TIES: &str = concat!(
     "table_name = $3 AND created_at = $4 ",
     "AND ($5 = '' OR client_id <> $5) AND id > $6::text::uuid ORDER BY id"
 );
-/// The push response covers every table of the app. $1 user, $2 app, $3 since, $4 device, $5 limit.
-const APP_PAGE: &str = concat!(
-    select_changes!(),
-    "created_at > $3 ",
-    "AND ($4 = '' OR client_id <> $4) ORDER BY created_at, id LIMIT $5"
+/// The push response covers every table of the app. $1 user, $2 app, $3 since, $4 device, $5 limit,
+/// $6 byte budget.
+const APP_PAGE: &str = bounded_page!(
+    "created_at > $3 AND ($4 = '' OR client_id <> $4)",
+    "$5",
+    "$6"
 );
 const APP_TIES: &str = concat!(
     select_changes!(),
     "created_at = $3 ",
     "AND ($4 = '' OR client_id <> $4) AND id > $5::text::uuid ORDER BY id"
 );
-/// A stream's page: like APP_PAGE, limited to some tables. $6 = the tables.
-const APP_TABLES_PAGE: &str = concat!(
-    select_changes!(),
-    "created_at > $3 ",
-    "AND ($4 = '' OR client_id <> $4) AND table_name = ANY($6) ORDER BY created_at, id LIMIT $5"
+/// A stream's page: like APP_PAGE, limited to some tables. $6 = the tables, $7 byte budget.
+const APP_TABLES_PAGE: &str = bounded_page!(
+    "created_at > $3 AND ($4 = '' OR client_id <> $4) AND table_name = ANY($6)",
+    "$5",
+    "$7"
 );
 const APP_TABLES_TIES: &str = concat!(
     select_changes!(),
@@ -339,6 +368,7 @@ impl Store {
             future_skew: Micros::try_from(options.max_future_skew.as_micros())
                 .unwrap_or(Micros::MAX),
             beyond_skew: Default::default(),
+            page_max_bytes: options.page_max_bytes.max(1),
         }
     }
 
@@ -535,7 +565,18 @@ impl Store {
             .within_deadline(async {
                 let quick = match mode {
                     ReadMode::Log(since) => {
-                        read_log(&mut connection, user, app, tables, device, since, limit).await?
+                        let budget = self.page_max_bytes;
+                        read_log(
+                            &mut connection,
+                            user,
+                            app,
+                            tables,
+                            device,
+                            since,
+                            limit,
+                            budget,
+                        )
+                        .await?
                     }
                     ReadMode::Snapshot(_) => None,
                 };
@@ -552,6 +593,7 @@ impl Store {
                             mode,
                             limit,
                             skew,
+                            self.page_max_bytes,
                         )
                         .await
                     }
@@ -705,6 +747,7 @@ async fn rollback(connection: &mut PooledConnection) {
 /// after every in-flight write of the user committed. Returns the page and the cursor to answer with,
 /// or `None` when `since` is ahead of the user's clock (a cursor from elsewhere): then the clock must be
 /// advanced under the lock, which `read_locked` does.
+#[allow(clippy::too_many_arguments)]
 async fn read_log(
     connection: &mut PooledConnection,
     user: &str,
@@ -713,11 +756,12 @@ async fn read_log(
     device: &str,
     since: Micros,
     limit: usize,
+    budget: usize,
 ) -> Result<Option<(Page, Micros)>, StoreError> {
     let lock = connection.prepare(LOCK_SHARED).await?;
     let page_statement = connection.prepare(tables.page_sql()).await?;
     let clock_statement = connection.prepare(CLOCK).await?;
-    let params = page_params(user, app, tables, device, since, limit);
+    let params = page_params(user, app, tables, device, since, limit, budget);
     let (user_param, page_param): ([&(dyn ToSql + Sync); 1], _) = ([&user], params.refs());
     connection.in_transaction = true;
     let client = &connection.client;
@@ -762,6 +806,7 @@ async fn read_locked(
     mode: ReadMode,
     limit: usize,
     future_skew: Micros,
+    budget: usize,
 ) -> Result<(Page, Micros), StoreError> {
     // A snapshot reads the record state, which must first absorb rows other programs wrote: that writes,
     // so it takes the exclusive lock. Log reads take the shared lock.
@@ -777,7 +822,8 @@ async fn read_locked(
     if let ReadMode::Snapshot(_) = mode {
         records::fold_pending(&tx, user, future_skew).await?;
     }
-    let page = read_page(&tx, &page_statement, user, app, tables, device, mode, limit).await?;
+    let bound = (limit, budget);
+    let page = read_page(&tx, &page_statement, user, app, tables, device, mode, bound).await?;
     let clock = vouched_cursor(&tx, user, since).await?;
     tx.commit().await?;
     connection.in_transaction = false;
@@ -792,6 +838,7 @@ struct PageParams<'a> {
     device: &'a str,
     since: PgTimestamp,
     limit_plus_one: i64,
+    budget: i64,
 }
 
 fn page_params<'a>(
@@ -801,6 +848,7 @@ fn page_params<'a>(
     device: &'a str,
     since: Micros,
     limit: usize,
+    budget: usize,
 ) -> PageParams<'a> {
     PageParams {
         user,
@@ -809,6 +857,7 @@ fn page_params<'a>(
         device,
         since: PgTimestamp(since),
         limit_plus_one: page_limit(limit),
+        budget: i64::try_from(budget).unwrap_or(i64::MAX),
     }
 }
 
@@ -821,6 +870,7 @@ impl PageParams<'_> {
                 &self.since,
                 &self.device,
                 &self.limit_plus_one,
+                &self.budget,
             ],
             Tables::One(table) => vec![
                 &self.user,
@@ -829,6 +879,7 @@ impl PageParams<'_> {
                 &self.since,
                 &self.device,
                 &self.limit_plus_one,
+                &self.budget,
             ],
             Tables::Some(list) => vec![
                 &self.user,
@@ -837,13 +888,30 @@ impl PageParams<'_> {
                 &self.device,
                 &self.limit_plus_one,
                 list,
+                &self.budget,
             ],
         }
     }
 }
 
 /// True when the `limit + 1` rows of a page query have more than fit and the last two share a stamp.
+/// How many rows the page query's row bound found (the `fetched` column).
+fn fetched(rows: &[Row]) -> Result<usize, StoreError> {
+    let fetched = match rows.first() {
+        Some(row) => row
+            .try_get::<_, i64>(11)
+            .map_err(|e| StoreError::Internal(Cause::new(format!("unexpected page shape: {e}"))))?,
+        None => 0,
+    };
+    Ok(usize::try_from(fetched).unwrap_or(usize::MAX))
+}
+
+/// True when the page ends where rows sharing its last stamp may have been cut off: a full page whose last
+/// two rows share a stamp, or a page the byte budget cut (the next row is not known).
 fn ends_in_tie(rows: &[Row], limit: usize) -> Result<bool, StoreError> {
+    if rows.len() < fetched(rows)? {
+        return Ok(true);
+    }
     if rows.len() <= limit || limit == 0 {
         return Ok(false);
     }
@@ -864,31 +932,35 @@ async fn log_page(
     rows: Vec<Row>,
     limit: usize,
 ) -> Result<Page, StoreError> {
-    let has_more = rows.len() > limit;
+    // The byte budget cut the page when the row bound found more rows than came back.
+    let cut_by_bytes = rows.len() < fetched(&rows)?;
+    let has_more = cut_by_bytes || rows.len() > limit;
     let mut changes: Vec<StoredChange> = rows
         .iter()
         .take(limit)
         .map(stored_change)
         .collect::<Result<_, _>>()?;
     if has_more {
-        let next = stored_change(&rows[limit])?;
-        if let Some(last) = changes.last() {
-            if last.created_at == next.created_at {
-                let at = PgTimestamp(last.created_at);
-                let last_id = last.event_id.clone();
-                let (sql, params): (&str, Vec<&(dyn ToSql + Sync)>) = match &tables {
-                    Tables::All => (APP_TIES, vec![&user, &app, &at, &device, &last_id]),
-                    Tables::One(table) => {
-                        (PULL_TIES, vec![&user, &app, table, &at, &device, &last_id])
-                    }
-                    Tables::Some(list) => (
-                        APP_TABLES_TIES,
-                        vec![&user, &app, &at, &device, &last_id, list],
-                    ),
-                };
-                for row in &client.query(sql, &params).await? {
-                    changes.push(stored_change(row)?);
-                }
+        let tie_possible = match rows.get(limit) {
+            _ if cut_by_bytes => true,
+            Some(next) => {
+                changes.last().map(|c| c.created_at) == Some(stored_change(next)?.created_at)
+            }
+            None => false,
+        };
+        if let (true, Some(last)) = (tie_possible, changes.last()) {
+            let at = PgTimestamp(last.created_at);
+            let last_id = last.event_id.clone();
+            let (sql, params): (&str, Vec<&(dyn ToSql + Sync)>) = match &tables {
+                Tables::All => (APP_TIES, vec![&user, &app, &at, &device, &last_id]),
+                Tables::One(table) => (PULL_TIES, vec![&user, &app, table, &at, &device, &last_id]),
+                Tables::Some(list) => (
+                    APP_TABLES_TIES,
+                    vec![&user, &app, &at, &device, &last_id, list],
+                ),
+            };
+            for row in &client.query(sql, &params).await? {
+                changes.push(stored_change(row)?);
             }
         }
     }
@@ -990,7 +1062,7 @@ async fn read_page(
     tables: Tables<'_>,
     device: &str,
     mode: ReadMode,
-    limit: usize,
+    (limit, budget): (usize, usize),
 ) -> Result<Page, StoreError> {
     match mode {
         ReadMode::Snapshot(from) => {
@@ -1012,7 +1084,7 @@ async fn read_page(
             })
         }
         ReadMode::Log(since) => {
-            let params = page_params(user, app, tables, device, since, limit);
+            let params = page_params(user, app, tables, device, since, limit, budget);
             let rows = tx.query(page_statement, &params.refs()).await?;
             log_page(tx, user, app, tables, device, rows, limit).await
         }

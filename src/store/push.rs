@@ -127,6 +127,7 @@ impl Store {
                     device,
                     limit,
                     future_skew: self.future_skew,
+                    page_max_bytes: self.page_max_bytes,
                 }
                 .run(changeset, mode, page_in_step_one, hint),
             )
@@ -155,6 +156,7 @@ struct PushTx<'a, 'c> {
     device: &'a str,
     limit: usize,
     future_skew: Micros,
+    page_max_bytes: usize,
 }
 
 impl PushTx<'_, '_> {
@@ -173,6 +175,7 @@ impl PushTx<'_, '_> {
             device,
             limit,
             future_skew,
+            page_max_bytes,
         } = self;
         let keys: Vec<(String, String, String)> = changeset
             .changes
@@ -193,7 +196,8 @@ impl PushTx<'_, '_> {
             let apps: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
             let tables: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
             let ids: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
-            let page_params = super::page_params(user, app, Tables::All, device, since, limit);
+            let page_params =
+                super::page_params(user, app, Tables::All, device, since, limit, page_max_bytes);
             let page_params = page_params.refs();
             let user_param: [&(dyn ToSql + Sync); 1] = [&user];
             let load_params: [&(dyn ToSql + Sync); 4] = [&user, &apps, &tables, &ids];
@@ -236,7 +240,8 @@ impl PushTx<'_, '_> {
             (ReadMode::Log(_), None) if !anything_new => super::Page::empty(),
             (mode, _) => {
                 let all = Tables::All;
-                read_page(client, &page_statement, user, app, all, device, mode, limit).await?
+                let bound = (limit, page_max_bytes);
+                read_page(client, &page_statement, user, app, all, device, mode, bound).await?
             }
         };
 

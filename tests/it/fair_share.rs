@@ -439,3 +439,88 @@ async fn a_time_far_in_the_future_cannot_pin_a_field_forever() {
     );
     server.stop().await;
 }
+
+/// Pages are bounded by bytes as well as rows: a user's 12 records of ~300 KB each, pulled with the row
+/// limit at 1,000 and `PAGE_MAX_BYTES` at 1 MB, come back a few per page (at least one), with `hasMore`
+/// and the cursor working as for a full page: every record exactly once. A push's response page too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_are_bounded_by_bytes_as_well_as_rows() {
+    let server = TestServer::start_with(|c| c.page_max_bytes = 1024 * 1024).await;
+    let user = unique_user("big-rows");
+    // Hard to compress (PostgreSQL stores large values compressed; the budget counts stored bytes).
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut noise = |n: usize| -> String {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                char::from(b'!' + (seed % 90) as u8)
+            })
+            .collect()
+    };
+    for i in 0..12 {
+        let big = insert(
+            "tasks",
+            &format!("big-{i}"),
+            json!({"blob": noise(300_000)}),
+        );
+        let reply = server
+            .push(&user, "todo", Some("writer"), &changeset(vec![big]))
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+    }
+    let mut cursor = LOG_START.to_owned();
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let reply = server
+            .pull(&user, "todo", Some("reader"), "tasks", &cursor, Some(1000))
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        let changes = reply.changes();
+        assert!(
+            !changes.is_empty() || seen.len() == 12,
+            "a page holds at least one row"
+        );
+        assert!(
+            changes.len() <= 6,
+            "{} rows of ~300 KB in one page",
+            changes.len()
+        );
+        assert!(
+            reply.text.len() < 3 * 1024 * 1024,
+            "{} bytes",
+            reply.text.len()
+        );
+        seen.extend(changes.iter().map(|c| c["id"].as_str().unwrap().to_owned()));
+        pages += 1;
+        cursor = reply.body["syncedUntil"].as_str().unwrap().to_owned();
+        if reply.body["hasMore"] != json!(true) {
+            break;
+        }
+    }
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(
+        (seen.len(), sorted.len()),
+        (12, 12),
+        "each record exactly once: {seen:?}"
+    );
+    assert!(pages >= 3, "{pages} pages");
+    // A push's response page is bounded the same way.
+    let reply = server
+        .push(
+            &user,
+            "todo",
+            Some("reader"),
+            &json!({"since": LOG_START, "changes": [insert("tasks", "small", json!({}))]}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(reply.body["hasMore"], json!(true));
+    let returned = reply.body["serverChanges"].as_array().unwrap().len();
+    assert!((1..=6).contains(&returned), "{returned}");
+    server.stop().await;
+}

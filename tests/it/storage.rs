@@ -176,6 +176,7 @@ async fn the_migration_is_idempotent_and_safe_from_two_instances_at_once() {
         max_per_user: 2,
         statement_timeout: None,
         max_future_skew: std::time::Duration::from_secs(86_400),
+        page_max_bytes: 4 << 20,
     };
     let stores: Vec<Store> = (0..3)
         .map(|_| Store::new(database.parse().unwrap(), &options))
