@@ -238,27 +238,31 @@ macro_rules! select_changes {
     };
 }
 
-/// A log page bounded by rows (`$limit`, the page size + 1) and by bytes (`$budget`): the rows that fit
-/// the budget by their stored size (`pg_column_size` of data, field_meta and actor), at least one, plus
-/// `fetched`, how many rows the row bound found (more than returned: the budget cut the page). Rows past
-/// the budget are never detoasted or sent.
+/// A log page bounded by rows (`$limit`, the page size + 1) and by bytes (`$budget`): the rows whose
+/// running stored size (`pg_column_size` of data, field_meta and actor) fits the budget, at least one, then
+/// the first row that does not fit with its values left out (`fits` false: the budget cut the page here).
+/// Rows past the budget are never detoasted or sent. The window runs in the order the row bound already
+/// sorted by, so it adds no sort.
 macro_rules! bounded_page {
     ($filter:literal, $limit:literal, $budget:literal) => {
         concat!(
-            "SELECT id, table_name, record_id, op, data, field_meta, created_at, schema_version, actor, ",
-            "origin, space_id, fetched FROM (SELECT page.*, count(*) OVER () AS fetched, ",
-            "sum(size) OVER (ORDER BY created_at, uid ROWS UNBOUNDED PRECEDING) AS running, ",
-            "row_number() OVER (ORDER BY created_at, uid) AS n FROM (",
-            "SELECT id AS uid, id::text AS id, table_name, record_id, op, data, field_meta, created_at, ",
+            "SELECT id, table_name, record_id, op, CASE WHEN fits THEN data END, ",
+            "CASE WHEN fits THEN field_meta END, created_at, schema_version, CASE WHEN fits THEN actor END, ",
+            "origin, space_id, fits FROM (SELECT page.*, ",
+            "(row_number() OVER w = 1 OR sum(size) OVER w <= ",
+            $budget,
+            ") AS fits, (row_number() OVER w = 2 OR sum(size) OVER w - size <= ",
+            $budget,
+            ") AS first_beyond FROM (",
+            "SELECT id::text AS id, table_name, record_id, op, data, field_meta, created_at, ",
             "schema_version, actor, origin, space_id, coalesce(pg_column_size(data), 0) ",
             "+ coalesce(pg_column_size(field_meta), 0) + coalesce(pg_column_size(actor), 0) AS size ",
             "FROM sync_changes WHERE user_id = $1 AND app_id = $2 AND ",
             $filter,
             " ORDER BY created_at, id LIMIT ",
             $limit,
-            ") AS page) AS sized WHERE n = 1 OR running <= ",
-            $budget,
-            " ORDER BY created_at, uid"
+            ") AS page WINDOW w AS (ORDER BY created_at, id ROWS UNBOUNDED PRECEDING)) AS sized ",
+            "WHERE fits OR first_beyond ORDER BY created_at, id"
         )
     };
 }
@@ -895,27 +899,34 @@ impl PageParams<'_> {
 }
 
 /// True when the `limit + 1` rows of a page query have more than fit and the last two share a stamp.
-/// How many rows the page query's row bound found (the `fetched` column).
-fn fetched(rows: &[Row]) -> Result<usize, StoreError> {
-    let fetched = match rows.first() {
-        Some(row) => row
-            .try_get::<_, i64>(11)
-            .map_err(|e| StoreError::Internal(Cause::new(format!("unexpected page shape: {e}"))))?,
-        None => 0,
-    };
-    Ok(usize::try_from(fetched).unwrap_or(usize::MAX))
+/// How many rows of a page query's answer belong on the page, and whether more rows follow: the rows that
+/// fit the byte budget, or `limit` of the `limit + 1` the row bound allows. The row after them, if any,
+/// is the first one left out.
+fn page_extent(rows: &[Row], limit: usize) -> Result<(usize, bool), StoreError> {
+    let fitting = rows
+        .iter()
+        .map(|row| row.try_get::<_, bool>(11))
+        .take_while(|fits| matches!(fits, Ok(true)))
+        .count();
+    if fitting < rows.len() {
+        if let Err(e) = rows[fitting].try_get::<_, bool>(11) {
+            return Err(StoreError::Internal(Cause::new(format!(
+                "unexpected page shape: {e}"
+            ))));
+        }
+        return Ok((fitting.min(limit), true));
+    }
+    Ok((rows.len().min(limit), rows.len() > limit))
 }
 
-/// True when the page ends where rows sharing its last stamp may have been cut off: a full page whose last
-/// two rows share a stamp, or a page the byte budget cut (the next row is not known).
+/// True when the page ends inside a group of rows sharing one stamp (only older servers wrote such
+/// groups): the rest of the group must be read within the transaction.
 fn ends_in_tie(rows: &[Row], limit: usize) -> Result<bool, StoreError> {
-    if rows.len() < fetched(rows)? {
-        return Ok(true);
-    }
-    if rows.len() <= limit || limit == 0 {
+    let (taken, more) = page_extent(rows, limit)?;
+    if !more || taken == 0 || taken >= rows.len() {
         return Ok(false);
     }
-    Ok(stored_change(&rows[limit - 1])?.created_at == stored_change(&rows[limit])?.created_at)
+    Ok(stored_change(&rows[taken - 1])?.created_at == stored_change(&rows[taken])?.created_at)
 }
 
 /// Turns the `limit + 1` rows of a log page query into a page. When more rows exist than fit, the page ends
@@ -932,23 +943,15 @@ async fn log_page(
     rows: Vec<Row>,
     limit: usize,
 ) -> Result<Page, StoreError> {
-    // The byte budget cut the page when the row bound found more rows than came back.
-    let cut_by_bytes = rows.len() < fetched(&rows)?;
-    let has_more = cut_by_bytes || rows.len() > limit;
+    let (taken, has_more) = page_extent(&rows, limit)?;
     let mut changes: Vec<StoredChange> = rows
         .iter()
-        .take(limit)
+        .take(taken)
         .map(stored_change)
         .collect::<Result<_, _>>()?;
-    if has_more {
-        let tie_possible = match rows.get(limit) {
-            _ if cut_by_bytes => true,
-            Some(next) => {
-                changes.last().map(|c| c.created_at) == Some(stored_change(next)?.created_at)
-            }
-            None => false,
-        };
-        if let (true, Some(last)) = (tie_possible, changes.last()) {
+    // The row after the page (the first left out) tells whether a group of equal stamps was cut.
+    if let (true, Some(next), Some(last)) = (has_more, rows.get(taken), changes.last()) {
+        if stored_change(next)?.created_at == last.created_at {
             let at = PgTimestamp(last.created_at);
             let last_id = last.event_id.clone();
             let (sql, params): (&str, Vec<&(dyn ToSql + Sync)>) = match &tables {
