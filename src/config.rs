@@ -169,7 +169,7 @@ impl Config {
             db_statement_timeout: match parse(
                 &get,
                 "DB_STATEMENT_TIMEOUT_MS",
-                30_000u64,
+                120_000u64,
                 "milliseconds (0 = no limit)",
             )? {
                 0 => None,
