@@ -118,6 +118,14 @@ fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std:
     let _ = writeln!(out, "{name} {value}");
 }
 
+/// A counter family with one sample per `source` label.
+fn by_source(out: &mut String, name: &str, help: &str, samples: &[(&str, u64)]) {
+    family(out, name, "counter", help);
+    for (source, value) in samples {
+        let _ = writeln!(out, "{name}{{source=\"{source}\"}} {value}");
+    }
+}
+
 /// Renders every metric of `app`.
 pub fn render(app: &App) -> String {
     let metrics = &app.metrics;
@@ -356,32 +364,18 @@ pub fn render(app: &App) -> String {
         load(&app.rows_pruned),
     );
     let (from_memory, from_database) = app.store.known().stats();
-    let _ = writeln!(
-        out,
-        "# HELP mana_sync_log_reads_total Log reads (pulls, stream pages) by where their answer came from."
-    );
-    let _ = writeln!(out, "# TYPE mana_sync_log_reads_total counter");
-    let _ = writeln!(
-        out,
-        "mana_sync_log_reads_total{{source=\"memory\"}} {from_memory}"
-    );
-    let _ = writeln!(
-        out,
-        "mana_sync_log_reads_total{{source=\"database\"}} {from_database}"
+    by_source(
+        &mut out,
+        "mana_sync_log_reads_total",
+        "Log reads (pulls, stream pages) by where their answer came from.",
+        &[("memory", from_memory), ("database", from_database)],
     );
     let (cached, verified) = app.auth.verified_cache_stats();
-    let _ = writeln!(
-        out,
-        "# HELP mana_sync_token_checks_total Bearer tokens checked, by whether a cached verification answered."
-    );
-    let _ = writeln!(out, "# TYPE mana_sync_token_checks_total counter");
-    let _ = writeln!(
-        out,
-        "mana_sync_token_checks_total{{source=\"cache\"}} {cached}"
-    );
-    let _ = writeln!(
-        out,
-        "mana_sync_token_checks_total{{source=\"signature\"}} {verified}"
+    by_source(
+        &mut out,
+        "mana_sync_token_checks_total",
+        "Bearer tokens checked, by whether a cached verification answered.",
+        &[("cache", cached), ("signature", verified)],
     );
     single(
         &mut out,
