@@ -123,13 +123,13 @@ pub struct Hub {
     shards: Box<[Mutex<Shard>]>,
     next_id: AtomicU64,
     queue_capacity: usize,
-    max_sockets_per_user: usize,
+    max_connections_per_user: usize,
     pub stats: HubStats,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegisterError {
-    TooManySockets { limit: usize },
+    TooManyConnections { limit: usize },
 }
 
 /// Keeps a connection registered; unregisters it when dropped.
@@ -147,12 +147,12 @@ impl Drop for Registration {
 const SHARDS: usize = 64;
 
 impl Hub {
-    pub fn new(queue_capacity: usize, max_sockets_per_user: usize) -> Hub {
+    pub fn new(queue_capacity: usize, max_connections_per_user: usize) -> Hub {
         Hub {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             next_id: AtomicU64::new(1),
             queue_capacity: queue_capacity.max(1),
-            max_sockets_per_user,
+            max_connections_per_user,
             stats: HubStats::default(),
         }
     }
@@ -182,9 +182,9 @@ impl Hub {
         let mut shard = self.shard(user).lock();
         let connections = shard.entry(user.to_owned()).or_default();
         // One cap over WebSockets and streams together: either kind holds a socket and a task.
-        if connections.len() >= self.max_sockets_per_user {
-            return Err(RegisterError::TooManySockets {
-                limit: self.max_sockets_per_user,
+        if connections.len() >= self.max_connections_per_user {
+            return Err(RegisterError::TooManyConnections {
+                limit: self.max_connections_per_user,
             });
         }
         connections.push(subscriber.clone());
@@ -427,7 +427,7 @@ mod tests {
         for kind in [Kind::Socket, Kind::Stream] {
             assert_eq!(
                 hub.register("u", Interest::Apps(None), kind, None).err(),
-                Some(RegisterError::TooManySockets { limit: 2 })
+                Some(RegisterError::TooManyConnections { limit: 2 })
             );
         }
         assert!(hub

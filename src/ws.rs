@@ -192,7 +192,7 @@ impl Session {
             client_id,
         ) {
             Ok(registration) => registration,
-            Err(crate::hub::RegisterError::TooManySockets { limit }) => {
+            Err(crate::hub::RegisterError::TooManyConnections { limit }) => {
                 self.send_error(&format!(
                         "too many real-time connections (WebSockets and streams) for this user (limit {limit})"
                     ))
