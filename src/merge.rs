@@ -9,14 +9,16 @@
 //! Versions of one field are ordered by a strict total order, compared key by key:
 //!
 //! 1. `at_micros`, the instant (so `…05:00Z`, `…05:00.000Z` and `…07:00+02:00` are the same time);
-//! 2. `client_id`, byte-wise;
-//! 3. the canonical JSON text of the value (object keys sorted, numbers exactly as written, because
+//! 2. whether a client sent the time: at equal instants a time a client sent beats one the server
+//!    assigned (SPEC §6; see "Times" below);
+//! 3. `client_id`, byte-wise;
+//! 4. the canonical JSON text of the value (object keys sorted, numbers exactly as written, because
 //!    serde_json's `arbitrary_precision` keeps `1`, `1.0` and `1e0` apart), byte-wise;
-//! 4. the original `at` string, byte-wise. The spec only names the first three keys; the fourth is
-//!    needed because two versions can agree on the first three and still differ in how the instant
-//!    was spelled, and without it the surviving spelling would depend on arrival order.
+//! 5. the original `at` string, byte-wise. The spec only names the instant, the writer and the value;
+//!    the last key is needed because two versions can agree on the others and still differ in how the
+//!    instant was spelled, and without it the surviving spelling would depend on arrival order.
 //!
-//! Two versions that agree on all four keys are the same version. The greater version wins.
+//! Two versions that agree on all five keys are the same version. The greater version wins.
 //!
 //! Deletion is not a special state but an ordinary field: a delete is the field `deletedAt` whose value
 //! is the deletion time string and whose `at` is that same time (a *tombstone*). A record is deleted iff
@@ -40,12 +42,19 @@
 //! A field's `at` is `times[field]` if the client gave one that parses as RFC 3339. Otherwise the field
 //! gets the change's *fallback time*: for a delete its `deletedAt`; then the change's own
 //! `updatedAt`, then its `createdAt` (this is the rule the web client uses for inserts, which carry no
-//! field timestamps); then the time the server received the change. The fallback's string is stored
+//! field timestamps); then the time the server received the change, *assigned*: rounded down to the whole
+//! second and written as `toISOString()` does (`…T12:36:59.000Z`), and marked as assigned so that a
+//! client's time at the same instant beats it. Clients send times truncated to the second
+//! (`…T12:36:59Z`): a device that edits a record it has just pulled must not lose that edit to a
+//! sub-second time the server invented. For the server's own pushes, folded rows and direct writers alike
+//! the receive time is the log row's stamp, so an assigned time can always be derived again from the row
+//! (`protocol::time::assigned`). The fallback's string is stored
 //! alongside its instant, so a stored `at` string parses to its stored instant — except that an instant
 //! later than the change's `latest_at` (its arrival plus the allowed future skew) is ordered at
 //! `latest_at` while its string is kept: a clock set to the year 9999 must not pin a field forever.
 //! `latest_at` travels with the change like `received_at`, so the order stays a function of the change.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
@@ -55,8 +64,6 @@ use crate::protocol::time;
 
 /// The field that holds a record's tombstone.
 pub const DELETED_AT: &str = "deletedAt";
-const UPDATED_AT: &str = "updatedAt";
-const CREATED_AT: &str = "createdAt";
 
 /// One field's winning version.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,12 +73,16 @@ pub struct FieldVersion {
     pub at: String,
     /// `at` as microseconds since the Unix epoch; what the order compares.
     pub at_micros: i64,
+    /// The server assigned `at` (the change carried no time for this field): loses to a client's time at
+    /// the same instant.
+    pub assigned: bool,
     pub client_id: String,
 }
 
 impl FieldVersion {
     /// Whether `self` wins over `other`: the strict total order described in the module docs
-    /// (`at_micros`, then `client_id`, then canonical value text, then the `at` string).
+    /// (`at_micros`, then a client's time before an assigned one, then `client_id`, then canonical value
+    /// text, then the `at` string).
     ///
     /// For any two versions exactly one of `a.beats(b)`, `b.beats(a)`, "identical" holds.
     pub fn beats(&self, other: &FieldVersion) -> bool {
@@ -82,6 +93,7 @@ impl FieldVersion {
     pub fn order(&self, other: &FieldVersion) -> Ordering {
         self.at_micros
             .cmp(&other.at_micros)
+            .then_with(|| other.assigned.cmp(&self.assigned))
             .then_with(|| self.client_id.as_bytes().cmp(other.client_id.as_bytes()))
             .then_with(|| {
                 if self.value == other.value {
@@ -187,7 +199,8 @@ impl RecordState {
         }
     }
 
-    /// Storage form: `{"field": {"v": value, "at": "original", "t": micros, "c": "client"}}`.
+    /// Storage form: `{"field": {"v": value, "at": "original", "t": micros, "c": "client"}}`, plus
+    /// `"a": true` for a time the server assigned (absent otherwise, as in states older versions wrote).
     pub fn to_json(&self) -> Value {
         let fields = self
             .fields
@@ -198,6 +211,9 @@ impl RecordState {
                 entry.insert("at".to_owned(), Value::String(version.at.clone()));
                 entry.insert("t".to_owned(), Value::from(version.at_micros));
                 entry.insert("c".to_owned(), Value::String(version.client_id.clone()));
+                if version.assigned {
+                    entry.insert("a".to_owned(), Value::Bool(true));
+                }
                 (name.clone(), Value::Object(entry))
             })
             .collect();
@@ -206,7 +222,8 @@ impl RecordState {
 
     /// Reads the storage form written by [`RecordState::to_json`]. `None` if it is not an object of
     /// entries that each have `v` (any value, null included), `at` (string), `t` (integer) and `c`
-    /// (string). Extra keys in an entry are ignored. `t` is trusted as stored, not re-derived from `at`.
+    /// (string), and optionally `a` (boolean). Extra keys in an entry are ignored. `t` is trusted as
+    /// stored, not re-derived from `at`.
     pub fn from_json(json: &Value) -> Option<RecordState> {
         let mut fields = BTreeMap::new();
         for (name, entry) in json.as_object()? {
@@ -215,6 +232,10 @@ impl RecordState {
                 value: entry.get("v")?.clone(),
                 at: entry.get("at")?.as_str()?.to_owned(),
                 at_micros: entry.get("t")?.as_i64()?,
+                assigned: match entry.get("a") {
+                    None => false,
+                    Some(flag) => flag.as_bool()?,
+                },
                 client_id: entry.get("c")?.as_str()?.to_owned(),
             };
             fields.insert(name.clone(), version);
@@ -240,10 +261,9 @@ pub struct IncomingChange<'a> {
     pub times: &'a Map<String, Value>,
     pub deleted_at: Option<&'a str>,
     pub client_id: &'a str,
-    /// When the server received the change, in microseconds since the epoch.
+    /// When the server received the change, in microseconds since the epoch: the stamp of its log row.
+    /// Times the server assigns are this, rounded down to the second.
     pub received_at: i64,
-    /// `received_at` formatted as the server stamps field times (e.g. `time::format_millis`).
-    pub received_at_text: &'a str,
     /// The latest instant a time of this change is ordered at (its arrival plus the allowed future skew):
     /// a later `at` keeps its string but is ordered as if it were this, so a field stamped in the year
     /// 9999 can still be changed the next day.
@@ -256,66 +276,84 @@ fn parsed(value: Option<&Value>) -> Option<(i64, &str)> {
     time::parse_rfc3339(text).ok().map(|micros| (micros, text))
 }
 
+/// A time as the merge orders it: the instant, its string, and whether the server assigned it.
+struct Time<'a> {
+    micros: i64,
+    text: Cow<'a, str>,
+    assigned: bool,
+}
+
 /// The time given to fields of `change` that have no parseable `at` of their own: a delete's
-/// `deletedAt`, else `values.updatedAt`, else `values.createdAt`, else the server's receipt time.
-fn fallback_time<'a>(change: &IncomingChange<'a>) -> (i64, &'a str) {
+/// `deletedAt`, else `values.updatedAt`, else `values.createdAt`, else the time the server assigns
+/// (its receipt, rounded down to the second).
+fn fallback_time<'a>(change: &IncomingChange<'a>) -> Time<'a> {
     let deleted_at = match change.kind {
-        ChangeKind::Delete => change
-            .deleted_at
-            .and_then(|text| time::parse_rfc3339(text).ok().map(|micros| (micros, text))),
+        ChangeKind::Delete => change.deleted_at,
         ChangeKind::Insert | ChangeKind::Update => None,
     };
-    deleted_at
-        .or_else(|| parsed(change.values.get(UPDATED_AT)))
-        .or_else(|| parsed(change.values.get(CREATED_AT)))
-        .unwrap_or((change.received_at, change.received_at_text))
+    match time::change_time(deleted_at, change.values) {
+        Some((micros, text)) => Time {
+            micros,
+            text: Cow::Borrowed(text),
+            assigned: false,
+        },
+        None => {
+            let (micros, text) = time::assigned(change.received_at);
+            Time {
+                micros,
+                text: Cow::Owned(text),
+                assigned: true,
+            }
+        }
+    }
 }
 
 /// The change as a (partial) record state.
 ///
 /// Every field in `values` gets a version by `change.client_id`, timed by its parseable `times` entry,
 /// else by the change's fallback time (see the module docs; for inserts this is the
-/// updatedAt / createdAt / received-at rule, and inserts that do carry `times` have them honoured).
+/// updatedAt / createdAt / assigned rule, and inserts that do carry `times` have them honoured).
 /// A delete additionally becomes the tombstone `deletedAt = deleted_at` at `deleted_at`, replacing any
 /// `deletedAt` in `values`; a delete without `deleted_at` uses `values.deletedAt` if it is a string, else
-/// it is stamped with its fallback time.
+/// its tombstone is the fallback time (assigned, when the change carries no time at all).
 pub fn versions_of(change: &IncomingChange) -> RecordState {
-    let (fallback_micros, fallback_text) = fallback_time(change);
-    let fallback_micros = fallback_micros.min(change.latest_at);
+    let fallback = fallback_time(change);
+    let version = |value: Value, given: Option<(i64, &str)>| match given {
+        Some((micros, text)) => FieldVersion {
+            value,
+            at: text.to_owned(),
+            at_micros: micros.min(change.latest_at),
+            assigned: false,
+            client_id: change.client_id.to_owned(),
+        },
+        None => FieldVersion {
+            value,
+            at: fallback.text.clone().into_owned(),
+            at_micros: fallback.micros.min(change.latest_at),
+            assigned: fallback.assigned,
+            client_id: change.client_id.to_owned(),
+        },
+    };
     let mut fields = BTreeMap::new();
     for (name, value) in change.values {
-        let (at_micros, at) =
-            parsed(change.times.get(name)).unwrap_or((fallback_micros, fallback_text));
-        let at_micros = at_micros.min(change.latest_at);
         fields.insert(
             name.clone(),
-            FieldVersion {
-                value: value.clone(),
-                at: at.to_owned(),
-                at_micros,
-                client_id: change.client_id.to_owned(),
-            },
+            version(value.clone(), parsed(change.times.get(name))),
         );
     }
     if change.kind == ChangeKind::Delete {
         let deleted_at = change
             .deleted_at
-            .or_else(|| change.values.get(DELETED_AT).and_then(Value::as_str))
-            .unwrap_or(fallback_text);
+            .or_else(|| change.values.get(DELETED_AT).and_then(Value::as_str));
         // The tombstone's time is deletedAt itself when it parses, which is what the fallback starts with.
-        let (at_micros, at) = match time::parse_rfc3339(deleted_at) {
-            Ok(micros) => (micros.min(change.latest_at), deleted_at),
-            Err(_) => (fallback_micros, fallback_text),
+        let tombstone = match deleted_at {
+            Some(text) => version(
+                Value::String(text.to_owned()),
+                time::parse_rfc3339(text).ok().map(|micros| (micros, text)),
+            ),
+            None => version(Value::String(fallback.text.clone().into_owned()), None),
         };
-        fields.insert(
-            DELETED_AT.to_owned(),
-            FieldVersion {
-                value: Value::String(deleted_at.to_owned()),
-                at: at.to_owned(),
-                at_micros,
-                client_id: change.client_id.to_owned(),
-            },
-        );
+        fields.insert(DELETED_AT.to_owned(), tombstone);
     }
     RecordState { fields }
 }
@@ -377,6 +415,7 @@ mod tests {
     use serde_json::json;
 
     const RECEIVED: &str = "2026-11-21T11:00:00.000Z";
+    const UPDATED_AT: &str = "updatedAt";
 
     fn obj(value: Value) -> Map<String, Value> {
         match value {
@@ -394,6 +433,7 @@ mod tests {
             value,
             at: at.to_owned(),
             at_micros: micros(at),
+            assigned: false,
             client_id: client.to_owned(),
         }
     }
@@ -407,7 +447,6 @@ mod tests {
         deleted_at: Option<String>,
         client_id: String,
         received_at: i64,
-        received_at_text: String,
         latest_at: i64,
     }
 
@@ -420,7 +459,6 @@ mod tests {
                 deleted_at: None,
                 client_id: client.to_owned(),
                 received_at: micros(RECEIVED),
-                received_at_text: RECEIVED.to_owned(),
                 latest_at: i64::MAX,
             }
         }
@@ -446,7 +484,6 @@ mod tests {
 
         fn received(mut self, text: &str) -> Change {
             self.received_at = micros(text);
-            self.received_at_text = text.to_owned();
             self
         }
 
@@ -458,7 +495,6 @@ mod tests {
                 deleted_at: self.deleted_at.as_deref(),
                 client_id: &self.client_id,
                 received_at: self.received_at,
-                received_at_text: &self.received_at_text,
                 latest_at: self.latest_at,
             }
         }
@@ -664,13 +700,16 @@ mod tests {
             "2026-11-21T10:01:00Z"
         );
 
-        let bare = Change::insert("c", json!({"title": "t"})).received("2026-11-21T10:09:00.123Z");
+        // No time at all: the server assigns its receipt, rounded down to the second.
+        let bare = Change::insert("c", json!({"title": "t"})).received("2026-11-21T10:09:00.923Z");
         let state = versions_of(&bare.view());
-        assert_eq!(state.fields["title"].at, "2026-11-21T10:09:00.123Z");
+        assert_eq!(state.fields["title"].at, "2026-11-21T10:09:00.000Z");
         assert_eq!(
             state.fields["title"].at_micros,
-            micros("2026-11-21T10:09:00.123Z")
+            micros("2026-11-21T10:09:00Z")
         );
+        assert!(state.fields["title"].assigned);
+        assert!(!versions_of(&created.view()).fields["title"].assigned);
         assert!(!state.is_deleted());
     }
 
@@ -778,9 +817,9 @@ mod tests {
         assert_eq!(state.fields["updatedAt"].at, "2026-11-21T10:03:00Z");
 
         let bare = Change::update("a", json!({"title": "t"}), json!({"title": "soon"}))
-            .received("2026-11-21T10:09:00Z");
+            .received("2026-11-21T10:09:00.5Z");
         let state = versions_of(&bare.view());
-        assert_eq!(state.fields["title"].at, "2026-11-21T10:09:00Z");
+        assert_eq!(state.fields["title"].at, "2026-11-21T10:09:00.000Z");
         assert_eq!(
             state.fields["title"].at_micros,
             micros("2026-11-21T10:09:00Z")
@@ -790,13 +829,49 @@ mod tests {
         let delete = Change::delete("a", "at some point").received("2026-11-21T10:09:00Z");
         let state = versions_of(&delete.view());
         assert_eq!(state.deleted_at(), Some("at some point"));
-        assert_eq!(state.fields[DELETED_AT].at, "2026-11-21T10:09:00Z");
+        assert_eq!(state.fields[DELETED_AT].at, "2026-11-21T10:09:00.000Z");
+        assert!(state.fields[DELETED_AT].assigned);
 
         // A delete without deletedAt at all is stamped with the receipt time.
-        let mut unstamped = Change::delete("a", "x").received("2026-11-21T10:09:00.000Z");
+        let mut unstamped = Change::delete("a", "x").received("2026-11-21T10:09:00.999Z");
         unstamped.deleted_at = None;
         let state = versions_of(&unstamped.view());
         assert_eq!(state.deleted_at(), Some("2026-11-21T10:09:00.000Z"));
+        assert!(state.fields[DELETED_AT].assigned);
+    }
+
+    #[test]
+    fn a_client_time_beats_an_assigned_time_at_the_same_instant() {
+        // Device A inserts without a time; the server assigns 12:36:59 (received at .870). Device B pulls
+        // it and edits within the same second; its clock gives whole seconds.
+        let insert = Change::insert("zz-device-a", json!({"title": "E2E Test Task"}))
+            .received("2026-11-29T12:36:59.870Z");
+        let edit = Change::update(
+            "aa-device-b",
+            json!({"title": "Updated by Client B"}),
+            json!({"title": "2026-11-29T12:36:59Z"}),
+        );
+        for order in [[&insert, &edit], [&edit, &insert]] {
+            let state = state_of(&[order[0].clone(), order[1].clone()]);
+            assert_eq!(state.data()["title"], json!("Updated by Client B"));
+            assert_eq!(state.fields["title"].at, "2026-11-29T12:36:59Z");
+        }
+        // An edit a second earlier still loses: the assigned time is a real time, not a wildcard.
+        let earlier = Change::update(
+            "aa-device-b",
+            json!({"title": "earlier"}),
+            json!({"title": "2026-11-29T12:36:58.999Z"}),
+        );
+        assert_eq!(
+            state_of(&[insert.clone(), earlier]).data()["title"],
+            json!("E2E Test Task")
+        );
+        // Two assigned times in one second: the ordinary tie-break (client id) decides, in any order.
+        let other = Change::insert("mm-device-c", json!({"title": "other"}))
+            .received("2026-11-29T12:36:59.010Z");
+        let ab = state_of(&[insert.clone(), other.clone()]);
+        assert_eq!(ab, state_of(&[other, insert]));
+        assert_eq!(ab.data()["title"], json!("E2E Test Task"));
     }
 
     #[test]
@@ -886,6 +961,14 @@ mod tests {
         let back = RecordState::from_json(&serde_json::from_str(&text).unwrap()).unwrap();
         assert_eq!(back, state);
 
+        // An assigned time is marked; states written before the mark existed read as client times.
+        let assigned = state_of(&[Change::insert("c", json!({"x": 1}))]);
+        assert_eq!(assigned.to_json()["x"]["a"], json!(true));
+        let mut unmarked = assigned.to_json();
+        unmarked["x"].as_object_mut().unwrap().remove("a");
+        assert!(!RecordState::from_json(&unmarked).unwrap().fields["x"].assigned);
+        assert_eq!(RecordState::from_json(&assigned.to_json()), Some(assigned));
+
         assert_eq!(
             RecordState::from_json(&json!({})),
             Some(RecordState::default())
@@ -898,6 +981,7 @@ mod tests {
             json!({"f": {"v": 1, "at": "x", "t": "0", "c": "c"}}),
             json!({"f": {"v": 1, "at": "x", "t": 0.5, "c": "c"}}),
             json!({"f": {"v": 1, "at": "x", "t": 0}}),
+            json!({"f": {"v": 1, "at": "x", "t": 0, "c": "c", "a": "yes"}}),
         ] {
             assert_eq!(RecordState::from_json(&bad), None, "{bad}");
         }
@@ -950,9 +1034,11 @@ mod tests {
         "not a time",
         "2026-11-21T10:05",
     ];
-    const RECEIVED_TIMES: [&str; 3] = [
+    /// Receipts whose assigned second equals client times above, to force client-against-assigned ties.
+    const RECEIVED_TIMES: [&str; 4] = [
         "2026-11-21T10:05:00.000Z",
-        "2026-11-21T10:05:00.001Z",
+        "2026-11-21T10:05:00.731Z",
+        "2026-11-21T10:06:00.999Z",
         "2026-11-21T10:07:00.000Z",
     ];
 

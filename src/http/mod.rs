@@ -186,14 +186,13 @@ async fn push(
     gate(app, &claims.sub).await?;
     let header_device = client_id_header(request.headers())?;
     check_content_type(request.headers())?;
-    let received_at = now_micros();
     let body = read_body(
         request,
         app.config.max_body_bytes,
         app.config.body_read_timeout,
     )
     .await?;
-    let changeset = protocol::parse_changeset(&body, received_at)?;
+    let changeset = protocol::parse_changeset(&body)?;
     drop(body);
     let device = header_device.or_else(|| changeset.client_id.clone());
     let tables: BTreeSet<String> = changeset.changes.iter().map(|c| c.table.clone()).collect();

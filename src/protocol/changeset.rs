@@ -24,8 +24,6 @@ pub struct Changeset {
     /// The cursor the client pulled up to; the epoch when it sent none.
     pub since: Micros,
     pub changes: Vec<NewChange>,
-    /// When the server received the push: the time of fields that carry none (SPEC §6).
-    pub received_at: Micros,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,9 +71,11 @@ pub struct NewChange {
     pub schema_version: i32,
 }
 
-/// Parses and validates a push body. `received_at` is the server's time, used for a delete that carries
-/// no `deletedAt` of its own (a delete must always have one, or the web client hard-deletes).
-pub fn parse_changeset(body: &[u8], received_at: Micros) -> Result<Changeset, ProtocolError> {
+/// Parses and validates a push body.
+///
+/// Times a change does not carry (a timestamp-less insert, a delete without `deletedAt`) are left out:
+/// the server assigns them when it stores the change (`merge`, SPEC §6).
+pub fn parse_changeset(body: &[u8]) -> Result<Changeset, ProtocolError> {
     let root: Value = serde_json::from_slice(body).map_err(|e| {
         ProtocolError::new(
             "invalid_json",
@@ -135,11 +135,9 @@ pub fn parse_changeset(body: &[u8], received_at: Micros) -> Result<Changeset, Pr
         .into_iter()
         .enumerate()
         .map(|(index, change)| {
-            parse_change(change, batch_version, received_at).map_err(
-                |ChangeError(code, message)| {
-                    ProtocolError::new(code, format!("change {index}: {message}"))
-                },
-            )
+            parse_change(change, batch_version).map_err(|ChangeError(code, message)| {
+                ProtocolError::new(code, format!("change {index}: {message}"))
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
 
@@ -147,7 +145,6 @@ pub fn parse_changeset(body: &[u8], received_at: Micros) -> Result<Changeset, Pr
         client_id,
         since,
         changes,
-        received_at,
     })
 }
 
@@ -172,11 +169,7 @@ impl From<ProtocolError> for ChangeError {
     }
 }
 
-fn parse_change(
-    change: Value,
-    batch_version: i32,
-    received_at: Micros,
-) -> Result<NewChange, ChangeError> {
+fn parse_change(change: Value, batch_version: i32) -> Result<NewChange, ChangeError> {
     let Value::Object(mut change) = change else {
         return Err("must be a JSON object".into());
     };
@@ -313,15 +306,16 @@ fn parse_change(
         },
         Op::Delete => {
             let (mut data, mut field_meta) = fields.map(split_fields).unwrap_or_default();
-            let deleted_at = deleted_at
-                .or_else(|| {
-                    // A client that marks deletion only as a field still gets a top-level deletedAt.
-                    let at = data.get("deletedAt").and_then(Value::as_str)?;
-                    time::parse_rfc3339(at).ok().map(|_| at.to_owned())
-                })
-                .unwrap_or_else(|| time::format_millis(received_at));
-            data.insert("deletedAt".into(), Value::String(deleted_at.clone()));
-            field_meta.insert("deletedAt".into(), Value::String(deleted_at));
+            let deleted_at = deleted_at.or_else(|| {
+                // A client that marks deletion only as a field still gets a top-level deletedAt.
+                let at = data.get("deletedAt").and_then(Value::as_str)?;
+                time::parse_rfc3339(at).ok().map(|_| at.to_owned())
+            });
+            // Without any, the server assigns one when it stores the delete.
+            if let Some(deleted_at) = deleted_at {
+                data.insert("deletedAt".into(), Value::String(deleted_at.clone()));
+                field_meta.insert("deletedAt".into(), Value::String(deleted_at));
+            }
             (data, field_meta)
         }
     };

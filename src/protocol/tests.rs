@@ -7,7 +7,7 @@ use super::*;
 const NOW: time::Micros = 1_795_255_500_000_000;
 
 fn parse(body: Value) -> Result<Changeset, ProtocolError> {
-    parse_changeset(body.to_string().as_bytes(), NOW)
+    parse_changeset(body.to_string().as_bytes())
 }
 
 /// Asserts that `body` is rejected with `code` and a message containing `needle`.
@@ -82,8 +82,8 @@ fn accepts_every_op_and_keeps_what_clients_send() {
     );
     assert_eq!(
         bare_delete.data.get("deletedAt"),
-        Some(&json!("2026-11-21T10:05:00.000Z")),
-        "server time"
+        None,
+        "no time of its own: the server assigns one when it stores the delete"
     );
 }
 
@@ -209,15 +209,15 @@ fn rejects_bad_input_with_the_index_and_the_field() {
         "changes must be an array",
     );
     check_rejected(json!([1]), "invalid_body", "JSON object");
-    let error = parse_changeset(b"{\"changes\": [", NOW).unwrap_err();
+    let error = parse_changeset(b"{\"changes\": [").unwrap_err();
     assert_eq!(error.code, "invalid_json");
     let deep = "[".repeat(10_000);
     assert_eq!(
-        parse_changeset(deep.as_bytes(), NOW).unwrap_err().code,
+        parse_changeset(deep.as_bytes()).unwrap_err().code,
         "invalid_json"
     );
     assert_eq!(
-        parse_changeset(b"\xff\xfe", NOW).unwrap_err().code,
+        parse_changeset(b"\xff\xfe").unwrap_err().code,
         "invalid_json"
     );
 }
@@ -312,18 +312,44 @@ fn emitted_changes_omit_absent_keys_and_always_date_deletes() {
         space_id: None,
     };
     let wire = |r: StoredChange| serde_json::to_value(r.to_wire()).unwrap();
+    // An insert dated by the record itself stays an insert.
     assert_eq!(
-        wire(row("insert", json!({"a": 1}), json!({}))),
-        json!({"eventId": "e", "table": "tasks", "id": "r", "op": "insert", "data": {"a": 1}, "schemaVersion": 1})
+        wire(row(
+            "insert",
+            json!({"a": 1, "createdAt": "2026-01-01T00:00:00Z"}),
+            json!({})
+        )),
+        json!({"eventId": "e", "table": "tasks", "id": "r", "op": "insert",
+               "data": {"a": 1, "createdAt": "2026-01-01T00:00:00Z"}, "schemaVersion": 1})
+    );
+    // One without any time is emitted in the snapshot shape, dated by the second its row was stamped
+    // (NOW + 0.25 s here), and `id` is data, not a field.
+    let mut bare_insert = row("insert", json!({"id": "r", "a": 1}), json!({}));
+    bare_insert.created_at = NOW + 250_000;
+    assert_eq!(
+        wire(bare_insert),
+        json!({"eventId": "e", "table": "tasks", "id": "r", "op": "update",
+               "data": {"id": "r", "a": 1},
+               "fields": {"a": {"value": 1, "at": "2026-11-21T10:05:00.000Z"}}, "schemaVersion": 1})
     );
     // A direct writer's update without timestamps, and one with object-shaped metadata.
     assert_eq!(
         wire(row(
             "update",
-            json!({"a": 1, "b": null}),
+            json!({"a": 1, "b": null, "id": "r"}),
             json!({"b": {"at": "2026-01-01T00:00:00Z"}})
         ))["fields"],
-        json!({"a": {"value": 1}, "b": {"value": null, "at": "2026-01-01T00:00:00Z"}})
+        json!({"a": {"value": 1, "at": "2026-11-21T10:05:00.000Z"},
+               "b": {"value": null, "at": "2026-01-01T00:00:00Z"}})
+    );
+    // An update that carries updatedAt dates its other fields by it, as the merge did.
+    assert_eq!(
+        wire(row(
+            "update",
+            json!({"a": 1, "updatedAt": "2026-01-02T00:00:00Z"}),
+            json!({})
+        ))["fields"]["a"]["at"],
+        json!("2026-01-02T00:00:00Z")
     );
     let delete = wire(row(
         "delete",

@@ -15,6 +15,8 @@
 
 use std::fmt;
 
+use serde_json::{Map, Value};
+
 /// Microseconds since 1970-01-01T00:00:00Z.
 pub type Micros = i64;
 
@@ -145,6 +147,33 @@ pub fn format_millis(micros: Micros) -> String {
     format!("{}Z", &cursor[..23])
 }
 
+/// The time a change gives to those of its fields that carry no `at` of their own (SPEC §6): a delete's
+/// `deletedAt`, else the record's `updatedAt`, else its `createdAt`, each only if it parses. `None` when
+/// the change carries no time at all: then the server assigns one ([`assigned`]).
+///
+/// The merge orders fields by this rule and the emitted rows are dated by it, so both agree.
+pub fn change_time<'a>(
+    deleted_at: Option<&'a str>,
+    values: &'a Map<String, Value>,
+) -> Option<(Micros, &'a str)> {
+    let parsed = |text: Option<&'a str>| {
+        let text = text?;
+        parse_rfc3339(text).ok().map(|micros| (micros, text))
+    };
+    parsed(deleted_at)
+        .or_else(|| parsed(values.get("updatedAt").and_then(Value::as_str)))
+        .or_else(|| parsed(values.get("createdAt").and_then(Value::as_str)))
+}
+
+/// A time the server assigns (SPEC §6): `micros` rounded down to the whole second, with its string in
+/// `toISOString()` form (`2026-11-29T12:36:59.000Z`). Clients send times truncated to the second, so a
+/// sub-second time the server invented would beat an edit made in the same second.
+pub fn assigned(micros: Micros) -> (Micros, String) {
+    let second = micros.clamp(Micros::MIN / 2, Micros::MAX / 2);
+    let second = second - second.rem_euclid(MICROS_PER_SECOND);
+    (second, format_millis(second))
+}
+
 /// Splits into (days since epoch, microseconds into that day), flooring for times before 1970.
 fn split(micros: Micros) -> (i64, i64) {
     let per_day = SECONDS_PER_DAY * MICROS_PER_SECOND;
@@ -212,6 +241,24 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn assigned_times_are_whole_seconds_in_to_iso_string_form() {
+        let cases = [
+            ("2026-11-29T12:36:59.999999Z", "2026-11-29T12:36:59.000Z"),
+            ("2026-11-29T12:36:59.000000Z", "2026-11-29T12:36:59.000Z"),
+            ("1969-12-31T23:59:59.500000Z", "1969-12-31T23:59:59.000Z"),
+        ];
+        for (received, want) in cases {
+            let (micros, text) = assigned(parse_rfc3339(received).unwrap());
+            assert_eq!(text, want, "{received}");
+            assert_eq!(
+                parse_rfc3339(&text),
+                Ok(micros),
+                "the string names the instant"
+            );
+        }
+    }
 
     #[test]
     fn parses_the_forms_clients_hold() {

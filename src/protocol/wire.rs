@@ -9,6 +9,12 @@ use serde_json::{Map, Value};
 
 use super::time::{self, Micros};
 
+/// The field that holds a record's tombstone.
+const DELETED_AT: &str = "deletedAt";
+/// The record's key: in `data`, never listed in `fields` (CLIENTS.md: the web client would keep a stray
+/// `__fieldMeta.id`).
+const ID: &str = "id";
+
 /// A row of `sync_changes` as the store reads it, in any of the formats that have been written to it
 /// (this server, today's server, direct writers).
 #[derive(Debug, Clone, PartialEq)]
@@ -63,21 +69,37 @@ impl StoredChange {
     }
 
     /// The emitted change, moving the row's values instead of copying them (a page of a thousand rows).
+    ///
+    /// Every emitted field has its `at`: its own from `field_meta`, else the row's change time (deletedAt,
+    /// updatedAt, createdAt), else the time the server assigned, derived from the row's stamp exactly as
+    /// the merge derived it (SPEC §6). An insert that carried no time at all is emitted in the snapshot
+    /// shape, an `update` with `data` and `fields`: the web client dates a received insert with its own
+    /// clock, and would then drop every edit made before it caught up. `fields` never lists `id`.
     pub fn into_wire(mut self) -> WireChange {
         let data = match self.data.take() {
             Some(Value::Object(map)) => map,
             _ => Map::new(),
         };
         let (op, data, fields, deleted_at) = match self.op.as_str() {
-            "insert" => ("insert", Some(Value::Object(data)), None, None),
+            // (An empty record has no field to date: it stays an insert, so that it comes to exist.)
+            "insert" if data.is_empty() || time::change_time(None, &data).is_some() => {
+                ("insert", Some(Value::Object(data)), None, None)
+            }
+            "insert" => {
+                let fallback = self.fallback_at(&data, None);
+                let fields = self.fields(data.clone(), &fallback);
+                ("update", Some(Value::Object(data)), Some(fields), None)
+            }
             "delete" => {
                 let deleted_at = data
-                    .get("deletedAt")
+                    .get(DELETED_AT)
                     .and_then(Value::as_str)
                     .map(str::to_owned)
-                    .or_else(|| self.field_time("deletedAt"))
-                    .unwrap_or_else(|| time::format_millis(self.created_at));
-                let fields = self.fields(data.into_iter().filter(|(name, _)| name != "deletedAt"));
+                    .or_else(|| self.field_time(DELETED_AT))
+                    .unwrap_or_else(|| time::assigned(self.created_at).1);
+                let fallback = self.fallback_at(&data, Some(&deleted_at));
+                let others = data.into_iter().filter(|(name, _)| name != DELETED_AT);
+                let fields = self.fields(others, &fallback);
                 (
                     "delete",
                     None,
@@ -85,7 +107,10 @@ impl StoredChange {
                     Some(deleted_at),
                 )
             }
-            _ => ("update", None, Some(self.fields(data)), None),
+            _ => {
+                let fallback = self.fallback_at(&data, None);
+                ("update", None, Some(self.fields(data, &fallback)), None)
+            }
         };
         WireChange {
             event_id: self.event_id,
@@ -103,15 +128,30 @@ impl StoredChange {
         }
     }
 
-    fn fields(&self, values: impl IntoIterator<Item = (String, Value)>) -> Map<String, Value> {
+    /// The `at` of fields without one in `field_meta`: the change's time, else the assigned time.
+    fn fallback_at(&self, data: &Map<String, Value>, deleted_at: Option<&str>) -> String {
+        match time::change_time(deleted_at, data) {
+            Some((_, text)) => text.to_owned(),
+            None => time::assigned(self.created_at).1,
+        }
+    }
+
+    /// `fields` entries for `values` (all but `id`), each with its `at` (see [`StoredChange::into_wire`]).
+    fn fields(
+        &self,
+        values: impl IntoIterator<Item = (String, Value)>,
+        fallback: &str,
+    ) -> Map<String, Value> {
         values
             .into_iter()
+            .filter(|(name, _)| name != ID)
             .map(|(name, value)| {
+                let at = self
+                    .field_time(&name)
+                    .unwrap_or_else(|| fallback.to_owned());
                 let mut entry = Map::new();
                 entry.insert("value".into(), value);
-                if let Some(at) = self.field_time(&name) {
-                    entry.insert("at".into(), Value::String(at));
-                }
+                entry.insert("at".into(), Value::String(at));
                 (name, Value::Object(entry))
             })
             .collect()

@@ -85,7 +85,8 @@ impl ClockState {
 
 /// What merging a batch leaves to write and to answer.
 struct Merged {
-    log_rows: Vec<NewChange>,
+    /// The log rows, each with its stamp.
+    log_rows: Vec<(NewChange, Micros)>,
     conflicts: Vec<serde_json::Value>,
     /// Records where a pushed field lost: answered with their whole merged state.
     lost: BTreeSet<(String, String)>,
@@ -245,17 +246,13 @@ impl PushTx<'_, '_> {
             }
         };
 
-        // Step 2: merge, and stamp what won after the clock.
-        let merged = merge(&mut batch, app, device, changeset);
+        // Step 2: merge. Change `i` is stamped `first_stamp + i`, after the clock: the time the server
+        // assigns to it derives from that stamp, and its log row (if anything won) carries it.
         let first_stamp = clock
             .db_now
             .max(clock.last_at.map_or(Micros::MIN, |last| last + 1));
-        let stamps: Vec<Micros> = (0..merged.log_rows.len() as Micros)
-            .map(|i| first_stamp + i)
-            .collect();
-        for (row, at) in merged.log_rows.iter().zip(&stamps) {
-            batch.stamped(app, &row.table, &row.record_id, None, *at);
-        }
+        let merged = merge(&mut batch, app, device, changeset, first_stamp);
+        let stamps: Vec<Micros> = merged.log_rows.iter().map(|(_, at)| *at).collect();
         let clock_after = stamps.last().copied().or(clock.last_at);
         // A cursor this response hands out must be behind every later write: a `since` from elsewhere
         // that is ahead of the clock moves the clock.
@@ -347,21 +344,29 @@ impl PushTx<'_, '_> {
     }
 }
 
-/// Merges the batch into the record states; only what wins goes to the log.
-fn merge(batch: &mut Batch, app: &str, device: &str, changeset: &Changeset) -> Merged {
+/// Merges the batch into the record states, change `i` stamped `first_stamp + i`; only what wins goes to
+/// the log (so stamps of log rows may leave gaps, and stay strictly increasing).
+fn merge(
+    batch: &mut Batch,
+    app: &str,
+    device: &str,
+    changeset: &Changeset,
+    first_stamp: Micros,
+) -> Merged {
     let mut merged = Merged {
         log_rows: Vec::new(),
         conflicts: Vec::new(),
         lost: BTreeSet::new(),
     };
-    for change in &changeset.changes {
-        let (winners, losers) = batch.apply(app, change, device, changeset.received_at);
+    for (change, stamp) in changeset.changes.iter().zip(first_stamp..) {
+        let (winners, losers) = batch.apply(app, change, device, stamp);
         let state = batch
             .state(app, &change.table, &change.record_id)
             .expect("applied above");
-        merged
-            .log_rows
-            .extend(records::winning_row(change, &winners, state));
+        if let Some(row) = records::winning_row(change, &winners, state) {
+            batch.stamped(app, &change.table, &change.record_id, None, stamp);
+            merged.log_rows.push((row, stamp));
+        }
         for conflict in losers {
             merged.conflicts.push(records::conflict_json(
                 &change.table,
@@ -420,8 +425,9 @@ struct LogColumns {
     space_ids: Vec<Option<String>>,
 }
 
-impl From<&[NewChange]> for LogColumns {
-    fn from(changes: &[NewChange]) -> LogColumns {
+impl From<&[(NewChange, Micros)]> for LogColumns {
+    fn from(rows: &[(NewChange, Micros)]) -> LogColumns {
+        let changes: Vec<&NewChange> = rows.iter().map(|(change, _)| change).collect();
         LogColumns {
             tables: changes.iter().map(|c| c.table.clone()).collect(),
             record_ids: changes.iter().map(|c| c.record_id.clone()).collect(),

@@ -24,6 +24,8 @@ use crate::merge::{self, ChangeKind, IncomingChange, RecordState};
 use crate::protocol::time::{self, Micros};
 use crate::protocol::{NewChange, Op, WireChange};
 
+/// The record's key in `data`, never listed in `fields` (CLIENTS.md).
+const ID: &str = "id";
 /// Where snapshot cursors start: anything before is "no cursor", i.e. a fresh snapshot.
 pub const SNAPSHOT_FLOOR: Micros = 86_400_000_000; // 1970-01-02T00:00:00Z
 /// Where snapshot cursors end and log cursors begin.
@@ -168,12 +170,16 @@ impl Batch {
     }
 
     /// Merges one change into its record. Returns the fields that won and the conflicts.
+    ///
+    /// `stamp` is the stamp of the change's log row (or the one it would get, should anything win): the
+    /// times the server assigns to this change derive from it (`time::assigned`), so that emitting the row
+    /// later can derive them again.
     pub fn apply(
         &mut self,
         app: &str,
         change: &NewChange,
         client_id: &str,
-        received_at: Micros,
+        stamp: Micros,
     ) -> (Vec<String>, Vec<merge::FieldConflict>) {
         let key = (
             app.to_owned(),
@@ -185,8 +191,7 @@ impl Batch {
             Op::Delete => change.data.get(merge::DELETED_AT).and_then(Value::as_str),
             _ => None,
         };
-        let received_text = time::format_millis(received_at);
-        let latest_at = received_at.saturating_add(self.future_skew);
+        let latest_at = stamp.saturating_add(self.future_skew);
         if has_time_after(change, latest_at) {
             self.beyond_skew += 1;
         }
@@ -196,8 +201,7 @@ impl Batch {
             times: &change.field_meta,
             deleted_at,
             client_id,
-            received_at,
-            received_at_text: &received_text,
+            received_at: stamp,
             latest_at,
         };
         let (winners, conflicts) = merge::apply(&mut record.state, &incoming);
@@ -541,13 +545,12 @@ impl PendingRow {
                 _ => None,
             })
             .collect();
+        // A delete without deletedAt in data takes its field time; without either, the merge assigns one
+        // from the row's stamp (as emitting the row does).
         if op == Op::Delete && !data.get(merge::DELETED_AT).is_some_and(Value::is_string) {
-            let at = field_meta
-                .get(merge::DELETED_AT)
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .unwrap_or_else(|| time::format_millis(created_at));
-            data.insert(merge::DELETED_AT.into(), Value::String(at));
+            if let Some(at) = field_meta.get(merge::DELETED_AT).and_then(Value::as_str) {
+                data.insert(merge::DELETED_AT.into(), Value::String(at.to_owned()));
+            }
         }
         Ok(PendingRow {
             event_id: row.try_get(0)?,
@@ -650,9 +653,12 @@ fn entry(
     let (op, data, fields) = match deleted_at {
         Some(_) => ("delete", None, None),
         None => {
+            // `id` is the record's key, not a field: listed here the web client would keep a stray
+            // `__fieldMeta.id`.
             let fields: Map<String, Value> = state
                 .fields
                 .iter()
+                .filter(|(name, _)| name.as_str() != ID)
                 .map(|(name, version)| {
                     (
                         name.clone(),

@@ -1474,7 +1474,6 @@ async fn a_value_the_database_refuses_is_a_client_error_and_writes_nothing() {
             good("fine", json!({"title": "ok"})),
             good("huge", serde_json::from_str(r#"{"n": 1e131072}"#).unwrap()),
         ],
-        received_at: mana_sync::http::now_micros(),
     };
     let error = server
         .app

@@ -175,9 +175,17 @@ async fn rows_written_directly_into_sync_changes_are_delivered_in_the_documented
         json!({"title": {"value": "with-times", "at": "2026-11-21T10:05:00.000Z"}})
     );
     assert_eq!(changes[0]["origin"], json!("agent"));
+    // Without times of its own, the row is dated by the second it was stamped in (SPEC §6), as the merge
+    // dated it.
+    let at = changes[1]["fields"]["body"]["at"].clone();
+    assert!(
+        at.as_str()
+            .is_some_and(|at| at.len() == 24 && at.ends_with(".000Z")),
+        "{at}"
+    );
     assert_eq!(
         changes[1]["fields"],
-        json!({"body": {"value": "hi"}, "n": {"value": 2}})
+        json!({"body": {"value": "hi", "at": at}, "n": {"value": 2, "at": at}})
     );
     assert_eq!(changes[1]["op"], json!("update"));
     assert!(changes

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod assigned_times;
 mod auth;
 mod bad_input;
 mod cli;
