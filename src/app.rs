@@ -37,6 +37,7 @@ pub struct App {
     pub unauthenticated_sockets: Arc<tokio::sync::Semaphore>,
     /// Requests in flight per user (at most `MAX_REQUESTS_PER_USER`; more get 429).
     pub requests_per_user: Arc<crate::http::per_user::InFlight>,
+    pub body_budget: Arc<crate::http::body_budget::BodyBudget>,
     open_connections: AtomicUsize,
 }
 
@@ -182,6 +183,10 @@ pub async fn build(
     ));
     let request_permits = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests));
     let requests_per_user = crate::http::per_user::InFlight::new(config.max_requests_per_user);
+    let body_budget = crate::http::body_budget::BodyBudget::new(
+        config.max_inflight_body_bytes,
+        config.max_body_bytes,
+    );
     let unauthenticated_sockets =
         Arc::new(tokio::sync::Semaphore::new(config.ws_max_unauthenticated));
     let app = Arc::new(App {
@@ -196,6 +201,7 @@ pub async fn build(
         metrics: Metrics::default(),
         request_permits,
         requests_per_user,
+        body_budget,
         unauthenticated_sockets,
         open_connections: AtomicUsize::new(0),
     });

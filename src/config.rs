@@ -25,6 +25,9 @@ pub struct Config {
     pub mana_credits_url: Option<String>,
     pub mana_service_key: Option<String>,
     pub max_body_bytes: usize,
+    /// Bytes of large request bodies being read or worked on at once (`http::body_budget`); a user gets the
+    /// larger of one maximal body and a quarter of it.
+    pub max_inflight_body_bytes: usize,
     pub pull_page_size: usize,
     pub pull_max_page_size: usize,
     pub db_pool_size: usize,
@@ -162,6 +165,7 @@ impl Config {
             mana_credits_url,
             mana_service_key: set("MANA_SERVICE_KEY"),
             max_body_bytes: positive(&get, "MAX_BODY_BYTES", 10 * 1024 * 1024)?,
+            max_inflight_body_bytes: positive(&get, "MAX_INFLIGHT_BODY_BYTES", 32 * 1024 * 1024)?,
             pull_page_size: positive(&get, "PULL_PAGE_SIZE", 1000)?,
             pull_max_page_size: positive(&get, "PULL_MAX_PAGE_SIZE", 5000)?,
             db_pool_size: positive(&get, "DB_POOL_SIZE", 16)?,
@@ -229,6 +233,12 @@ impl Config {
             return Err(ConfigError(
                 "WS_TOKEN_LEEWAY_SECS must be at most 60".into(),
             ));
+        }
+        if config.max_inflight_body_bytes < config.max_body_bytes {
+            return Err(ConfigError(format!(
+                "MAX_INFLIGHT_BODY_BYTES={} must be at least MAX_BODY_BYTES={}",
+                config.max_inflight_body_bytes, config.max_body_bytes
+            )));
         }
         if config.pull_page_size > config.pull_max_page_size {
             return Err(ConfigError(format!(

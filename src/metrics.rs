@@ -118,11 +118,11 @@ fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std:
     let _ = writeln!(out, "{name} {value}");
 }
 
-/// A counter family with one sample per `source` label.
-fn by_source(out: &mut String, name: &str, help: &str, samples: &[(&str, u64)]) {
+/// A counter family with one sample per value of one label.
+fn labelled(out: &mut String, name: &str, help: &str, label: &str, samples: &[(&str, u64)]) {
     family(out, name, "counter", help);
-    for (source, value) in samples {
-        let _ = writeln!(out, "{name}{{source=\"{source}\"}} {value}");
+    for (value_of_label, value) in samples {
+        let _ = writeln!(out, "{name}{{{label}=\"{value_of_label}\"}} {value}");
     }
 }
 
@@ -163,6 +163,21 @@ pub fn render(app: &App) -> String {
         "counter",
         "Requests refused with 503 because the concurrency limit was reached.",
         load(&metrics.overloaded),
+    );
+    single(
+        &mut out,
+        "mana_sync_inflight_body_bytes",
+        "gauge",
+        "Bytes of large request bodies being read or worked on (bounded by MAX_INFLIGHT_BODY_BYTES).",
+        app.body_budget.used(),
+    );
+    let (over_user, over_server) = app.body_budget.refusals();
+    labelled(
+        &mut out,
+        "mana_sync_body_budget_refusals_total",
+        "Large request bodies refused: over the user's share (429) or the server's budget (503).",
+        "scope",
+        &[("user", over_user), ("server", over_server)],
     );
     single(
         &mut out,
@@ -364,17 +379,19 @@ pub fn render(app: &App) -> String {
         load(&app.rows_pruned),
     );
     let (from_memory, from_database) = app.store.known().stats();
-    by_source(
+    labelled(
         &mut out,
         "mana_sync_log_reads_total",
         "Log reads (pulls, stream pages) by where their answer came from.",
+        "source",
         &[("memory", from_memory), ("database", from_database)],
     );
     let (cached, verified) = app.auth.verified_cache_stats();
-    by_source(
+    labelled(
         &mut out,
         "mana_sync_token_checks_total",
         "Bearer tokens checked, by whether a cached verification answered.",
+        "source",
         &[("cache", cached), ("signature", verified)],
     );
     single(

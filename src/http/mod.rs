@@ -4,6 +4,7 @@
 //! body within its cap, calls the store and turns every failure into a JSON error (`error`). CORS headers
 //! are added here, to every response, so that browsers also see error bodies.
 
+pub mod body_budget;
 pub mod error;
 pub mod per_user;
 pub mod router;
@@ -186,12 +187,16 @@ async fn push(
     gate(app, &claims.sub).await?;
     let header_device = client_id_header(request.headers())?;
     check_content_type(request.headers())?;
+    // Held until the response is built: a push's memory is a multiple of its body until then.
+    let mut reservation = app.body_budget.reservation(&claims.sub);
     let body = read_body(
         request,
         app.config.max_body_bytes,
         app.config.body_read_timeout,
+        &mut reservation,
     )
-    .await?;
+    .await
+    .map_err(|refused| refused.into_api_error(app))?;
     let changeset = protocol::parse_changeset(&body)?;
     drop(body);
     let device = header_device.or_else(|| changeset.client_id.clone());
@@ -408,11 +413,44 @@ const DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Reads a request body of at most `cap` bytes within `timeout` (408 `body_timeout` otherwise). A body over
 /// the cap — declared or found while reading a chunked one — answers 413 `payload_too_large` after the
 /// rest is drained (never kept) up to `DRAIN_FACTOR` × cap, and the connection is closed after it.
+/// Why a body was not read.
+enum BodyError {
+    Api(ApiError),
+    /// Over the budget for large bodies (`body_budget`); the body was drained.
+    Refused(body_budget::Refused),
+}
+
+impl From<ApiError> for BodyError {
+    fn from(error: ApiError) -> BodyError {
+        BodyError::Api(error)
+    }
+}
+
+impl BodyError {
+    fn into_api_error(self, app: &App) -> ApiError {
+        match self {
+            BodyError::Api(error) => error,
+            BodyError::Refused(body_budget::Refused::User) => ApiError::too_many_requests(format!(
+                "this account has more than {} bytes of large request bodies in flight; retry shortly",
+                app.body_budget.per_user()
+            )),
+            BodyError::Refused(body_budget::Refused::Server) => ApiError::unavailable(
+                "overloaded",
+                "the server is handling too many large request bodies; retry shortly",
+            ),
+        }
+    }
+}
+
+/// Reads the whole body, within `cap` and `timeout`, counting it against `reservation` once it is large
+/// (declared: before reading; chunked: as it arrives). Refused and oversized bodies are drained first, so
+/// that a client that writes its whole body before reading can read the answer.
 async fn read_body(
     request: Request<Incoming>,
     cap: usize,
     timeout: std::time::Duration,
-) -> Result<Bytes, ApiError> {
+    reservation: &mut body_budget::Reservation,
+) -> Result<Bytes, BodyError> {
     let drain_limit = cap.saturating_mul(DRAIN_FACTOR) as u64;
     let declared = match request.headers().get(header::CONTENT_LENGTH) {
         None => None,
@@ -434,7 +472,13 @@ async fn read_body(
         if length <= drain_limit {
             drain(&mut body, drain_limit).await;
         }
-        return Err(ApiError::payload_too_large(cap));
+        return Err(ApiError::payload_too_large(cap).into());
+    }
+    if let Some(length) = declared {
+        if let Err(refused) = reservation.cover(length as usize) {
+            drain(&mut body, drain_limit).await;
+            return Err(BodyError::Refused(refused));
+        }
     }
     let read = async {
         let mut collected = bytes::BytesMut::new();
@@ -444,25 +488,33 @@ async fn read_body(
             })?;
             if let Ok(data) = frame.into_data() {
                 if collected.len() + data.len() > cap {
-                    return Ok(None);
+                    return Ok(Err(None));
+                }
+                if let Err(refused) = reservation.cover(collected.len() + data.len()) {
+                    return Ok(Err(Some(refused)));
                 }
                 collected.extend_from_slice(&data);
             }
         }
-        Ok(Some(collected.freeze()))
+        Ok(Ok(collected.freeze()))
     };
     match tokio::time::timeout(timeout, read).await {
-        Ok(Ok(Some(bytes))) => Ok(bytes),
-        Ok(Ok(None)) => {
-            drain(&mut body, drain_limit.saturating_sub(cap as u64)).await;
-            Err(ApiError::payload_too_large(cap))
+        Ok(Ok(Ok(bytes))) => Ok(bytes),
+        Ok(Ok(Err(refused))) => {
+            let seen = cap as u64; // at most; the drain bound only needs to be generous
+            drain(&mut body, drain_limit.saturating_sub(seen)).await;
+            Err(match refused {
+                None => ApiError::payload_too_large(cap).into(),
+                Some(refused) => BodyError::Refused(refused),
+            })
         }
-        Ok(Err(error)) => Err(error),
+        Ok(Err(error)) => Err(BodyError::Api(error)),
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "body_timeout",
             "the request body did not arrive in time",
-        )),
+        )
+        .into()),
     }
 }
 

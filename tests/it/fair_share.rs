@@ -524,3 +524,111 @@ async fn pages_are_bounded_by_bytes_as_well_as_rows() {
     assert!((1..=6).contains(&returned), "{returned}");
     server.stop().await;
 }
+
+/// Large bodies in flight are bounded (issue 11 §4): a push holds many times its body in memory until it
+/// is answered, so one user may have at most its share of large bodies in flight (429 beyond), and all
+/// users together at most `MAX_INFLIGHT_BODY_BYTES` (503 beyond). Small pushes are never counted: another
+/// user's everyday push goes through while the budget is full, and a slot comes back when a body ends.
+/// Refused bodies are drained first, so a client that writes its whole body before reading gets the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_in_flight_are_bounded_per_user_and_in_all() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start_with(|c| {
+        c.max_body_bytes = 200_000;
+        c.max_inflight_body_bytes = 400_000; // a user's share: 200,000
+        c.body_read_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let head = |user: &str, length: usize| {
+        format!(
+            "POST /sync/todo HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {length}\r\nX-Client-Id: d",
+            token(user)
+        )
+    };
+    // A valid push body of exactly `length` bytes (padding in a string field).
+    let body = |length: usize| {
+        let frame = |pad: usize| {
+            format!(
+                r#"{{"since":"{LOG_START}","changes":[{{"table":"tasks","id":"big","op":"insert","data":{{"pad":"{}"}}}}]}}"#,
+                "x".repeat(pad)
+            )
+        };
+        let overhead = frame(0).len();
+        frame(length - overhead).into_bytes()
+    };
+    // Slow pushes: the head and one byte, then nothing for now.
+    let slow = |user: String, length: usize| {
+        let addr = server.addr;
+        let head = head(&user, length);
+        async move {
+            let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+            socket
+                .write_all(format!("{head}\r\n\r\n{{").as_bytes())
+                .await
+                .unwrap();
+            socket
+        }
+    };
+    let attacker = unique_user("big-bodies");
+    let _held_a = slow(attacker.clone(), 150_000).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The attacker's second large body is over its share.
+    let second = raw_request(server.addr, head(&attacker, 150_000), body(150_000)).await;
+    second.assert_error(429, "too_many_requests");
+    assert_eq!(second.header("retry-after"), Some("1"));
+
+    // Another user's large body fits the server's budget; a third one does not.
+    let _held_b = slow(unique_user("big-b"), 150_000).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let third_user = unique_user("big-c");
+    let third = raw_request(server.addr, head(&third_user, 150_000), body(150_000)).await;
+    third.assert_error(503, "overloaded");
+    assert_eq!(third.header("retry-after"), Some("1"));
+    assert_eq!(
+        count_rows(&third_user).await,
+        0,
+        "nothing of it was written"
+    );
+
+    // Everyday pushes are not counted: served while the budget is full.
+    let victim = unique_user("small-push");
+    let small = server
+        .push(
+            &victim,
+            "todo",
+            Some("phone"),
+            &changeset(vec![insert("tasks", "t", json!({"title": "still served"}))]),
+        )
+        .await;
+    assert_eq!(small.status, 200, "{}", small.text);
+    let metrics = server.request("GET", "/metrics", &[], None).await.text;
+    assert!(
+        metrics.contains("mana_sync_inflight_body_bytes 300000"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mana_sync_body_budget_refusals_total{scope=\"user\"} 1")
+            && metrics.contains("mana_sync_body_budget_refusals_total{scope=\"server\"} 1"),
+        "{metrics}"
+    );
+
+    // The slow bodies end (their clients go away): the budget comes back, and a large push is served.
+    drop(_held_a);
+    drop(_held_b);
+    let mut freed = false;
+    for _ in 0..50 {
+        let metrics = server.request("GET", "/metrics", &[], None).await.text;
+        if metrics.contains("mana_sync_inflight_body_bytes 0") {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(freed, "the reservations of abandoned bodies are given back");
+    let served = raw_request(server.addr, head(&third_user, 150_000), body(150_000)).await;
+    assert_eq!(served.status, 200, "{}", served.text);
+    assert_eq!(count_rows(&third_user).await, 1);
+    server.stop().await;
+}
