@@ -149,10 +149,20 @@ CREATE TRIGGER sync_changes_advance_clock AFTER INSERT ON sync_changes
     FOR EACH STATEMENT WHEN (current_setting('mana_sync.stamped', true) IS DISTINCT FROM 'on')
     EXECUTE FUNCTION sync_changes_advance_clock();
 
+-- Snapshot positions (see src/store/records.rs). Every write of a sync_records row takes the next value,
+-- so a record that changes moves past every position handed out before. A snapshot cursor encodes a
+-- position as microseconds after 1970-01-02, so positions must stay below 2000-01-01 minus that (about
+-- 9.47e14); START is above every position older versions encoded into their cursors (a stamp at 2 µs:
+-- below 5e14 until 2031), so such a cursor simply restarts the snapshot. CACHE must stay 1: cached
+-- values would let one session hand out positions below another's already-committed ones, and a record
+-- changed after its snapshot page could then land behind a cursor already handed out.
+CREATE SEQUENCE IF NOT EXISTS sync_records_seq AS bigint START 500000000000000 CACHE 1;
+
 -- The merged current state of every record (SPEC §6), maintained beside the log in the same transaction as
 -- the push that changes it. `state` is the field-level LWW map (see src/merge.rs): per field the winning
 -- value, its original `at` string, its instant and its writer. `updated_at` is the stamp of the newest log
--- row folded into the record; snapshots page through records in that order.
+-- row folded into the record. `seq` is the record's snapshot position, renewed at every write of the row
+-- (by the statement that writes it); snapshots page through records in that order.
 CREATE TABLE IF NOT EXISTS sync_records (
     user_id        TEXT NOT NULL,
     app_id         TEXT NOT NULL,
@@ -166,15 +176,38 @@ CREATE TABLE IF NOT EXISTS sync_records (
     origin         TEXT,
     space_id       TEXT,
     schema_version INT NOT NULL DEFAULT 1,
+    seq            BIGINT NOT NULL DEFAULT nextval('sync_records_seq'),
     PRIMARY KEY (user_id, app_id, table_name, record_id)
 );
--- Snapshots page through an app's records by updated_at, optionally only some tables (table_name is the
--- last column so the filter is checked in the index). No index but the primary key starts with
+
+-- Older versions paged snapshots by updated_at and had no `seq`: add it and give every existing row a
+-- distinct position, in the order those versions paged (per user and app by updated_at). The CTE is
+-- materialised and numbers rows from an ordered subquery, so positions follow that order. Row-level
+-- security is lifted for the rest of this transaction only, so the backfill sees every user's rows (as
+-- for sync_changes above; FORCE is restored below).
+ALTER TABLE sync_records ADD COLUMN IF NOT EXISTS seq BIGINT;
+ALTER TABLE sync_records NO FORCE ROW LEVEL SECURITY;
+WITH numbered AS MATERIALIZED (
+    SELECT user_id, app_id, table_name, record_id, nextval('sync_records_seq') AS seq
+    FROM (SELECT user_id, app_id, table_name, record_id FROM sync_records WHERE seq IS NULL
+          ORDER BY user_id, app_id, updated_at, table_name, record_id) AS ordered
+)
+UPDATE sync_records r SET seq = n.seq FROM numbered n
+WHERE r.user_id = n.user_id AND r.app_id = n.app_id AND r.table_name = n.table_name
+  AND r.record_id = n.record_id;
+ALTER TABLE sync_records ALTER COLUMN seq SET DEFAULT nextval('sync_records_seq'),
+    ALTER COLUMN seq SET NOT NULL;
+
+-- Snapshots page through an app's records by seq, optionally only some tables (table_name is the last
+-- column so the filter is checked in the index). No index but the primary key starts with
 -- (user_id, app_id, table_name): a push loads its records by primary key, and without statistics (a young
 -- table) the planner picked a (user_id, app_id, table_name, updated_at) index and filtered a whole table's
--- records instead. (Replaces that index and (user_id, app_id, updated_at), which older versions created.)
-CREATE INDEX IF NOT EXISTS idx_sync_records_user_app_updated_table
-    ON sync_records (user_id, app_id, updated_at, table_name);
+-- records instead. (Replaces that index, (user_id, app_id, updated_at) and
+-- (user_id, app_id, updated_at, table_name), which older versions created; nothing reads records by
+-- updated_at any more.)
+CREATE INDEX IF NOT EXISTS idx_sync_records_user_app_seq_table
+    ON sync_records (user_id, app_id, seq, table_name);
+DROP INDEX IF EXISTS idx_sync_records_user_app_updated_table;
 DROP INDEX IF EXISTS idx_sync_records_user_app_updated;
 DROP INDEX IF EXISTS idx_sync_records_user_app_table_updated;
 ALTER TABLE sync_records ENABLE ROW LEVEL SECURITY;

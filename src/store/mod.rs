@@ -1076,10 +1076,16 @@ async fn read_page(
             };
             let (entries, has_more) =
                 records::snapshot_page(tx, user, app, list.as_deref(), from, limit).await?;
-            let next = if has_more {
-                entries.last().map(|(at, _)| records::snapshot_cursor(*at))
-            } else {
-                None
+            let next = match (has_more, entries.last()) {
+                (true, Some((position, _))) => {
+                    Some(records::snapshot_cursor(*position).ok_or_else(|| {
+                        StoreError::Internal(Cause::new(format!(
+                            "snapshot position {position} is past what a cursor can carry: \
+                             renumber sync_records.seq and restart sync_records_seq"
+                        )))
+                    })?)
+                }
+                _ => None,
             };
             Ok(Page {
                 changes: entries.into_iter().map(|(_, change)| change).collect(),

@@ -33,7 +33,8 @@ const PUSH_STATE: &str = concat!(
     "SELECT c.last_at, c.folded_at, clock_timestamp() FROM (SELECT 1) AS one ",
     "LEFT JOIN sync_user_clock c ON c.user_id = $1"
 );
-/// Step 3: the log rows (stamped by us), the record states (each pointing at its newest log row) and the
+/// Step 3: the log rows (stamped by us), the record states (each pointing at its newest log row, each
+/// taking a new snapshot position from `sync_records_seq`: one `nextval` per changed record) and the
 /// clock, in one statement. $1 user, $2 app, $3 device, $4–$13 log columns, $14–$23 record columns,
 /// $24 the new clock.
 const WRITE: &str = concat!(
@@ -45,15 +46,16 @@ const WRITE: &str = concat!(
     "AS u(t, r, o, d, f, v, a, g, s, c) RETURNING id, created_at), ",
     "recorded AS (",
     "INSERT INTO sync_records AS rec (user_id, app_id, table_name, record_id, state, deleted, updated_at, ",
-    "event_id, actor, origin, space_id, schema_version) ",
-    "SELECT $1, $2, x.t, x.r, x.s, x.d, x.u, coalesce(l.id, x.e::uuid), x.a, x.o, x.sp, x.v ",
+    "event_id, actor, origin, space_id, schema_version, seq) ",
+    "SELECT $1, $2, x.t, x.r, x.s, x.d, x.u, coalesce(l.id, x.e::uuid), x.a, x.o, x.sp, x.v, ",
+    "nextval('sync_records_seq') ",
     "FROM unnest($14::text[], $15::text[], $16::jsonb[], $17::bool[], $18::timestamptz[], $19::text[], ",
     "$20::jsonb[], $21::text[], $22::text[], $23::int4[]) AS x(t, r, s, d, u, e, a, o, sp, v) ",
     "LEFT JOIN logged l ON l.created_at = x.u ",
     "ON CONFLICT (user_id, app_id, table_name, record_id) DO UPDATE SET state = excluded.state, ",
     "deleted = excluded.deleted, updated_at = excluded.updated_at, event_id = excluded.event_id, ",
     "actor = excluded.actor, origin = excluded.origin, space_id = coalesce(excluded.space_id, rec.space_id), ",
-    "schema_version = excluded.schema_version), ",
+    "schema_version = excluded.schema_version, seq = excluded.seq), ",
     "clocked AS (",
     "INSERT INTO sync_user_clock AS clock (user_id, last_at, folded_at) VALUES ($1, $24, $24) ",
     "ON CONFLICT (user_id) DO UPDATE SET last_at = greatest(clock.last_at, excluded.last_at), ",

@@ -9,9 +9,18 @@
 //! * `Batch` applies a push: per field, the later `at` wins; the log row of a change records only the
 //!   fields that won (a change whose every field lost adds nothing), losers become `conflicts`.
 //!
-//! Snapshots page through records in the order of their newest stamp. Their cursors live in a range no
-//! log cursor can take (1970-01-02 to 2000-01-01), so a client that follows `hasMore` keeps getting
-//! snapshot pages until the snapshot is complete, and only then a log cursor (see `snapshot_cursor`).
+//! Snapshots page through records in the order of their position `seq`: a number from the sequence
+//! `sync_records_seq` that every write of a record row takes anew (`WRITE` in `push.rs`, `UPSERT` here for
+//! folding). Positions are unique, so a page boundary never splits a group of equal keys, and a page that
+//! ends at position `p` continues with the records after `p`: each record once. The user's writers are
+//! serialised by the exclusive lock and every snapshot page is read under it, so a record written after a
+//! page was read gets a position past everything that page held: it comes once more, with its new state
+//! (that is its change being delivered, as the log would), and a record that changes before its page is
+//! reached moves ahead and comes once, with its current state. None is skipped.
+//!
+//! Snapshot cursors live in a range no log cursor can take (1970-01-02 to 2000-01-01, one µs per
+//! position), so a client that follows `hasMore` keeps getting snapshot pages until the snapshot is
+//! complete, and only then a log cursor (see `read_mode` and `snapshot_cursor`).
 
 use std::collections::HashMap;
 
@@ -30,38 +39,50 @@ const ID: &str = "id";
 pub const SNAPSHOT_FLOOR: Micros = 86_400_000_000; // 1970-01-02T00:00:00Z
 /// Where snapshot cursors end and log cursors begin.
 pub const SNAPSHOT_CEIL: Micros = 946_684_800_000_000; // 2000-01-01T00:00:00Z
-/// Snapshot positions are stamps at this resolution (µs), so that 60 years of stamps fit the range.
-const SNAPSHOT_RESOLUTION: Micros = 2;
-/// A snapshot page holds at least this many records, so that re-reading the last bucket still advances.
-pub const MIN_SNAPSHOT_PAGE: usize = 16;
+/// The first position `sync_records_seq` hands out (`START` in schema.sql; keep the two equal).
+///
+/// Older versions encoded a record's stamp at 2 µs resolution in the cursor range, so their cursors
+/// decode to positions below (stamp − 2000-01-01) / 2, about 4.3e14 in 2026 and still below this until
+/// 2031. Such a cursor therefore decodes to a position before every record, and the snapshot simply starts
+/// again: duplicates, never a gap.
+pub const SEQ_START: i64 = 500_000_000_000_000;
+/// The last position a snapshot cursor can carry (`SNAPSHOT_FLOOR + SEQ_MAX` is the last µs before
+/// `SNAPSHOT_CEIL`). That leaves about 4.47e14 positions after `SEQ_START`: 14 years of one million record
+/// writes per second, 140 years of 100,000. Should the sequence ever get there, a snapshot page that would
+/// need a cursor past it is refused with an internal error (`snapshot_cursor` returns `None`) rather than
+/// answered with a cursor outside the range; the remedy is to renumber `seq` and restart the sequence.
+pub const SEQ_MAX: i64 = SNAPSHOT_CEIL - SNAPSHOT_FLOOR - 1;
 
 /// How a `since` is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadMode {
     /// Log rows after this cursor.
     Log(Micros),
-    /// Records whose newest stamp is at or after this position.
-    Snapshot(Micros),
+    /// Records whose position (`seq`) is after this one.
+    Snapshot(i64),
 }
 
 /// A `since` before the snapshot range (the epoch, or nothing), or older than the retention horizon,
-/// starts a snapshot; one inside the range continues one; anything else reads the log.
+/// starts a snapshot; one inside the range continues one after the position it encodes; anything else
+/// reads the log.
 pub fn read_mode(since: Micros, horizon: Option<Micros>) -> ReadMode {
     if since < SNAPSHOT_FLOOR {
-        ReadMode::Snapshot(Micros::MIN)
+        ReadMode::Snapshot(0)
     } else if since < SNAPSHOT_CEIL {
-        ReadMode::Snapshot(SNAPSHOT_CEIL + (since - SNAPSHOT_FLOOR) * SNAPSHOT_RESOLUTION)
+        ReadMode::Snapshot(since - SNAPSHOT_FLOOR)
     } else if horizon.is_some_and(|h| since < h) {
-        ReadMode::Snapshot(Micros::MIN)
+        ReadMode::Snapshot(0)
     } else {
         ReadMode::Log(since)
     }
 }
 
-/// The cursor of a snapshot page that ended at a record stamped `position`: re-reading from it repeats
-/// at most one bucket of records (duplicates are allowed), never skips one.
-pub fn snapshot_cursor(position: Micros) -> Micros {
-    SNAPSHOT_FLOOR + (position.max(SNAPSHOT_CEIL) - SNAPSHOT_CEIL) / SNAPSHOT_RESOLUTION
+/// The cursor of a snapshot page that has more and ended at the record at `position`: the next page
+/// starts after it. `None` when the position does not fit the range (see `SEQ_MAX`).
+pub fn snapshot_cursor(position: i64) -> Option<Micros> {
+    (0..=SEQ_MAX)
+        .contains(&position)
+        .then(|| SNAPSHOT_FLOOR + position)
 }
 
 /// One row of `sync_records` as loaded for merging.
@@ -95,16 +116,18 @@ pub(super) const LOAD: &str = concat!(
     "s.space_id, s.schema_version FROM unnest($2::text[], $3::text[], $4::text[]) AS k(a, t, r) ",
     "JOIN sync_records s ON s.user_id = $1 AND s.app_id = k.a AND s.table_name = k.t AND s.record_id = k.r"
 );
+/// Writes folded records; each takes a new position (`seq`), which moves it past every snapshot page
+/// already read.
 const UPSERT: &str = concat!(
     "INSERT INTO sync_records (user_id, app_id, table_name, record_id, state, deleted, updated_at, event_id, ",
-    "actor, origin, space_id, schema_version) ",
-    "SELECT $1, p, t, r, s, d, u, e::uuid, a, o, sp, v FROM unnest($2::text[], $3::text[], $4::text[], ",
+    "actor, origin, space_id, schema_version, seq) ",
+    "SELECT $1, p, t, r, s, d, u, e::uuid, a, o, sp, v, nextval('sync_records_seq') FROM unnest($2::text[], $3::text[], $4::text[], ",
     "$5::jsonb[], $6::bool[], $7::timestamptz[], $8::text[], $9::jsonb[], $10::text[], $11::text[], $12::int4[]) ",
     "AS x(p, t, r, s, d, u, e, a, o, sp, v) ",
     "ON CONFLICT (user_id, app_id, table_name, record_id) DO UPDATE SET state = excluded.state, ",
     "deleted = excluded.deleted, updated_at = excluded.updated_at, event_id = excluded.event_id, ",
     "actor = excluded.actor, origin = excluded.origin, space_id = coalesce(excluded.space_id, sync_records.space_id), ",
-    "schema_version = excluded.schema_version"
+    "schema_version = excluded.schema_version, seq = excluded.seq"
 );
 const PENDING: &str = concat!(
     "SELECT id::text, app_id, table_name, record_id, op, data, field_meta, client_id, created_at, ",
@@ -572,36 +595,36 @@ impl PendingRow {
     }
 }
 
-/// A snapshot page: records of one app (optionally some tables) whose newest stamp is at or after `from`.
+/// A snapshot page: records of one app (optionally some tables) positioned after `from`, in position
+/// order, each with its position; and whether more remain.
 pub async fn snapshot_page(
     tx: &impl GenericClient,
     user: &str,
     app: &str,
     tables: Option<&[String]>,
-    from: Micros,
+    from: i64,
     limit: usize,
-) -> Result<(Vec<(Micros, WireChange)>, bool), StoreError> {
-    let limit = limit.max(MIN_SNAPSHOT_PAGE);
+) -> Result<(Vec<(i64, WireChange)>, bool), StoreError> {
     let limit_plus_one = i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1;
-    const COLUMNS: &str = "table_name, record_id, state, deleted, updated_at, event_id::text, actor, origin, space_id, schema_version";
+    const COLUMNS: &str = "table_name, record_id, state, deleted, seq, event_id::text, actor, origin, space_id, schema_version";
     let rows = match tables {
         Some(tables) => {
             tx.query(
                 &format!(
-                    "SELECT {COLUMNS} FROM sync_records WHERE user_id = $1 AND app_id = $2 AND updated_at >= $3 \
-                     AND table_name = ANY($5) ORDER BY updated_at LIMIT $4"
+                    "SELECT {COLUMNS} FROM sync_records WHERE user_id = $1 AND app_id = $2 AND seq > $3 \
+                     AND table_name = ANY($5) ORDER BY seq LIMIT $4"
                 ),
-                &[&user, &app, &PgTimestamp(from), &limit_plus_one, &tables],
+                &[&user, &app, &from, &limit_plus_one, &tables],
             )
             .await?
         }
         None => {
             tx.query(
                 &format!(
-                    "SELECT {COLUMNS} FROM sync_records WHERE user_id = $1 AND app_id = $2 AND updated_at >= $3 \
-                     ORDER BY updated_at LIMIT $4"
+                    "SELECT {COLUMNS} FROM sync_records WHERE user_id = $1 AND app_id = $2 AND seq > $3 \
+                     ORDER BY seq LIMIT $4"
                 ),
-                &[&user, &app, &PgTimestamp(from), &limit_plus_one],
+                &[&user, &app, &from, &limit_plus_one],
             )
             .await?
         }
@@ -612,8 +635,8 @@ pub async fn snapshot_page(
         let state: Value = row.try_get(2)?;
         let state = RecordState::from_json(&state)
             .ok_or_else(|| StoreError::Internal(Cause::new("unreadable state in sync_records")))?;
-        let updated_at = row.try_get::<_, PgTimestamp>(4)?.0;
-        entries.push((updated_at, snapshot_entry(row, &state)?));
+        let position: i64 = row.try_get(4)?;
+        entries.push((position, snapshot_entry(row, &state)?));
     }
     Ok((entries, has_more))
 }
@@ -690,33 +713,88 @@ mod tests {
 
     #[test]
     fn read_modes_and_snapshot_cursors() {
-        assert_eq!(read_mode(0, None), ReadMode::Snapshot(Micros::MIN));
-        assert_eq!(read_mode(-5, None), ReadMode::Snapshot(Micros::MIN));
+        assert_eq!(read_mode(0, None), ReadMode::Snapshot(0));
+        assert_eq!(read_mode(-5, None), ReadMode::Snapshot(0));
         let now = 1_795_255_500_123_456;
         assert_eq!(read_mode(now, None), ReadMode::Log(now));
         assert_eq!(
             read_mode(now, Some(now + 1)),
-            ReadMode::Snapshot(Micros::MIN),
+            ReadMode::Snapshot(0),
             "behind the horizon"
         );
         assert_eq!(read_mode(SNAPSHOT_CEIL, None), ReadMode::Log(SNAPSHOT_CEIL));
-        // A snapshot cursor continues at (or just before) the position it was made from.
-        for position in [now, now + 1, SNAPSHOT_CEIL, SNAPSHOT_CEIL + 3] {
-            let cursor = snapshot_cursor(position);
+        // A snapshot cursor continues right after the position it was made from.
+        for position in [SEQ_START, SEQ_START + 1, SEQ_START + 12_345, SEQ_MAX] {
+            let cursor = snapshot_cursor(position).unwrap();
             assert!((SNAPSHOT_FLOOR..SNAPSHOT_CEIL).contains(&cursor));
-            let ReadMode::Snapshot(from) = read_mode(cursor, Some(now * 2)) else {
-                panic!()
-            };
-            assert!(
-                from <= position && position - from < SNAPSHOT_RESOLUTION,
-                "{position} -> {from}"
+            assert_eq!(
+                read_mode(cursor, Some(now * 2)),
+                ReadMode::Snapshot(position)
             );
+            assert_eq!(read_mode(cursor, None), ReadMode::Snapshot(position));
         }
-        // Cursors keep string order: later positions give later cursors, all after the epoch, before logs.
-        let a = time::format_cursor(snapshot_cursor(now));
-        let b = time::format_cursor(snapshot_cursor(now + 10));
-        assert!(a < b && a.as_str() > "1970-01-01T00:00:00.000000Z" && b.as_str() < "2000");
-        // Stamps until mid-2059 fit the range.
-        assert!(snapshot_cursor(2_821_651_200_000_000) < SNAPSHOT_CEIL);
+        // Positions past the range get no cursor (the page is refused, never answered with a log cursor).
+        assert_eq!(snapshot_cursor(SEQ_MAX + 1), None);
+        assert_eq!(snapshot_cursor(-1), None);
+    }
+
+    #[test]
+    fn snapshot_cursors_keep_string_order_inside_the_range() {
+        let epoch = "1970-01-01T00:00:00.000Z";
+        let mut previous = time::format_cursor(snapshot_cursor(SEQ_START).unwrap());
+        assert!(previous.as_str() > epoch);
+        for position in [
+            SEQ_START + 1,
+            SEQ_START + 9,
+            SEQ_START + 10,
+            SEQ_START + 999_999,
+            SEQ_START + 1_000_000,
+            SEQ_START + 86_400_000_000,
+            SEQ_MAX,
+        ] {
+            let cursor = time::format_cursor(snapshot_cursor(position).unwrap());
+            assert_eq!(cursor.len(), previous.len(), "fixed width: {cursor}");
+            assert!(previous < cursor, "{previous} < {cursor}");
+            assert!(
+                cursor.as_str() > "1970-01-02" && cursor.as_str() < "2000",
+                "{cursor}"
+            );
+            let parsed = time::parse_rfc3339(&cursor).unwrap();
+            assert_eq!(read_mode(parsed, None), ReadMode::Snapshot(position));
+            previous = cursor;
+        }
+    }
+
+    #[test]
+    fn old_cursors_restart_the_snapshot_and_positions_last() {
+        // Older versions encoded a stamp at 2 µs: cursor = FLOOR + (stamp - CEIL) / 2. Even a stamp from
+        // 2031 (after which their cursors could no longer be told apart) decodes below the first position.
+        let old_cursor = |stamp: Micros| SNAPSHOT_FLOOR + (stamp - SNAPSHOT_CEIL) / 2;
+        for stamp in [
+            1_795_255_500_123_456, // 2026-11-21
+            1_900_000_000_000_000, // 2030-03-17
+            1_946_684_799_999_999, // 2031-09-09
+        ] {
+            let cursor = old_cursor(stamp);
+            assert!((SNAPSHOT_FLOOR..SNAPSHOT_CEIL).contains(&cursor));
+            let ReadMode::Snapshot(from) = read_mode(cursor, None) else {
+                panic!("an old snapshot cursor stays a snapshot cursor")
+            };
+            assert!(from < SEQ_START, "{stamp}: starts again from {from}");
+        }
+        // Room after the sequence's start: a century of 100,000 record writes per second fits.
+        const CENTURY: i64 = 100 * 365 * 86_400 * 100_000;
+        const { assert!(SEQ_MAX - SEQ_START > CENTURY) };
+        const { assert!(SEQ_MAX - SEQ_START > 440_000_000_000_000) };
+        assert!(snapshot_cursor(SEQ_START + CENTURY).unwrap() < SNAPSHOT_CEIL);
+    }
+
+    #[test]
+    fn the_schema_starts_the_sequence_where_the_code_expects() {
+        let schema = super::super::SCHEMA_SQL;
+        assert!(
+            schema.contains(&format!("START {SEQ_START}")),
+            "schema.sql's sync_records_seq must START at SEQ_START"
+        );
     }
 }

@@ -15,4 +15,5 @@ mod operations;
 mod push_pull;
 mod realtime;
 mod records;
+mod snapshot;
 mod storage;
