@@ -58,6 +58,8 @@ use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::protocol::time;
@@ -201,23 +203,9 @@ impl RecordState {
 
     /// Storage form: `{"field": {"v": value, "at": "original", "t": micros, "c": "client"}}`, plus
     /// `"a": true` for a time the server assigned (absent otherwise, as in states older versions wrote).
+    /// The `Serialize` impl writes the same form without building a tree (a push of many records).
     pub fn to_json(&self) -> Value {
-        let fields = self
-            .fields
-            .iter()
-            .map(|(name, version)| {
-                let mut entry = Map::new();
-                entry.insert("v".to_owned(), version.value.clone());
-                entry.insert("at".to_owned(), Value::String(version.at.clone()));
-                entry.insert("t".to_owned(), Value::from(version.at_micros));
-                entry.insert("c".to_owned(), Value::String(version.client_id.clone()));
-                if version.assigned {
-                    entry.insert("a".to_owned(), Value::Bool(true));
-                }
-                (name.clone(), Value::Object(entry))
-            })
-            .collect();
-        Value::Object(fields)
+        serde_json::to_value(self).expect("a record state serialises")
     }
 
     /// Reads the storage form written by [`RecordState::to_json`]. `None` if it is not an object of
@@ -241,6 +229,34 @@ impl RecordState {
             fields.insert(name.clone(), version);
         }
         Some(RecordState { fields })
+    }
+}
+
+/// The storage form (see [`RecordState::to_json`]).
+impl Serialize for RecordState {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.fields.len()))?;
+        for (name, version) in &self.fields {
+            map.serialize_entry(name, &StoredVersion(version))?;
+        }
+        map.end()
+    }
+}
+
+struct StoredVersion<'a>(&'a FieldVersion);
+
+impl Serialize for StoredVersion<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let version = self.0;
+        let mut map = serializer.serialize_map(Some(4 + usize::from(version.assigned)))?;
+        map.serialize_entry("v", &version.value)?;
+        map.serialize_entry("at", &version.at)?;
+        map.serialize_entry("t", &version.at_micros)?;
+        map.serialize_entry("c", &version.client_id)?;
+        if version.assigned {
+            map.serialize_entry("a", &true)?;
+        }
+        map.end()
     }
 }
 

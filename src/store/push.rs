@@ -11,9 +11,11 @@
 //! Rare cases cost extra round trips inside the same transaction: log rows other programs wrote that are not
 //! folded yet, a snapshot `since`, a page that memory wrongly predicted empty, a cursor ahead of the clock.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 
-use tokio_postgres::types::ToSql;
+use serde_json::{Map, Value};
+use tokio_postgres::types::{Json, ToSql};
 
 use super::records::{self, Batch, ReadMode};
 use super::timestamp::PgTimestamp;
@@ -86,9 +88,9 @@ impl ClockState {
 }
 
 /// What merging a batch leaves to write and to answer.
-struct Merged {
-    /// The log rows, each with its stamp.
-    log_rows: Vec<(NewChange, Micros)>,
+struct Merged<'c> {
+    /// The log rows, each with its stamp (an insert that won everywhere is the pushed change itself).
+    log_rows: Vec<(Cow<'c, NewChange>, Micros)>,
     conflicts: Vec<serde_json::Value>,
     /// Records where a pushed field lost: answered with their whole merged state.
     lost: BTreeSet<(String, String)>,
@@ -266,7 +268,7 @@ impl PushTx<'_, '_> {
         let advance_statement = connection.prepare(CLOCK_ADVANCE).await?;
         let (events, advanced) = {
             let client = &connection.client;
-            let log = LogColumns::from(merged.log_rows.as_slice());
+            let log = LogColumns::of(&merged.log_rows);
             let stamp_params: Vec<PgTimestamp> = stamps.iter().map(|s| PgTimestamp(*s)).collect();
             let records = batch.changed_columns();
             let new_clock = PgTimestamp(clock_after.unwrap_or(Micros::MIN));
@@ -348,13 +350,13 @@ impl PushTx<'_, '_> {
 
 /// Merges the batch into the record states, change `i` stamped `first_stamp + i`; only what wins goes to
 /// the log (so stamps of log rows may leave gaps, and stay strictly increasing).
-fn merge(
+fn merge<'c>(
     batch: &mut Batch,
     app: &str,
     device: &str,
-    changeset: &Changeset,
+    changeset: &'c Changeset,
     first_stamp: Micros,
-) -> Merged {
+) -> Merged<'c> {
     let mut merged = Merged {
         log_rows: Vec::new(),
         conflicts: Vec::new(),
@@ -414,38 +416,33 @@ fn answer(
     server_changes
 }
 
-/// The log rows as one array per column, the shape `unnest` turns back into rows.
-struct LogColumns {
-    tables: Vec<String>,
-    record_ids: Vec<String>,
+/// The log rows as one array per column, the shape `unnest` turns back into rows; borrowed from the rows,
+/// whose JSON is serialised straight into the statement's parameters.
+struct LogColumns<'r> {
+    tables: Vec<&'r str>,
+    record_ids: Vec<&'r str>,
     ops: Vec<&'static str>,
-    data: Vec<serde_json::Value>,
-    field_meta: Vec<serde_json::Value>,
+    data: Vec<Json<&'r Map<String, Value>>>,
+    field_meta: Vec<Json<&'r Map<String, Value>>>,
     schema_versions: Vec<i32>,
-    actors: Vec<Option<serde_json::Value>>,
-    origins: Vec<Option<String>>,
-    space_ids: Vec<Option<String>>,
+    actors: Vec<Option<&'r Value>>,
+    origins: Vec<Option<&'r str>>,
+    space_ids: Vec<Option<&'r str>>,
 }
 
-impl From<&[(NewChange, Micros)]> for LogColumns {
-    fn from(rows: &[(NewChange, Micros)]) -> LogColumns {
-        let changes: Vec<&NewChange> = rows.iter().map(|(change, _)| change).collect();
+impl<'r> LogColumns<'r> {
+    fn of(rows: &'r [(Cow<'_, NewChange>, Micros)]) -> LogColumns<'r> {
+        let changes = || rows.iter().map(|(change, _)| change.as_ref());
         LogColumns {
-            tables: changes.iter().map(|c| c.table.clone()).collect(),
-            record_ids: changes.iter().map(|c| c.record_id.clone()).collect(),
-            ops: changes.iter().map(|c| c.op.as_str()).collect(),
-            data: changes
-                .iter()
-                .map(|c| serde_json::Value::Object(c.data.clone()))
-                .collect(),
-            field_meta: changes
-                .iter()
-                .map(|c| serde_json::Value::Object(c.field_meta.clone()))
-                .collect(),
-            schema_versions: changes.iter().map(|c| c.schema_version).collect(),
-            actors: changes.iter().map(|c| c.actor.clone()).collect(),
-            origins: changes.iter().map(|c| c.origin.clone()).collect(),
-            space_ids: changes.iter().map(|c| c.space_id.clone()).collect(),
+            tables: changes().map(|c| c.table.as_str()).collect(),
+            record_ids: changes().map(|c| c.record_id.as_str()).collect(),
+            ops: changes().map(|c| c.op.as_str()).collect(),
+            data: changes().map(|c| Json(&c.data)).collect(),
+            field_meta: changes().map(|c| Json(&c.field_meta)).collect(),
+            schema_versions: changes().map(|c| c.schema_version).collect(),
+            actors: changes().map(|c| c.actor.as_ref()).collect(),
+            origins: changes().map(|c| c.origin.as_deref()).collect(),
+            space_ids: changes().map(|c| c.space_id.as_deref()).collect(),
         }
     }
 }

@@ -22,9 +22,11 @@
 //! position), so a client that follows `hasMore` keeps getting snapshot pages until the snapshot is
 //! complete, and only then a log cursor (see `read_mode` and `snapshot_cursor`).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use serde_json::{json, Map, Value};
+use tokio_postgres::types::Json;
 use tokio_postgres::{GenericClient, Row};
 
 use super::timestamp::PgTimestamp;
@@ -282,19 +284,20 @@ impl Batch {
         }
     }
 
-    /// Every changed record, as the columns the push's write statement takes.
-    pub fn changed_columns(&self) -> RecordColumns {
+    /// Every changed record, as the columns the push's write statement takes. Borrowed: the states are
+    /// serialised straight into the statement's parameters, never copied into a JSON tree first.
+    pub fn changed_columns(&self) -> RecordColumns<'_> {
         let mut columns = RecordColumns::default();
         for ((_, table, id), record) in self.records.iter().filter(|(_, r)| r.changed) {
-            columns.tables.push(table.clone());
-            columns.ids.push(id.clone());
-            columns.states.push(record.state.to_json());
+            columns.tables.push(table);
+            columns.ids.push(id);
+            columns.states.push(Json(&record.state));
             columns.deleted.push(record.state.is_deleted());
             columns.updated.push(PgTimestamp(record.updated_at));
-            columns.events.push(record.event_id.clone());
-            columns.actors.push(record.actor.clone());
-            columns.origins.push(record.origin.clone());
-            columns.spaces.push(record.space_id.clone());
+            columns.events.push(record.event_id.as_deref());
+            columns.actors.push(record.actor.as_ref());
+            columns.origins.push(record.origin.as_deref());
+            columns.spaces.push(record.space_id.as_deref());
             columns.versions.push(record.schema_version.max(1));
         }
         columns
@@ -371,22 +374,23 @@ fn kind_of(op: Op) -> ChangeKind {
     }
 }
 
-/// The log row a change leaves after merging: only the fields that won. `None` when nothing won.
-pub fn winning_row(
-    change: &NewChange,
+/// The log row a change leaves after merging: only the fields that won. `None` when nothing won; the
+/// change itself (borrowed, not copied) when it is an insert that won everywhere, the common case.
+pub fn winning_row<'c>(
+    change: &'c NewChange,
     winners: &[String],
     state: &RecordState,
-) -> Option<NewChange> {
+) -> Option<Cow<'c, NewChange>> {
     // An insert of an empty record has no field to win with, but the record must still come to exist.
     if change.op == Op::Insert && change.data.is_empty() {
-        return Some(change.clone());
+        return Some(Cow::Borrowed(change));
     }
     if winners.is_empty() {
         return None;
     }
     let all_won = winners.len() == state_fields_of(change).len();
     if change.op == Op::Insert && all_won {
-        return Some(change.clone());
+        return Some(Cow::Borrowed(change));
     }
     let mut data = Map::new();
     let mut field_meta = Map::new();
@@ -402,12 +406,17 @@ pub fn winning_row(
     } else {
         Op::Update
     };
-    Some(NewChange {
+    Some(Cow::Owned(NewChange {
+        table: change.table.clone(),
+        record_id: change.record_id.clone(),
         op,
         data,
         field_meta,
-        ..change.clone()
-    })
+        space_id: change.space_id.clone(),
+        actor: change.actor.clone(),
+        origin: change.origin.clone(),
+        schema_version: change.schema_version,
+    }))
 }
 
 /// The fields a change carries, as the merge sees them (inserts: every key of data; deletes: plus the
@@ -416,18 +425,18 @@ fn state_fields_of(change: &NewChange) -> Vec<&String> {
     change.data.keys().collect()
 }
 
-/// The changed records of a batch, one array per column of `sync_records`.
+/// The changed records of a batch, one array per column of `sync_records`, borrowed from the batch.
 #[derive(Default)]
-pub struct RecordColumns {
-    pub tables: Vec<String>,
-    pub ids: Vec<String>,
-    pub states: Vec<Value>,
+pub struct RecordColumns<'b> {
+    pub tables: Vec<&'b str>,
+    pub ids: Vec<&'b str>,
+    pub states: Vec<Json<&'b RecordState>>,
     pub deleted: Vec<bool>,
     pub updated: Vec<PgTimestamp>,
-    pub events: Vec<Option<String>>,
-    pub actors: Vec<Option<Value>>,
-    pub origins: Vec<Option<String>>,
-    pub spaces: Vec<Option<String>>,
+    pub events: Vec<Option<&'b str>>,
+    pub actors: Vec<Option<&'b Value>>,
+    pub origins: Vec<Option<&'b str>>,
+    pub spaces: Vec<Option<&'b str>>,
     pub versions: Vec<i32>,
 }
 
