@@ -182,13 +182,14 @@ impl PushTx<'_, '_> {
             future_skew,
             page_max_bytes,
         } = self;
-        let keys: Vec<(String, String, String)> = changeset
-            .changes
-            .iter()
-            .map(|c| (app.to_owned(), c.table.clone(), c.record_id.clone()))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        // The batch is merged and written in chunks of `CHUNK` changes, all in this one transaction, so
+        // what a push holds while it works grows with the chunk, not with the batch (issue 11 §4). Almost
+        // every push is one chunk: two round trips in all.
+        let chunks: Vec<&[NewChange]> = match changeset.changes.is_empty() {
+            true => vec![&[]],
+            false => changeset.changes.chunks(CHUNK).collect(),
+        };
+        let keys = keys_of(app, chunks[0]);
 
         // Step 1: lock and load, one flush.
         let lock = connection.prepare(LOCK_PUSH).await?;
@@ -255,60 +256,86 @@ impl PushTx<'_, '_> {
         let first_stamp = clock
             .db_now
             .max(clock.last_at.map_or(Micros::MIN, |last| last + 1));
-        let merged = merge(&mut batch, app, device, changeset, first_stamp);
-        let stamps: Vec<Micros> = merged.log_rows.iter().map(|(_, at)| *at).collect();
-        let clock_after = stamps.last().copied().or(clock.last_at);
-        // A cursor this response hands out must be behind every later write: a `since` from elsewhere
-        // that is ahead of the clock moves the clock.
-        let advance = clock_after.is_none_or(|c| c < since);
-
-        // Step 3: write and commit, one flush.
         let write = connection.prepare(WRITE).await?;
         let notify = connection.prepare(NOTIFY).await?;
         let advance_statement = connection.prepare(CLOCK_ADVANCE).await?;
-        let (events, advanced) = {
+        let mut conflicts = Vec::new();
+        let mut lost = BTreeSet::new();
+        let mut clock_after = clock.last_at;
+        let mut beyond_skew = 0;
+        let last_chunk = chunks.len() - 1;
+        // Every chunk but the last: load its records (the states earlier chunks wrote included), merge,
+        // write; one round trip each.
+        for (index, chunk) in chunks.iter().enumerate().take(last_chunk) {
             let client = &connection.client;
-            let log = LogColumns::of(&merged.log_rows);
-            let stamp_params: Vec<PgTimestamp> = stamps.iter().map(|s| PgTimestamp(*s)).collect();
-            let records = batch.changed_columns();
-            let new_clock = PgTimestamp(clock_after.unwrap_or(Micros::MIN));
+            if index > 0 {
+                batch = Batch::load(client, user, keys_of(app, chunk), future_skew).await?;
+            }
+            let merged = merge(
+                &mut batch,
+                app,
+                device,
+                chunk,
+                first_stamp + (index * CHUNK) as Micros,
+            );
+            if let Some((_, stamp)) = merged.log_rows.last() {
+                clock_after = Some(*stamp);
+                let columns = WriteColumns::of(&merged.log_rows, &batch, *stamp);
+                client
+                    .query(&write, &columns.params(&user, &app, &device))
+                    .await?;
+            }
+            beyond_skew += batch.beyond_skew();
+            conflicts.extend(merged.conflicts);
+            lost.extend(merged.lost);
+        }
+        let client = &connection.client;
+        if last_chunk > 0 {
+            batch =
+                Batch::load(client, user, keys_of(app, chunks[last_chunk]), future_skew).await?;
+        }
+        let first_of_last = first_stamp + (last_chunk * CHUNK) as Micros;
+        let merged = merge(&mut batch, app, device, chunks[last_chunk], first_of_last);
+        beyond_skew += batch.beyond_skew();
+        conflicts.extend(merged.conflicts);
+        lost.extend(merged.lost);
+        let wrote_last = merged.log_rows.last().map(|(_, stamp)| *stamp);
+        clock_after = wrote_last.or(clock_after);
+        let wrote_any = clock_after != clock.last_at;
+        // A cursor this response hands out must be behind every later write: a `since` from elsewhere
+        // that is ahead of the clock moves the clock.
+        let advance = clock_after.is_none_or(|c| c < since);
+        // Page entries for records this batch touched, and records where a pushed field lost, are answered
+        // with their merged state: from the batch when there was one chunk, else read back before commit.
+        let (mut server_changes, refreshed) = split_page(&changeset.changes, page.changes, lost);
+        let refresh_keys: Vec<(String, String, String)> = match last_chunk {
+            0 => Vec::new(),
+            _ => refreshed
+                .iter()
+                .map(|(table, id)| (app.to_owned(), table.clone(), id.clone()))
+                .collect(),
+        };
+
+        // Step 3: write the last chunk and commit, one flush.
+        let (events, advanced, reread) = {
+            let columns =
+                WriteColumns::of(&merged.log_rows, &batch, clock_after.unwrap_or(Micros::MIN));
             let payload = match (hint, clock_after) {
-                (Some(hint), Some(stamp)) if !stamps.is_empty() => Some(hint(stamp)),
+                (Some(hint), Some(stamp)) if wrote_any => Some(hint(stamp)),
                 _ => None,
             };
-            let params: [&(dyn ToSql + Sync); 24] = [
-                &user,
-                &app,
-                &device,
-                &log.tables,
-                &log.record_ids,
-                &log.ops,
-                &log.data,
-                &log.field_meta,
-                &log.schema_versions,
-                &log.actors,
-                &log.origins,
-                &log.space_ids,
-                &stamp_params,
-                &records.tables,
-                &records.ids,
-                &records.states,
-                &records.deleted,
-                &records.updated,
-                &records.events,
-                &records.actors,
-                &records.origins,
-                &records.spaces,
-                &records.versions,
-                &new_clock,
-            ];
+            let params = columns.params(&user, &app, &device);
             let since_param = PgTimestamp(since);
-            let (events, _, advanced, _) = tokio::try_join!(
+            let apps: Vec<&str> = refresh_keys.iter().map(|k| k.0.as_str()).collect();
+            let tables: Vec<&str> = refresh_keys.iter().map(|k| k.1.as_str()).collect();
+            let ids: Vec<&str> = refresh_keys.iter().map(|k| k.2.as_str()).collect();
+            let load_params: [&(dyn ToSql + Sync); 4] = [&user, &apps, &tables, &ids];
+            let (events, _, advanced, reread, _) = tokio::try_join!(
                 biased;
                 async {
-                    match stamps.is_empty() {
-                        true => Ok(Vec::new()),
-                        false => client.query(&write, &params).await,
+                    match wrote_last {
+                        None => Ok(Vec::new()),
+                        Some(_) => client.query(&write, &params).await,
                     }
                 },
                 async {
@@ -326,25 +353,113 @@ impl PushTx<'_, '_> {
                         false => Ok(None),
                     }
                 },
+                async {
+                    match refresh_keys.is_empty() {
+                        true => Ok(None),
+                        false => client.query(&load, &load_params).await.map(Some),
+                    }
+                },
                 client.batch_execute("COMMIT"),
             )?;
-            (events, advanced)
+            (events, advanced, reread)
         };
-        let events: HashMap<Micros, String> = events
-            .iter()
-            .map(|row| Ok((row.try_get::<_, PgTimestamp>(1)?.0, row.try_get(0)?)))
-            .collect::<Result<_, tokio_postgres::Error>>()?;
-        batch.set_event_ids(&events);
+        let current = match reread {
+            Some(rows) => Batch::from_rows(&rows, future_skew)?,
+            None => {
+                let events: HashMap<Micros, String> = events
+                    .iter()
+                    .map(|row| Ok((row.try_get::<_, PgTimestamp>(1)?.0, row.try_get(0)?)))
+                    .collect::<Result<_, tokio_postgres::Error>>()?;
+                batch.set_event_ids(&events);
+                batch
+            }
+        };
+        for (table, id) in &refreshed {
+            server_changes.extend(current.current_entry(app, table, id));
+        }
 
         let clock_now = advanced.or(clock_after).unwrap_or(since).max(since);
         let synced_until = page.next.unwrap_or(clock_now).max(time::EPOCH + 1);
         let response = SyncResponse {
-            server_changes: answer(&batch, app, changeset, page.changes, merged.lost),
-            conflicts: merged.conflicts,
+            server_changes,
+            conflicts,
             synced_until: time::format_cursor(synced_until),
             has_more: page.next.is_some(),
         };
-        Ok((response, clock_now, batch.beyond_skew()))
+        Ok((response, clock_now, beyond_skew))
+    }
+}
+
+/// Changes merged and written per statement.
+const CHUNK: usize = 1_000;
+
+/// The distinct record keys of `changes`, for loading their states.
+fn keys_of(app: &str, changes: &[NewChange]) -> Vec<(String, String, String)> {
+    changes
+        .iter()
+        .map(|c| (app.to_owned(), c.table.clone(), c.record_id.clone()))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// The columns of one write statement: log rows (borrowed from the merge) and changed records (borrowed
+/// from the batch), and the clock to advance to.
+struct WriteColumns<'r, 'b> {
+    log: LogColumns<'r>,
+    stamps: Vec<PgTimestamp>,
+    records: records::RecordColumns<'b>,
+    clock: PgTimestamp,
+}
+
+impl<'r, 'b> WriteColumns<'r, 'b> {
+    fn of(
+        rows: &'r [(Cow<'_, NewChange>, Micros)],
+        batch: &'b Batch,
+        clock: Micros,
+    ) -> WriteColumns<'r, 'b> {
+        WriteColumns {
+            log: LogColumns::of(rows),
+            stamps: rows.iter().map(|(_, at)| PgTimestamp(*at)).collect(),
+            records: batch.changed_columns(),
+            clock: PgTimestamp(clock),
+        }
+    }
+
+    /// `WRITE`'s parameters, in order.
+    fn params<'a>(
+        &'a self,
+        user: &'a &str,
+        app: &'a &str,
+        device: &'a &str,
+    ) -> [&'a (dyn ToSql + Sync); 24] {
+        let (log, records) = (&self.log, &self.records);
+        [
+            user,
+            app,
+            device,
+            &log.tables,
+            &log.record_ids,
+            &log.ops,
+            &log.data,
+            &log.field_meta,
+            &log.schema_versions,
+            &log.actors,
+            &log.origins,
+            &log.space_ids,
+            &self.stamps,
+            &records.tables,
+            &records.ids,
+            &records.states,
+            &records.deleted,
+            &records.updated,
+            &records.events,
+            &records.actors,
+            &records.origins,
+            &records.spaces,
+            &records.versions,
+            &self.clock,
+        ]
     }
 }
 
@@ -354,7 +469,7 @@ fn merge<'c>(
     batch: &mut Batch,
     app: &str,
     device: &str,
-    changeset: &'c Changeset,
+    changes: &'c [NewChange],
     first_stamp: Micros,
 ) -> Merged<'c> {
     let mut merged = Merged {
@@ -362,7 +477,7 @@ fn merge<'c>(
         conflicts: Vec::new(),
         lost: BTreeSet::new(),
     };
-    for (change, stamp) in changeset.changes.iter().zip(first_stamp..) {
+    for (change, stamp) in changes.iter().zip(first_stamp..) {
         let (winners, losers) = batch.apply(app, change, device, stamp);
         let state = batch
             .state(app, &change.table, &change.record_id)
@@ -388,32 +503,30 @@ fn merge<'c>(
 /// Never hand the pushing device a value older than the one the server now holds: a page entry for a
 /// record this batch touched (read before the merge) and every record where a pushed field lost are
 /// answered with the record's whole merged state instead. That also lets a device converge whose cursor is
-/// already past the change that beat it.
-fn answer(
-    batch: &Batch,
-    app: &str,
-    changeset: &Changeset,
+/// already past the change that beat it. Returns the page without those entries, and the records to answer
+/// with their merged state.
+fn split_page(
+    changes: &[NewChange],
     page: Vec<WireChange>,
     lost: BTreeSet<(String, String)>,
-) -> Vec<WireChange> {
-    let touched: BTreeSet<(&str, &str)> = changeset
-        .changes
+) -> (Vec<WireChange>, BTreeSet<(String, String)>) {
+    let mut refreshed = lost;
+    if page.is_empty() {
+        return (page, refreshed);
+    }
+    let touched: BTreeSet<(&str, &str)> = changes
         .iter()
         .map(|c| (c.table.as_str(), c.record_id.as_str()))
         .collect();
-    let mut refreshed = lost;
-    let mut server_changes: Vec<WireChange> = Vec::with_capacity(page.len());
+    let mut kept: Vec<WireChange> = Vec::with_capacity(page.len());
     for change in page {
         if touched.contains(&(change.table.as_str(), change.id.as_str())) {
             refreshed.insert((change.table.clone(), change.id.clone()));
         } else {
-            server_changes.push(change);
+            kept.push(change);
         }
     }
-    for (table, id) in &refreshed {
-        server_changes.extend(batch.current_entry(app, table, id));
-    }
-    server_changes
+    (kept, refreshed)
 }
 
 /// The log rows as one array per column, the shape `unnest` turns back into rows; borrowed from the rows,

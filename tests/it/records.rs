@@ -495,3 +495,97 @@ async fn the_state_is_built_from_an_old_log_and_from_direct_writers() {
     );
     server.stop().await;
 }
+
+/// A large batch is merged and written in chunks within its one transaction (issue 11 §4): records touched
+/// in several chunks end in the state all their changes give, a change that loses in a later chunk is a
+/// conflict answered with the record's final state, and a value refused in the last chunk leaves nothing of
+/// the earlier chunks behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_a_chunk_is_one_transaction_with_one_outcome() {
+    let server = TestServer::start().await;
+    let user = unique_user("chunked");
+    let mut changes: Vec<Value> = (0..2_500)
+        .map(|i| {
+            insert(
+                "tasks",
+                &format!("r{i}"),
+                json!({"n": i, "createdAt": at(0, 0)}),
+            )
+        })
+        .collect();
+    // r0: edited in the second chunk, then an older edit in the third loses to it.
+    changes[1_200] = update("tasks", "r0", "n", json!("newest"), &at(5, 0));
+    changes[2_300] = update("tasks", "r0", "n", json!("stale"), &at(1, 0));
+    // r1: inserted again (same values) in the third chunk: nothing new, no conflict.
+    changes[2_400] = insert("tasks", "r1", json!({"n": 1, "createdAt": at(0, 0)}));
+    let reply = server
+        .push(
+            &user,
+            "todo",
+            Some("laptop"),
+            &json!({"since": EPOCH, "changes": changes}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let conflicts = reply.body["conflicts"].as_array().unwrap();
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert_eq!(conflicts[0]["id"], json!("r0"));
+    assert_eq!(conflicts[0]["serverValue"], json!("newest"));
+    // The loser is answered with the record's final state, which a later chunk wrote.
+    let r0: Vec<&Value> = reply
+        .changes()
+        .iter()
+        .filter(|c| c["id"] == json!("r0"))
+        .collect();
+    assert_eq!(r0.len(), 1, "{r0:?}");
+    assert_eq!(r0[0]["data"]["n"], json!("newest"));
+    assert!(r0[0]["eventId"].as_str().is_some_and(|e| !e.is_empty()));
+    // 2,500 changes: 2,497 inserts logged, the r0 edit logged, the stale edit and the repeated insert not.
+    assert_eq!(count_rows(&user).await, 2_498);
+    let (snapshot, _) = server
+        .pull_all(&user, "todo", Some("phone"), "tasks", EPOCH, Some(5_000))
+        .await;
+    assert_eq!(snapshot.len(), 2_497);
+    let r0 = snapshot.iter().find(|c| c["id"] == json!("r0")).unwrap();
+    assert_eq!(
+        r0["fields"]["n"],
+        json!({"value": "newest", "at": at(5, 0)})
+    );
+
+    // All or nothing: a value PostgreSQL refuses in the last chunk undoes the chunks written before it.
+    use mana_sync::protocol::{Changeset, NewChange, Op};
+    let other = unique_user("chunked-refused");
+    let change = |i: usize, data: Value| NewChange {
+        table: "tasks".into(),
+        record_id: format!("x{i}"),
+        op: Op::Insert,
+        data: data.as_object().unwrap().clone(),
+        field_meta: Default::default(),
+        space_id: None,
+        actor: None,
+        origin: None,
+        schema_version: 1,
+    };
+    let mut batch: Vec<NewChange> = (0..2_400).map(|i| change(i, json!({"n": i}))).collect();
+    batch.push(change(
+        2_400,
+        serde_json::from_str(r#"{"n": 1e131072}"#).unwrap(),
+    ));
+    let changeset = Changeset {
+        client_id: None,
+        since: mana_sync::protocol::time::parse_rfc3339(LOG_START).unwrap(),
+        changes: batch,
+    };
+    let error = server
+        .app
+        .store
+        .push(&other, "todo", Some("dev"), &changeset, 100, None)
+        .await
+        .expect_err("PostgreSQL cannot store 1e131072");
+    assert!(
+        matches!(error, mana_sync::store::StoreError::Rejected(_)),
+        "{error:?}"
+    );
+    assert_eq!(count_rows(&other).await, 0, "nothing of the earlier chunks");
+    server.stop().await;
+}
