@@ -311,10 +311,17 @@ fn parse_change(change: Value, batch_version: i32) -> Result<NewChange, ChangeEr
                 let at = data.get("deletedAt").and_then(Value::as_str)?;
                 time::parse_rfc3339(at).ok().map(|_| at.to_owned())
             });
-            // Without any, the server assigns one when it stores the delete.
-            if let Some(deleted_at) = deleted_at {
-                data.insert("deletedAt".into(), Value::String(deleted_at.clone()));
-                field_meta.insert("deletedAt".into(), Value::String(deleted_at));
+            match deleted_at {
+                Some(deleted_at) => {
+                    data.insert("deletedAt".into(), Value::String(deleted_at.clone()));
+                    field_meta.insert("deletedAt".into(), Value::String(deleted_at));
+                }
+                // Without a valid one (none, or a field value that is not a time), the server assigns
+                // one when it stores the delete: a delete never carries a deletedAt that is not a time.
+                None => {
+                    data.remove("deletedAt");
+                    field_meta.remove("deletedAt");
+                }
             }
             (data, field_meta)
         }

@@ -409,3 +409,14 @@ fn numbers_postgresql_cannot_store_are_refused_naming_the_change() {
     .unwrap();
     check_rejected(body, "invalid_number", "change 1: data holds the number 1e");
 }
+
+#[test]
+fn a_delete_never_keeps_a_deleted_at_that_is_not_a_time() {
+    // Found by the push_body fuzz target: the field's value is no time, its `at` is.
+    let changeset = parse(json!({"changes": [{"table": "t", "id": "r", "op": "delete",
+        "fields": {"deletedAt": {"value": "202`6-11-21T10:08:00.000Z", "at": "2026-11-21T10:08:00.000Z"}}}]}))
+    .unwrap();
+    let delete = &changeset.changes[0];
+    assert_eq!(delete.data.get("deletedAt"), None, "the server assigns one");
+    assert_eq!(delete.field_meta.get("deletedAt"), None);
+}
