@@ -50,19 +50,35 @@ const POSTGRES_EPOCH_OFFSET: i64 = 946_684_800_000_000;
 
 /// `protocol::parse_changeset` on a raw push body: never panics, and what it accepts is storable.
 pub fn check_push_body(data: &[u8]) {
-    let Ok(changeset) = protocol::parse_changeset(data) else {
+    let body = || bytes::Bytes::copy_from_slice(data);
+    let Ok(changeset) = protocol::parse_changeset(body()) else {
         return;
     };
     assert_eq!(
-        protocol::parse_changeset(data).as_ref(),
+        protocol::parse_changeset(body()).as_ref(),
         Ok(&changeset),
         "parsing is not deterministic"
     );
+    // A large batch keeps only spans of its body and parses them again: the same changes.
+    let spans = protocol::changeset::parse_changeset_keeping(body(), 0)
+        .expect("accepted once, accepted as spans");
+    let all = 0..changeset.changes.len();
+    let parsed = changeset.changes.slice(all.clone()).expect("parsed");
+    assert_eq!(
+        spans
+            .changes
+            .slice(all)
+            .expect("spans parse again")
+            .as_ref(),
+        parsed.as_ref(),
+        "spans differ from the parsed changes"
+    );
+    assert_eq!(spans.tables, changeset.tables);
     if let Some(client_id) = &changeset.client_id {
         assert!(!client_id.is_empty() && client_id.len() <= 512);
         assert!(!client_id.chars().any(char::is_control));
     }
-    for (index, change) in changeset.changes.iter().enumerate() {
+    for (index, change) in parsed.iter().enumerate() {
         let at = |what: &str| format!("change {index}: {what}");
         assert!(protocol::is_identifier(&change.table), "{}", at("table"));
         assert!(

@@ -19,7 +19,6 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::app::App;
@@ -197,16 +196,16 @@ async fn push(
     )
     .await
     .map_err(|refused| refused.into_api_error(app))?;
-    let changeset = protocol::parse_changeset(&body)?;
-    drop(body);
+    // A large batch keeps the body (its changes are parsed again chunk by chunk); a small one drops it.
+    let changeset = protocol::parse_changeset(body)?;
     let device = header_device.or_else(|| changeset.client_id.clone());
-    let tables: BTreeSet<String> = changeset.changes.iter().map(|c| c.table.clone()).collect();
+    let tables = &changeset.tables;
     let hint = |stamp| {
         notify::hint_payload(
             &app.instance_id,
             &claims.sub,
             app_id,
-            &tables,
+            tables,
             device.as_deref(),
             stamp,
         )
@@ -238,7 +237,7 @@ async fn push(
     // Committed: tell this instance's other connections now (other instances hear it from PostgreSQL).
     if !tables.is_empty() {
         app.hub
-            .notify(&claims.sub, app_id, Some(&tables), device.as_deref());
+            .notify(&claims.sub, app_id, Some(tables), device.as_deref());
     }
     Ok(json_response(StatusCode::OK, &response))
 }

@@ -8,7 +8,19 @@
 //!
 //! The output, [`Changeset`], is already in the shape the store writes: one [`NewChange`] per change with the
 //! op-specific `data` and `field_meta` documents computed here, so the store only moves values into SQL.
+//!
+//! Memory (issue 11 §4): the body is never turned into one tree. Its top level is read with every value
+//! left as a slice of the body (`RawValue`), and each change is parsed on its own. A batch of more than
+//! [`CHUNK`] changes keeps, once validated, only where each change is in the body ([`Changes::Spans`]); the
+//! store parses them again chunk by chunk while it merges, so a large push holds its body once plus one
+//! chunk of parsed changes.
 
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::time::{self, Micros};
@@ -17,13 +29,75 @@ use super::{is_identifier, ProtocolError, SUPPORTED_SCHEMA_VERSION};
 /// Longest record id, client id or origin accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 512;
 
+/// Changes parsed at once: a batch of more is kept as spans of its body and parsed chunk by chunk.
+pub const CHUNK: usize = 1_000;
+
 /// A validated push.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Changeset {
     pub client_id: Option<String>,
     /// The cursor the client pulled up to; the epoch when it sent none.
     pub since: Micros,
-    pub changes: Vec<NewChange>,
+    pub changes: Changes,
+    /// The tables the changes name.
+    pub tables: BTreeSet<String>,
+}
+
+impl Changeset {
+    /// A changeset of changes already parsed (tools and tests).
+    pub fn new(client_id: Option<String>, since: Micros, changes: Vec<NewChange>) -> Changeset {
+        let tables = changes.iter().map(|c| c.table.clone()).collect();
+        Changeset {
+            client_id,
+            since,
+            changes: Changes::Parsed(changes),
+            tables,
+        }
+    }
+}
+
+/// The validated changes of a push.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Changes {
+    /// Parsed: batches of at most [`CHUNK`] changes.
+    Parsed(Vec<NewChange>),
+    /// Larger batches: each change's byte range in the body, parsed again by [`Changes::slice`].
+    Spans {
+        body: Bytes,
+        spans: Vec<Range<usize>>,
+        batch_version: i32,
+    },
+}
+
+impl Changes {
+    pub fn len(&self) -> usize {
+        match self {
+            Changes::Parsed(changes) => changes.len(),
+            Changes::Spans { spans, .. } => spans.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Changes `range` (0-based change indexes), parsed. Spans were validated when the body was parsed,
+    /// so this cannot fail unless that validation had a defect; the error then names the change.
+    pub fn slice(&self, range: Range<usize>) -> Result<Cow<'_, [NewChange]>, ProtocolError> {
+        match self {
+            Changes::Parsed(changes) => Ok(Cow::Borrowed(&changes[range])),
+            Changes::Spans {
+                body,
+                spans,
+                batch_version,
+            } => spans[range.clone()]
+                .iter()
+                .zip(range)
+                .map(|(span, index)| parse_one(&body[span.clone()], *batch_version, index))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Cow::Owned),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,24 +149,47 @@ pub struct NewChange {
 ///
 /// Times a change does not carry (a timestamp-less insert, a delete without `deletedAt`) are left out:
 /// the server assigns them when it stores the change (`merge`, SPEC §6).
-pub fn parse_changeset(body: &[u8]) -> Result<Changeset, ProtocolError> {
-    let root: Value = serde_json::from_slice(body).map_err(|e| {
-        ProtocolError::new(
-            "invalid_json",
-            format!("request body is not valid JSON: {e}"),
-        )
-    })?;
-    let Value::Object(mut root) = root else {
-        return Err(ProtocolError::new(
-            "invalid_body",
-            "request body must be a JSON object",
-        ));
+pub fn parse_changeset(body: Bytes) -> Result<Changeset, ProtocolError> {
+    parse_changeset_keeping(body, CHUNK)
+}
+
+/// [`parse_changeset`], keeping the changes parsed only when there are at most `keep_parsed` of them (the
+/// fuzz target checks that both forms hold the same changes).
+pub fn parse_changeset_keeping(
+    body: Bytes,
+    keep_parsed: usize,
+) -> Result<Changeset, ProtocolError> {
+    // The top level with its values left as slices of the body: no tree of the whole push.
+    let root: BTreeMap<String, &RawValue> = match serde_json::from_slice(&body) {
+        Ok(root) => root,
+        Err(e) => {
+            // Any object reads as that map, so an object that did not is not JSON. Anything else is
+            // refused either way; only the message differs. (Skipping a value does not check the UTF-8
+            // of its strings, hence the object test first.)
+            let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+            let json = !object && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok();
+            return Err(match json {
+                true => ProtocolError::new("invalid_body", "request body must be a JSON object"),
+                false => ProtocolError::new(
+                    "invalid_json",
+                    format!("request body is not valid JSON: {e}"),
+                ),
+            });
+        }
+    };
+    let value = |key: &str| -> Result<Option<Value>, ProtocolError> {
+        root.get(key)
+            .map(|raw| serde_json::from_str(raw.get()))
+            .transpose()
+            .map_err(|e| {
+                ProtocolError::new("invalid_json", format!("{key} is not valid JSON: {e}"))
+            })
     };
 
-    let client_id = match root.get("clientId") {
+    let client_id = match value("clientId")? {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
-        Some(Value::String(s)) => Some(check_plain_text(s, "clientId")?.to_owned()),
+        Some(Value::String(s)) => Some(check_plain_text(&s, "clientId")?.to_owned()),
         Some(_) => {
             return Err(ProtocolError::new(
                 "invalid_body",
@@ -101,10 +198,10 @@ pub fn parse_changeset(body: &[u8]) -> Result<Changeset, ProtocolError> {
         }
     };
 
-    let since = match root.get("since") {
+    let since = match value("since")? {
         None | Some(Value::Null) => time::EPOCH,
         Some(Value::String(s)) if s.is_empty() => time::EPOCH,
-        Some(Value::String(s)) => time::parse_rfc3339(s).map_err(|e| {
+        Some(Value::String(s)) => time::parse_rfc3339(&s).map_err(|e| {
             ProtocolError::new(
                 "invalid_since",
                 format!("since {s:?} is not a valid cursor: {e}"),
@@ -118,33 +215,61 @@ pub fn parse_changeset(body: &[u8]) -> Result<Changeset, ProtocolError> {
         }
     };
 
-    let batch_version = schema_version(root.get("schemaVersion"), "schemaVersion")?.unwrap_or(1);
+    let batch_version =
+        schema_version(value("schemaVersion")?.as_ref(), "schemaVersion")?.unwrap_or(1);
 
-    let changes = match root.remove("changes") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(changes)) => changes,
-        Some(_) => {
-            return Err(ProtocolError::new(
-                "invalid_body",
-                "changes must be an array",
-            ))
-        }
+    let raw_changes: Vec<&RawValue> = match root.get("changes") {
+        None => Vec::new(),
+        Some(raw) if raw.get() == "null" => Vec::new(),
+        Some(raw) => serde_json::from_str(raw.get())
+            .map_err(|_| ProtocolError::new("invalid_body", "changes must be an array"))?,
     };
 
-    let changes = changes
-        .into_iter()
-        .enumerate()
-        .map(|(index, change)| {
-            parse_change(change, batch_version).map_err(|ChangeError(code, message)| {
-                ProtocolError::new(code, format!("change {index}: {message}"))
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-
+    // Every change is validated now, before anything is stored; a large batch keeps only its spans.
+    let keep = raw_changes.len() <= keep_parsed;
+    let mut parsed = Vec::with_capacity(if keep { raw_changes.len() } else { 0 });
+    let mut spans = Vec::with_capacity(if keep { 0 } else { raw_changes.len() });
+    let mut tables = BTreeSet::new();
+    let start_of_body = body.as_ptr() as usize;
+    for (index, raw) in raw_changes.iter().enumerate() {
+        let text = raw.get().as_bytes();
+        let change = parse_one(text, batch_version, index)?;
+        if !tables.contains(&change.table) {
+            tables.insert(change.table.clone());
+        }
+        if keep {
+            parsed.push(change);
+        } else {
+            let start = text.as_ptr() as usize - start_of_body;
+            spans.push(start..start + text.len());
+        }
+    }
+    let changes = match keep {
+        true => Changes::Parsed(parsed),
+        false => Changes::Spans {
+            body,
+            spans,
+            batch_version,
+        },
+    };
     Ok(Changeset {
         client_id,
         since,
         changes,
+        tables,
+    })
+}
+
+/// One change, from its JSON text; errors name it by `index`.
+fn parse_one(text: &[u8], batch_version: i32, index: usize) -> Result<NewChange, ProtocolError> {
+    let change: Value = serde_json::from_slice(text).map_err(|e| {
+        ProtocolError::new(
+            "invalid_json",
+            format!("change {index} is not valid JSON: {e}"),
+        )
+    })?;
+    parse_change(change, batch_version).map_err(|ChangeError(code, message)| {
+        ProtocolError::new(code, format!("change {index}: {message}"))
     })
 }
 

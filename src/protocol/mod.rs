@@ -11,7 +11,7 @@ pub mod wire;
 
 use std::fmt;
 
-pub use changeset::{parse_changeset, Changeset, NewChange, Op};
+pub use changeset::{parse_changeset, Changes, Changeset, NewChange, Op};
 pub use query::{parse_pull_query, PullQuery};
 pub use wire::{StoredChange, SyncResponse, WireChange};
 

@@ -13,13 +13,14 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
 
 use serde_json::{Map, Value};
 use tokio_postgres::types::{Json, ToSql};
 
 use super::records::{self, Batch, ReadMode};
 use super::timestamp::PgTimestamp;
-use super::{read_page, PooledConnection, Store, StoreError, Tables, CLOCK_ADVANCE};
+use super::{read_page, Cause, PooledConnection, Store, StoreError, Tables, CLOCK_ADVANCE};
 use crate::protocol::time::{self, Micros};
 use crate::protocol::{Changeset, NewChange, SyncResponse, WireChange};
 
@@ -185,11 +186,18 @@ impl PushTx<'_, '_> {
         // The batch is merged and written in chunks of `CHUNK` changes, all in this one transaction, so
         // what a push holds while it works grows with the chunk, not with the batch (issue 11 §4). Almost
         // every push is one chunk: two round trips in all.
-        let chunks: Vec<&[NewChange]> = match changeset.changes.is_empty() {
-            true => vec![&[]],
-            false => changeset.changes.chunks(CHUNK).collect(),
+        let count = changeset.changes.len();
+        let chunks: Vec<Range<usize>> = (0..count.max(1))
+            .step_by(CHUNK)
+            .map(|start| start..(start + CHUNK).min(count))
+            .collect();
+        let chunk = |range: &Range<usize>| {
+            changeset.changes.slice(range.clone()).map_err(|e| {
+                StoreError::Internal(Cause::new(format!("a validated change did not parse: {e}")))
+            })
         };
-        let keys = keys_of(app, chunks[0]);
+        let first = chunk(&chunks[0])?;
+        let keys = keys_of(app, &first);
 
         // Step 1: lock and load, one flush.
         let lock = connection.prepare(LOCK_PUSH).await?;
@@ -266,18 +274,28 @@ impl PushTx<'_, '_> {
         let last_chunk = chunks.len() - 1;
         // Every chunk but the last: load its records (the states earlier chunks wrote included), merge,
         // write; one round trip each.
-        for (index, chunk) in chunks.iter().enumerate().take(last_chunk) {
+        // The records the batch touches, to answer page entries of those with their merged state.
+        let mut touched = (!page.changes.is_empty()).then(BTreeSet::new);
+        let mut first = Some(first);
+        for range in chunks.iter().take(last_chunk) {
             let client = &connection.client;
-            if index > 0 {
-                batch = Batch::load(client, user, keys_of(app, chunk), future_skew).await?;
+            let changes = match first.take() {
+                Some(changes) => changes,
+                None => {
+                    let changes = chunk(range)?;
+                    batch = Batch::load(client, user, keys_of(app, &changes), future_skew).await?;
+                    changes
+                }
+            };
+            if let Some(touched) = &mut touched {
+                touched.extend(
+                    changes
+                        .iter()
+                        .map(|c| (c.table.clone(), c.record_id.clone())),
+                );
             }
-            let merged = merge(
-                &mut batch,
-                app,
-                device,
-                chunk,
-                first_stamp + (index * CHUNK) as Micros,
-            );
+            let first_of_chunk = first_stamp + range.start as Micros;
+            let merged = merge(&mut batch, app, device, &changes, first_of_chunk);
             if let Some((_, stamp)) = merged.log_rows.last() {
                 clock_after = Some(*stamp);
                 let columns = WriteColumns::of(&merged.log_rows, &batch, *stamp);
@@ -290,12 +308,23 @@ impl PushTx<'_, '_> {
             lost.extend(merged.lost);
         }
         let client = &connection.client;
-        if last_chunk > 0 {
-            batch =
-                Batch::load(client, user, keys_of(app, chunks[last_chunk]), future_skew).await?;
+        let changes = match first.take() {
+            Some(changes) => changes,
+            None => {
+                let changes = chunk(&chunks[last_chunk])?;
+                batch = Batch::load(client, user, keys_of(app, &changes), future_skew).await?;
+                changes
+            }
+        };
+        if let Some(touched) = &mut touched {
+            touched.extend(
+                changes
+                    .iter()
+                    .map(|c| (c.table.clone(), c.record_id.clone())),
+            );
         }
-        let first_of_last = first_stamp + (last_chunk * CHUNK) as Micros;
-        let merged = merge(&mut batch, app, device, chunks[last_chunk], first_of_last);
+        let first_of_last = first_stamp + chunks[last_chunk].start as Micros;
+        let merged = merge(&mut batch, app, device, &changes, first_of_last);
         beyond_skew += batch.beyond_skew();
         conflicts.extend(merged.conflicts);
         lost.extend(merged.lost);
@@ -307,7 +336,7 @@ impl PushTx<'_, '_> {
         let advance = clock_after.is_none_or(|c| c < since);
         // Page entries for records this batch touched, and records where a pushed field lost, are answered
         // with their merged state: from the batch when there was one chunk, else read back before commit.
-        let (mut server_changes, refreshed) = split_page(&changeset.changes, page.changes, lost);
+        let (mut server_changes, refreshed) = split_page(touched, page.changes, lost);
         let refresh_keys: Vec<(String, String, String)> = match last_chunk {
             0 => Vec::new(),
             _ => refreshed
@@ -390,8 +419,8 @@ impl PushTx<'_, '_> {
     }
 }
 
-/// Changes merged and written per statement.
-const CHUNK: usize = 1_000;
+/// Changes merged and written per statement (and parsed at once, `protocol::changeset::CHUNK`).
+const CHUNK: usize = crate::protocol::changeset::CHUNK;
 
 /// The distinct record keys of `changes`, for loading their states.
 fn keys_of(app: &str, changes: &[NewChange]) -> Vec<(String, String, String)> {
@@ -506,21 +535,17 @@ fn merge<'c>(
 /// already past the change that beat it. Returns the page without those entries, and the records to answer
 /// with their merged state.
 fn split_page(
-    changes: &[NewChange],
+    touched: Option<BTreeSet<(String, String)>>,
     page: Vec<WireChange>,
     lost: BTreeSet<(String, String)>,
 ) -> (Vec<WireChange>, BTreeSet<(String, String)>) {
     let mut refreshed = lost;
-    if page.is_empty() {
+    let Some(touched) = touched else {
         return (page, refreshed);
-    }
-    let touched: BTreeSet<(&str, &str)> = changes
-        .iter()
-        .map(|c| (c.table.as_str(), c.record_id.as_str()))
-        .collect();
+    };
     let mut kept: Vec<WireChange> = Vec::with_capacity(page.len());
     for change in page {
-        if touched.contains(&(change.table.as_str(), change.id.as_str())) {
+        if touched.contains(&(change.table.clone(), change.id.clone())) {
             refreshed.insert((change.table.clone(), change.id.clone()));
         } else {
             kept.push(change);

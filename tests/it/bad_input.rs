@@ -1467,14 +1467,14 @@ async fn a_value_the_database_refuses_is_a_client_error_and_writes_nothing() {
         origin: None,
         schema_version: 1,
     };
-    let batch = Changeset {
-        client_id: None,
-        since: mana_sync::protocol::time::parse_rfc3339(LOG_START).unwrap(),
-        changes: vec![
+    let batch = Changeset::new(
+        None,
+        mana_sync::protocol::time::parse_rfc3339(LOG_START).unwrap(),
+        vec![
             good("fine", json!({"title": "ok"})),
             good("huge", serde_json::from_str(r#"{"n": 1e131072}"#).unwrap()),
         ],
-    };
+    );
     let error = server
         .app
         .store

@@ -571,11 +571,11 @@ async fn a_batch_larger_than_a_chunk_is_one_transaction_with_one_outcome() {
         2_400,
         serde_json::from_str(r#"{"n": 1e131072}"#).unwrap(),
     ));
-    let changeset = Changeset {
-        client_id: None,
-        since: mana_sync::protocol::time::parse_rfc3339(LOG_START).unwrap(),
-        changes: batch,
-    };
+    let changeset = Changeset::new(
+        None,
+        mana_sync::protocol::time::parse_rfc3339(LOG_START).unwrap(),
+        batch,
+    );
     let error = server
         .app
         .store
