@@ -30,7 +30,7 @@ use super::{is_identifier, ProtocolError, SUPPORTED_SCHEMA_VERSION};
 pub const MAX_ID_BYTES: usize = 512;
 
 /// Changes parsed at once: a batch of more is kept as spans of its body and parsed chunk by chunk.
-pub const CHUNK: usize = 1_000;
+pub const CHUNK: usize = 2_000;
 
 /// A validated push.
 #[derive(Debug, Clone, PartialEq)]
