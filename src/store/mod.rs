@@ -1075,7 +1075,8 @@ async fn read_page(
                 Tables::Some(list) => Some(list.to_vec()),
             };
             let (entries, has_more) =
-                records::snapshot_page(tx, user, app, list.as_deref(), from, limit).await?;
+                records::snapshot_page(tx, user, app, list.as_deref(), from, (limit, budget))
+                    .await?;
             let next = match (has_more, entries.last()) {
                 (true, Some((position, _))) => {
                     Some(records::snapshot_cursor(*position).ok_or_else(|| {

@@ -612,35 +612,44 @@ pub async fn snapshot_page(
     app: &str,
     tables: Option<&[String]>,
     from: i64,
-    limit: usize,
+    (limit, budget): (usize, usize),
 ) -> Result<(Vec<(i64, WireChange)>, bool), StoreError> {
     let limit_plus_one = i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1;
-    const COLUMNS: &str = "table_name, record_id, state, deleted, seq, event_id::text, actor, origin, space_id, schema_version";
+    let budget = i64::try_from(budget).unwrap_or(i64::MAX);
+    // Bounded by rows and by bytes (`PAGE_MAX_BYTES`, by stored size, at least one record): the records
+    // the row bound finds come back in order with whether the ones before them stayed under the budget,
+    // and the state of those that did not is not even read (nor detoasted).
+    let query = |filter: &str| {
+        format!(
+            "SELECT table_name, record_id, CASE WHEN fits THEN state END, deleted, seq, event_id::text, \
+             CASE WHEN fits THEN actor END, origin, space_id, schema_version, fits FROM (\
+             SELECT *, coalesce(sum(size) OVER (ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) \
+             < $5 AS fits FROM (SELECT table_name, record_id, state, deleted, seq, event_id, actor, origin, \
+             space_id, schema_version, pg_column_size(state) + coalesce(pg_column_size(actor), 0) AS size \
+             FROM sync_records WHERE user_id = $1 AND app_id = $2 AND seq > $3{filter} ORDER BY seq LIMIT $4) \
+             AS page) AS sized ORDER BY seq"
+        )
+    };
     let rows = match tables {
         Some(tables) => {
             tx.query(
-                &format!(
-                    "SELECT {COLUMNS} FROM sync_records WHERE user_id = $1 AND app_id = $2 AND seq > $3 \
-                     AND table_name = ANY($5) ORDER BY seq LIMIT $4"
-                ),
-                &[&user, &app, &from, &limit_plus_one, &tables],
+                &query(" AND table_name = ANY($6)"),
+                &[&user, &app, &from, &limit_plus_one, &budget, &tables],
             )
             .await?
         }
         None => {
-            tx.query(
-                &format!(
-                    "SELECT {COLUMNS} FROM sync_records WHERE user_id = $1 AND app_id = $2 AND seq > $3 \
-                     ORDER BY seq LIMIT $4"
-                ),
-                &[&user, &app, &from, &limit_plus_one],
-            )
-            .await?
+            tx.query(&query(""), &[&user, &app, &from, &limit_plus_one, &budget])
+                .await?
         }
     };
-    let has_more = rows.len() > limit;
+    let mut has_more = rows.len() > limit;
     let mut entries = Vec::with_capacity(rows.len().min(limit));
     for row in rows.iter().take(limit) {
+        if !row.try_get::<_, bool>(10)? {
+            has_more = true;
+            break;
+        }
         let state: Value = row.try_get(2)?;
         let state = RecordState::from_json(&state)
             .ok_or_else(|| StoreError::Internal(Cause::new("unreadable state in sync_records")))?;

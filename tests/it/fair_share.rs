@@ -513,6 +513,49 @@ async fn pages_are_bounded_by_bytes_as_well_as_rows() {
         "each record exactly once: {seen:?}"
     );
     assert!(pages >= 3, "{pages} pages");
+    // Snapshot pages too (a device bootstrapping from the epoch), each record exactly once.
+    let mut cursor = EPOCH.to_owned();
+    let mut snapshot = Vec::new();
+    let mut pages = 0;
+    loop {
+        let reply = server
+            .pull(
+                &user,
+                "todo",
+                Some("new-device"),
+                "tasks",
+                &cursor,
+                Some(1000),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        let changes = reply.changes();
+        assert!(
+            (1..=6).contains(&changes.len()) || (changes.is_empty() && snapshot.len() == 12),
+            "{} records of ~300 KB in one snapshot page",
+            changes.len()
+        );
+        assert!(
+            reply.text.len() < 3 * 1024 * 1024,
+            "{} bytes",
+            reply.text.len()
+        );
+        snapshot.extend(changes.iter().map(|c| c["id"].as_str().unwrap().to_owned()));
+        pages += 1;
+        cursor = reply.body["syncedUntil"].as_str().unwrap().to_owned();
+        if reply.body["hasMore"] != json!(true) {
+            break;
+        }
+    }
+    let mut sorted = snapshot.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!((snapshot.len(), sorted.len()), (12, 12), "{snapshot:?}");
+    assert!(pages >= 3, "{pages} snapshot pages");
+    assert!(
+        cursor.as_str() > "2000",
+        "the snapshot ends with a log cursor: {cursor}"
+    );
     // A push's response page is bounded the same way.
     let reply = server
         .push(
