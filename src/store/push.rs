@@ -89,12 +89,94 @@ impl ClockState {
 }
 
 /// What merging a batch leaves to write and to answer.
-struct Merged<'c> {
-    /// The log rows, each with its stamp (an insert that won everywhere is the pushed change itself).
-    log_rows: Vec<(Cow<'c, NewChange>, Micros)>,
+/// The chunks of one push as it works through them, and what merging them leaves to answer.
+struct Chunks<'c> {
+    changeset: &'c Changeset,
+    /// Chunk 0, parsed (and its records loaded) for step 1.
+    first: Option<Cow<'c, [NewChange]>>,
+    /// The records the batch touches, kept only when the page has entries to answer with merged state.
+    touched: Option<BTreeSet<(String, String)>>,
     conflicts: Vec<serde_json::Value>,
     /// Records where a pushed field lost: answered with their whole merged state.
     lost: BTreeSet<(String, String)>,
+    /// Changes with a time beyond the future-skew bound.
+    beyond_skew: u64,
+}
+
+/// A log row and its stamp (an insert that won everywhere is the pushed change itself).
+type LogRow<'c> = (Cow<'c, NewChange>, Micros);
+
+impl<'c> Chunks<'c> {
+    /// The changes of `range`, with their records' states loaded into `batch` (the states earlier chunks
+    /// wrote included; chunk 0's were loaded in step 1).
+    async fn open(
+        &mut self,
+        client: &tokio_postgres::Client,
+        range: &Range<usize>,
+        batch: &mut Batch,
+        (user, app, future_skew): (&str, &str, Micros),
+    ) -> Result<Cow<'c, [NewChange]>, StoreError> {
+        let changes = match self.first.take() {
+            Some(changes) => changes,
+            None => {
+                let changes = parse_chunk(self.changeset, range)?;
+                *batch = Batch::load(client, user, keys_of(app, &changes), future_skew).await?;
+                changes
+            }
+        };
+        if let Some(touched) = &mut self.touched {
+            touched.extend(
+                changes
+                    .iter()
+                    .map(|c| (c.table.clone(), c.record_id.clone())),
+            );
+        }
+        Ok(changes)
+    }
+
+    /// Merges `changes` into the record states, change `i` stamped `first_stamp + i`; returns the log rows
+    /// (only what won goes to the log, so stamps of log rows may leave gaps, and stay strictly increasing)
+    /// and keeps the conflicts.
+    fn merge<'d>(
+        &mut self,
+        batch: &mut Batch,
+        (app, device): (&str, &str),
+        changes: &'d [NewChange],
+        first_stamp: Micros,
+    ) -> Vec<LogRow<'d>> {
+        let mut log_rows = Vec::new();
+        for (change, stamp) in changes.iter().zip(first_stamp..) {
+            let (winners, losers) = batch.apply(app, change, device, stamp);
+            let state = batch
+                .state(app, &change.table, &change.record_id)
+                .expect("applied above");
+            if let Some(row) = records::winning_row(change, &winners, state) {
+                batch.stamped(app, &change.table, &change.record_id, None, stamp);
+                log_rows.push((row, stamp));
+            }
+            for conflict in losers {
+                self.conflicts.push(records::conflict_json(
+                    &change.table,
+                    &change.record_id,
+                    &conflict,
+                ));
+                self.lost
+                    .insert((change.table.clone(), change.record_id.clone()));
+            }
+        }
+        self.beyond_skew += batch.beyond_skew();
+        log_rows
+    }
+}
+
+/// Changes `range` of the push, parsed (they were validated before the transaction began).
+fn parse_chunk<'c>(
+    changeset: &'c Changeset,
+    range: &Range<usize>,
+) -> Result<Cow<'c, [NewChange]>, StoreError> {
+    changeset.changes.slice(range.clone()).map_err(|e| {
+        StoreError::Internal(Cause::new(format!("a validated change did not parse: {e}")))
+    })
 }
 
 impl Store {
@@ -191,12 +273,7 @@ impl PushTx<'_, '_> {
             .step_by(CHUNK)
             .map(|start| start..(start + CHUNK).min(count))
             .collect();
-        let chunk = |range: &Range<usize>| {
-            changeset.changes.slice(range.clone()).map_err(|e| {
-                StoreError::Internal(Cause::new(format!("a validated change did not parse: {e}")))
-            })
-        };
-        let first = chunk(&chunks[0])?;
+        let first = parse_chunk(changeset, &chunks[0])?;
         let keys = keys_of(app, &first);
 
         // Step 1: lock and load, one flush.
@@ -267,68 +344,45 @@ impl PushTx<'_, '_> {
         let write = connection.prepare(WRITE).await?;
         let notify = connection.prepare(NOTIFY).await?;
         let advance_statement = connection.prepare(CLOCK_ADVANCE).await?;
-        let mut conflicts = Vec::new();
-        let mut lost = BTreeSet::new();
         let mut clock_after = clock.last_at;
-        let mut beyond_skew = 0;
         let last_chunk = chunks.len() - 1;
-        // Every chunk but the last: load its records (the states earlier chunks wrote included), merge,
-        // write; one round trip each.
-        // The records the batch touches, to answer page entries of those with their merged state.
-        let mut touched = (!page.changes.is_empty()).then(BTreeSet::new);
-        let mut first = Some(first);
+        let mut work = Chunks {
+            changeset,
+            first: Some(first),
+            touched: (!page.changes.is_empty()).then(BTreeSet::new),
+            conflicts: Vec::new(),
+            lost: BTreeSet::new(),
+            beyond_skew: 0,
+        };
+        let lookup = (user, app, future_skew);
+        // Every chunk but the last: load, merge, write; one round trip each.
         for range in chunks.iter().take(last_chunk) {
             let client = &connection.client;
-            let changes = match first.take() {
-                Some(changes) => changes,
-                None => {
-                    let changes = chunk(range)?;
-                    batch = Batch::load(client, user, keys_of(app, &changes), future_skew).await?;
-                    changes
-                }
-            };
-            if let Some(touched) = &mut touched {
-                touched.extend(
-                    changes
-                        .iter()
-                        .map(|c| (c.table.clone(), c.record_id.clone())),
-                );
-            }
-            let first_of_chunk = first_stamp + range.start as Micros;
-            let merged = merge(&mut batch, app, device, &changes, first_of_chunk);
-            if let Some((_, stamp)) = merged.log_rows.last() {
+            let changes = work.open(client, range, &mut batch, lookup).await?;
+            let log_rows = work.merge(
+                &mut batch,
+                (app, device),
+                &changes,
+                first_stamp + range.start as Micros,
+            );
+            if let Some((_, stamp)) = log_rows.last() {
                 clock_after = Some(*stamp);
-                let columns = WriteColumns::of(&merged.log_rows, &batch, *stamp);
+                let columns = WriteColumns::of(&log_rows, &batch, *stamp);
                 client
                     .query(&write, &columns.params(&user, &app, &device))
                     .await?;
             }
-            beyond_skew += batch.beyond_skew();
-            conflicts.extend(merged.conflicts);
-            lost.extend(merged.lost);
         }
         let client = &connection.client;
-        let changes = match first.take() {
-            Some(changes) => changes,
-            None => {
-                let changes = chunk(&chunks[last_chunk])?;
-                batch = Batch::load(client, user, keys_of(app, &changes), future_skew).await?;
-                changes
-            }
-        };
-        if let Some(touched) = &mut touched {
-            touched.extend(
-                changes
-                    .iter()
-                    .map(|c| (c.table.clone(), c.record_id.clone())),
-            );
-        }
-        let first_of_last = first_stamp + chunks[last_chunk].start as Micros;
-        let merged = merge(&mut batch, app, device, &changes, first_of_last);
-        beyond_skew += batch.beyond_skew();
-        conflicts.extend(merged.conflicts);
-        lost.extend(merged.lost);
-        let wrote_last = merged.log_rows.last().map(|(_, stamp)| *stamp);
+        let last = &chunks[last_chunk];
+        let changes = work.open(client, last, &mut batch, lookup).await?;
+        let log_rows = work.merge(
+            &mut batch,
+            (app, device),
+            &changes,
+            first_stamp + last.start as Micros,
+        );
+        let wrote_last = log_rows.last().map(|(_, stamp)| *stamp);
         clock_after = wrote_last.or(clock_after);
         let wrote_any = clock_after != clock.last_at;
         // A cursor this response hands out must be behind every later write: a `since` from elsewhere
@@ -336,7 +390,7 @@ impl PushTx<'_, '_> {
         let advance = clock_after.is_none_or(|c| c < since);
         // Page entries for records this batch touched, and records where a pushed field lost, are answered
         // with their merged state: from the batch when there was one chunk, else read back before commit.
-        let (mut server_changes, refreshed) = split_page(touched, page.changes, lost);
+        let (mut server_changes, refreshed) = split_page(work.touched, page.changes, work.lost);
         let refresh_keys: Vec<(String, String, String)> = match last_chunk {
             0 => Vec::new(),
             _ => refreshed
@@ -347,8 +401,7 @@ impl PushTx<'_, '_> {
 
         // Step 3: write the last chunk and commit, one flush.
         let (events, advanced, reread) = {
-            let columns =
-                WriteColumns::of(&merged.log_rows, &batch, clock_after.unwrap_or(Micros::MIN));
+            let columns = WriteColumns::of(&log_rows, &batch, clock_after.unwrap_or(Micros::MIN));
             let payload = match (hint, clock_after) {
                 (Some(hint), Some(stamp)) if wrote_any => Some(hint(stamp)),
                 _ => None,
@@ -411,11 +464,11 @@ impl PushTx<'_, '_> {
         let synced_until = page.next.unwrap_or(clock_now).max(time::EPOCH + 1);
         let response = SyncResponse {
             server_changes,
-            conflicts,
+            conflicts: work.conflicts,
             synced_until: time::format_cursor(synced_until),
             has_more: page.next.is_some(),
         };
-        Ok((response, clock_now, beyond_skew))
+        Ok((response, clock_now, work.beyond_skew))
     }
 }
 
@@ -492,43 +545,6 @@ impl<'r, 'b> WriteColumns<'r, 'b> {
     }
 }
 
-/// Merges the batch into the record states, change `i` stamped `first_stamp + i`; only what wins goes to
-/// the log (so stamps of log rows may leave gaps, and stay strictly increasing).
-fn merge<'c>(
-    batch: &mut Batch,
-    app: &str,
-    device: &str,
-    changes: &'c [NewChange],
-    first_stamp: Micros,
-) -> Merged<'c> {
-    let mut merged = Merged {
-        log_rows: Vec::new(),
-        conflicts: Vec::new(),
-        lost: BTreeSet::new(),
-    };
-    for (change, stamp) in changes.iter().zip(first_stamp..) {
-        let (winners, losers) = batch.apply(app, change, device, stamp);
-        let state = batch
-            .state(app, &change.table, &change.record_id)
-            .expect("applied above");
-        if let Some(row) = records::winning_row(change, &winners, state) {
-            batch.stamped(app, &change.table, &change.record_id, None, stamp);
-            merged.log_rows.push((row, stamp));
-        }
-        for conflict in losers {
-            merged.conflicts.push(records::conflict_json(
-                &change.table,
-                &change.record_id,
-                &conflict,
-            ));
-            merged
-                .lost
-                .insert((change.table.clone(), change.record_id.clone()));
-        }
-    }
-    merged
-}
-
 /// Never hand the pushing device a value older than the one the server now holds: a page entry for a
 /// record this batch touched (read before the merge) and every record where a pushed field lost are
 /// answered with the record's whole merged state instead. That also lets a device converge whose cursor is
@@ -545,8 +561,9 @@ fn split_page(
     };
     let mut kept: Vec<WireChange> = Vec::with_capacity(page.len());
     for change in page {
-        if touched.contains(&(change.table.clone(), change.id.clone())) {
-            refreshed.insert((change.table.clone(), change.id.clone()));
+        let key = (change.table.clone(), change.id.clone());
+        if touched.contains(&key) {
+            refreshed.insert(key);
         } else {
             kept.push(change);
         }
