@@ -314,22 +314,13 @@ async fn a_device_that_was_behind_keeps_the_later_edit() {
 /// `created_at` when they are folded and when they are emitted, so a same-second edit wins there too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_format_database_dates_its_rows_by_the_second() {
-    let database = cluster().fresh_database();
-    connect(&database)
-        .await
-        .batch_execute(
-            "CREATE TABLE sync_changes (
-                id UUID PRIMARY KEY DEFAULT gen_random_uuid(), app_id TEXT NOT NULL, table_name TEXT NOT NULL,
-                record_id TEXT NOT NULL, user_id TEXT NOT NULL, op TEXT NOT NULL CHECK (op IN ('insert','update','delete')),
-                data JSONB, field_timestamps JSONB DEFAULT '{}', client_id TEXT NOT NULL,
-                created_at TIMESTAMPTZ NOT NULL DEFAULT now());
-             INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, field_timestamps, client_id, created_at) VALUES
-              ('todo', 'tasks', 'e2e', 'go-user', 'insert', '{\"id\": \"e2e\", \"title\": \"E2E Test Task\", \"completed\": false}', '{}', 'client-a', '2026-11-29T12:36:59.870123Z'),
-              ('todo', 'tasks', 'gone', 'go-user', 'insert', '{\"title\": \"gone\"}', '{}', 'client-a', '2026-11-29T12:37:00.100000Z'),
-              ('todo', 'tasks', 'gone', 'go-user', 'delete', '{}', '{}', 'client-a', '2026-11-29T12:37:05.999999Z');",
-        )
-        .await
-        .unwrap();
+    let database = go_database(
+        "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, field_timestamps, client_id, created_at) VALUES
+         ('todo', 'tasks', 'e2e', 'go-user', 'insert', '{\"id\": \"e2e\", \"title\": \"E2E Test Task\", \"completed\": false}', '{}', 'client-a', '2026-11-29T12:36:59.870123Z'),
+         ('todo', 'tasks', 'gone', 'go-user', 'insert', '{\"title\": \"gone\"}', '{}', 'client-a', '2026-11-29T12:37:00.100000Z'),
+         ('todo', 'tasks', 'gone', 'go-user', 'delete', '{}', '{}', 'client-a', '2026-11-29T12:37:05.999999Z');",
+    )
+    .await;
     let server = TestServer::start_with(|c| c.database_url = Some(database.clone())).await;
 
     // The log, as a device that follows it sees it.

@@ -1453,26 +1453,15 @@ async fn websocket_bad_messages_after_auth_are_errors_not_closes() {
 /// would have refused, the way a future gap in the parser would let one through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_value_the_database_refuses_is_a_client_error_and_writes_nothing() {
-    use mana_sync::protocol::{Changeset, NewChange, Op};
+    use mana_sync::protocol::Changeset;
     let server = TestServer::start().await;
     let user = unique_user("refused-value");
-    let good = |id: &str, data: Value| NewChange {
-        table: "tasks".into(),
-        record_id: id.into(),
-        op: Op::Insert,
-        data: data.as_object().unwrap().clone(),
-        field_meta: Default::default(),
-        space_id: None,
-        actor: None,
-        origin: None,
-        schema_version: 1,
-    };
     let batch = Changeset::new(
         None,
         mana_sync::protocol::time::parse_rfc3339(LOG_START).unwrap(),
         vec![
-            good("fine", json!({"title": "ok"})),
-            good("huge", serde_json::from_str(r#"{"n": 1e131072}"#).unwrap()),
+            support::parsed_insert("fine", json!({"title": "ok"})),
+            support::parsed_insert("huge", serde_json::from_str(r#"{"n": 1e131072}"#).unwrap()),
         ],
     );
     let error = server

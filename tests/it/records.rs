@@ -421,24 +421,15 @@ async fn compaction_prunes_old_rows_and_a_stale_client_still_converges() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_state_is_built_from_an_old_log_and_from_direct_writers() {
-    let database = cluster().fresh_database();
-    connect(&database)
-        .await
-        .batch_execute(
-            "CREATE TABLE sync_changes (
-                id UUID PRIMARY KEY DEFAULT gen_random_uuid(), app_id TEXT NOT NULL, table_name TEXT NOT NULL,
-                record_id TEXT NOT NULL, user_id TEXT NOT NULL, op TEXT NOT NULL CHECK (op IN ('insert','update','delete')),
-                data JSONB, field_timestamps JSONB DEFAULT '{}', client_id TEXT NOT NULL,
-                created_at TIMESTAMPTZ NOT NULL DEFAULT now());
-             INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, field_timestamps, client_id, created_at) VALUES
-              ('todo', 'tasks', 't1', 'old-user', 'insert', '{\"title\": \"first\", \"done\": false}', '{}', 'phone', '2025-01-01T00:00:00Z'),
-              ('todo', 'tasks', 't1', 'old-user', 'update', '{\"title\": \"second\"}', '{\"title\": \"2025-01-02T00:00:00.000Z\"}', 'phone', '2025-01-02T00:00:00Z'),
-              ('todo', 'tasks', 't1', 'old-user', 'update', '{\"title\": \"stale\"}', '{\"title\": \"2024-12-31T00:00:00.000Z\"}', 'laptop', '2025-01-03T00:00:00Z'),
-              ('todo', 'tasks', 't2', 'old-user', 'insert', '{\"title\": \"gone\"}', '{}', 'phone', '2025-01-01T00:00:00Z'),
-              ('todo', 'tasks', 't2', 'old-user', 'delete', '{}', '{}', 'phone', '2025-01-04T00:00:00Z');",
-        )
-        .await
-        .unwrap();
+    let database = go_database(
+        "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, field_timestamps, client_id, created_at) VALUES
+         ('todo', 'tasks', 't1', 'old-user', 'insert', '{\"title\": \"first\", \"done\": false}', '{}', 'phone', '2025-01-01T00:00:00Z'),
+         ('todo', 'tasks', 't1', 'old-user', 'update', '{\"title\": \"second\"}', '{\"title\": \"2025-01-02T00:00:00.000Z\"}', 'phone', '2025-01-02T00:00:00Z'),
+         ('todo', 'tasks', 't1', 'old-user', 'update', '{\"title\": \"stale\"}', '{\"title\": \"2024-12-31T00:00:00.000Z\"}', 'laptop', '2025-01-03T00:00:00Z'),
+         ('todo', 'tasks', 't2', 'old-user', 'insert', '{\"title\": \"gone\"}', '{}', 'phone', '2025-01-01T00:00:00Z'),
+         ('todo', 'tasks', 't2', 'old-user', 'delete', '{}', '{}', 'phone', '2025-01-04T00:00:00Z');",
+    )
+    .await;
     let server = TestServer::start_with(|c| c.database_url = Some(database.clone())).await;
     let (snapshot, _) = server
         .pull_all("old-user", "todo", Some("new-phone"), "tasks", EPOCH, None)
@@ -553,22 +544,13 @@ async fn a_batch_larger_than_a_chunk_is_one_transaction_with_one_outcome() {
     );
 
     // All or nothing: a value PostgreSQL refuses in the last chunk undoes the chunks written before it.
-    use mana_sync::protocol::{Changeset, NewChange, Op};
+    use mana_sync::protocol::{Changeset, NewChange};
     let other = unique_user("chunked-refused");
-    let change = |i: usize, data: Value| NewChange {
-        table: "tasks".into(),
-        record_id: format!("x{i}"),
-        op: Op::Insert,
-        data: data.as_object().unwrap().clone(),
-        field_meta: Default::default(),
-        space_id: None,
-        actor: None,
-        origin: None,
-        schema_version: 1,
-    };
-    let mut batch: Vec<NewChange> = (0..2_400).map(|i| change(i, json!({"n": i}))).collect();
-    batch.push(change(
-        2_400,
+    let mut batch: Vec<NewChange> = (0..2_400)
+        .map(|i| parsed_insert(&format!("x{i}"), json!({"n": i})))
+        .collect();
+    batch.push(parsed_insert(
+        "x2400",
         serde_json::from_str(r#"{"n": 1e131072}"#).unwrap(),
     ));
     let changeset = Changeset::new(

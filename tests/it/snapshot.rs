@@ -178,22 +178,13 @@ async fn one_batch_of_2500_records_pages_exactly_once_at_every_page_size() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_folded_from_one_go_batch_share_a_stamp_and_still_page_exactly_once() {
     // A database today's (Go) server filled: a whole batch was stamped with one `created_at`.
-    let database = cluster().fresh_database();
-    connect(&database)
-        .await
-        .batch_execute(
-            "CREATE TABLE sync_changes (
-                id UUID PRIMARY KEY DEFAULT gen_random_uuid(), app_id TEXT NOT NULL, table_name TEXT NOT NULL,
-                record_id TEXT NOT NULL, user_id TEXT NOT NULL, op TEXT NOT NULL CHECK (op IN ('insert','update','delete')),
-                data JSONB, field_timestamps JSONB DEFAULT '{}', client_id TEXT NOT NULL,
-                created_at TIMESTAMPTZ NOT NULL DEFAULT now());
-             INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, client_id, created_at)
-             SELECT 'app', 'notes', 'g' || lpad(n::text, 3, '0'), 'go-user', 'insert',
-                    jsonb_build_object('v', n), 'go-phone', '2025-06-01T12:00:00Z'
-             FROM generate_series(0, 99) AS n;",
-        )
-        .await
-        .unwrap();
+    let database = go_database(
+        "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, client_id, created_at)
+        SELECT 'app', 'notes', 'g' || lpad(n::text, 3, '0'), 'go-user', 'insert',
+               jsonb_build_object('v', n), 'go-phone', '2025-06-01T12:00:00Z'
+        FROM generate_series(0, 99) AS n;",
+    )
+    .await;
     let server = TestServer::start_with(|c| c.database_url = Some(database.clone())).await;
     let ids: BTreeSet<String> = (0..100).map(|n| format!("g{n:03}")).collect();
     for limit in [1, 7, 1_000] {

@@ -637,3 +637,38 @@ impl SseClient {
         }
     }
 }
+
+/// A fresh database holding `sync_changes` as today's (Go) server creates it (`field_timestamps`, no
+/// `field_meta`, no clock, no row-level security), with `rows` (SQL) run after it; its connection string.
+pub async fn go_database(rows: &str) -> String {
+    let database = cluster().fresh_database();
+    connect(&database)
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE sync_changes (
+                id UUID PRIMARY KEY DEFAULT gen_random_uuid(), app_id TEXT NOT NULL, table_name TEXT NOT NULL,
+                record_id TEXT NOT NULL, user_id TEXT NOT NULL,
+                op TEXT NOT NULL CHECK (op IN ('insert', 'update', 'delete')),
+                data JSONB, field_timestamps JSONB DEFAULT '{{}}', client_id TEXT NOT NULL,
+                created_at TIMESTAMPTZ NOT NULL DEFAULT now());
+             {rows}"
+        ))
+        .await
+        .expect("the Go server's table");
+    database
+}
+
+/// An insert of `tasks`/`id` as the parser would have produced it, for driving the store directly.
+pub fn parsed_insert(id: &str, data: Value) -> mana_sync::protocol::NewChange {
+    mana_sync::protocol::NewChange {
+        table: "tasks".into(),
+        record_id: id.into(),
+        op: mana_sync::protocol::Op::Insert,
+        data: data.as_object().expect("an object").clone(),
+        field_meta: Default::default(),
+        space_id: None,
+        actor: None,
+        origin: None,
+        schema_version: 1,
+    }
+}
