@@ -357,6 +357,15 @@ mod tests {
         }
         let error = with(&[("PULL_PAGE_SIZE", "6000")]).unwrap_err();
         assert!(error.0.contains("PULL_PAGE_SIZE"), "{error}");
+        // A budget for large bodies smaller than one body would refuse every maximal push.
+        let error = with(&[("MAX_INFLIGHT_BODY_BYTES", "1048576")]).unwrap_err();
+        assert!(error.0.starts_with("MAX_INFLIGHT_BODY_BYTES"), "{error}");
+        let config = with(&[
+            ("MAX_INFLIGHT_BODY_BYTES", "1048576"),
+            ("MAX_BODY_BYTES", "1048576"),
+        ])
+        .unwrap();
+        assert_eq!(config.max_inflight_body_bytes, 1_048_576);
     }
 
     #[test]
