@@ -133,6 +133,7 @@ pub async fn build(
             statement_timeout: config.db_statement_timeout,
             max_future_skew: config.max_future_skew,
             page_max_bytes: config.page_max_bytes,
+            push_groups: (config.push_groups, config.push_group_max),
         },
     );
     migrate(&store).await?;

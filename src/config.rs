@@ -33,6 +33,10 @@ pub struct Config {
     pub db_pool_size: usize,
     /// Pool connections one user may hold at once.
     pub db_max_per_user: usize,
+    /// Groups of small pushes of different users at the database at once (`store/group.rs`); 0: none.
+    pub push_groups: usize,
+    /// Pushes in one group at most (fewer than 2: no groups).
+    pub push_group_max: usize,
     /// PostgreSQL's statement timeout for our sessions, and (plus 1 s) how long a request waits for the
     /// database; `None` (0): no limit.
     pub db_statement_timeout: Option<Duration>,
@@ -170,6 +174,8 @@ impl Config {
             pull_max_page_size: positive(&get, "PULL_MAX_PAGE_SIZE", 5000)?,
             db_pool_size: positive(&get, "DB_POOL_SIZE", 16)?,
             db_max_per_user: positive(&get, "DB_MAX_PER_USER", 4)?,
+            push_groups: parse(&get, "PUSH_GROUPS", 2usize, "a number of groups (0 = none)")?,
+            push_group_max: positive(&get, "PUSH_GROUP_MAX", 16)?,
             db_statement_timeout: match parse(
                 &get,
                 "DB_STATEMENT_TIMEOUT_MS",

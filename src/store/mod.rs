@@ -7,6 +7,7 @@
 //! what makes the cursor guarantee hold (see ARCHITECTURE.md, "The cursor").
 
 mod fair;
+mod group;
 mod known;
 mod pool;
 mod push;
@@ -23,9 +24,9 @@ use tokio_postgres::{GenericClient, Row};
 use crate::protocol::time::{self, Micros};
 use crate::protocol::{PullQuery, StoredChange, SyncResponse, WireChange};
 
+pub use group::{GroupStats, Hint};
 pub use known::KnownStamps;
 pub use pool::{Pool, PoolStatus, PooledConnection};
-pub use push::Hint;
 use records::ReadMode;
 use timestamp::PgTimestamp;
 
@@ -185,6 +186,8 @@ pub struct StoreOptions {
     pub max_future_skew: Duration,
     /// A log page holds rows up to about this many bytes of stored data (at least one row).
     pub page_max_bytes: usize,
+    /// Groups of small pushes at the database at once, and pushes per group (`store/group.rs`).
+    pub push_groups: (usize, usize),
 }
 
 pub struct Store {
@@ -193,6 +196,7 @@ pub struct Store {
     known: KnownStamps,
     /// Per-user shares of the pool, taken before a pooled connection.
     slots: fair::UserSlots,
+    groups: group::Groups,
     acquire_timeout: Duration,
     answer_deadline: Option<Duration>,
     future_skew: Micros,
@@ -365,6 +369,7 @@ impl Store {
             retention: options.retention,
             known: KnownStamps::new(options.known_users),
             slots: fair::UserSlots::new(options.max_per_user.min(options.pool_size)),
+            groups: group::Groups::new(options.push_groups.0, options.push_groups.1),
             acquire_timeout: options.acquire_timeout,
             answer_deadline: options
                 .statement_timeout
@@ -426,6 +431,11 @@ impl Store {
     /// Changes whose times were beyond `MAX_FUTURE_SKEW_SECS` (ordered at that bound), since start.
     pub fn times_beyond_skew(&self) -> u64 {
         self.beyond_skew.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counters of the push groups (`store/group.rs`).
+    pub fn push_groups(&self) -> &group::GroupStats {
+        self.groups.stats()
     }
 
     /// Users holding or waiting for a share of the pool.

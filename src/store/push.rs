@@ -19,6 +19,7 @@ use std::ops::Range;
 use serde_json::{Map, Value};
 use tokio_postgres::types::{Json, ToSql};
 
+use super::group::{self, Hint};
 use super::records::{self, Batch, ReadMode};
 use super::timestamp::PgTimestamp;
 use super::{read_page, Cause, PooledConnection, Store, StoreError, Tables, CLOCK_ADVANCE};
@@ -80,9 +81,6 @@ const WRITE: &str = concat!(
     "SELECT id::text, created_at FROM logged, (SELECT count(*) FROM hinted) AS h"
 );
 const NOTIFY: &str = "SELECT pg_notify('mana_sync_changes', $1)";
-
-/// The hint for other instances, given the new clock.
-pub type Hint<'a> = &'a (dyn Fn(Micros) -> String + Sync);
 
 /// The user's clock as step 1 read it under the exclusive lock.
 struct ClockState {
@@ -204,7 +202,7 @@ impl Store {
         device: Option<&str>,
         changeset: &Changeset,
         limit: usize,
-        hint: Option<Hint<'_>>,
+        hint: Option<Hint>,
     ) -> Result<SyncResponse, StoreError> {
         let device = device.unwrap_or("");
         let mode = records::read_mode(changeset.since, self.horizon());
@@ -218,6 +216,26 @@ impl Store {
         // The user's pushes queue here, holding nothing shared, instead of at the advisory lock with a
         // pooled connection each.
         let _share = self.user_share(user, true).await?;
+        // A small push whose `since` memory knows to be current joins other users' pushes in one
+        // transaction; one the group cannot answer exactly as alone comes back and runs alone.
+        let count = changeset.changes.len();
+        if !page_in_step_one && matches!(mode, ReadMode::Log(_)) && self.groups.admits(count) {
+            let changes = parse_chunk(changeset, &(0..count))?.into_owned();
+            let since = changeset.since;
+            match self
+                .push_in_group(user, app, device, changes, since, hint.clone())
+                .await
+            {
+                group::Outcome::Done(response, clock, beyond_skew) => {
+                    self.known.learn(user, ticket, clock);
+                    self.beyond_skew
+                        .fetch_add(beyond_skew, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(response);
+                }
+                group::Outcome::Unknown(error) => return Err(error),
+                group::Outcome::Bounced => {}
+            }
+        }
         let mut connection = self.pool.get().await?;
         connection.in_transaction = true;
         let pushed = self
@@ -231,7 +249,7 @@ impl Store {
                     future_skew: self.future_skew,
                     page_max_bytes: self.page_max_bytes,
                 }
-                .run(changeset, mode, page_in_step_one, hint),
+                .run(changeset, mode, page_in_step_one, hint.as_ref()),
             )
             .await;
         match pushed {
@@ -268,7 +286,7 @@ impl PushTx<'_, '_> {
         changeset: &Changeset,
         mode: ReadMode,
         page_in_step_one: bool,
-        hint: Option<Hint<'_>>,
+        hint: Option<&Hint>,
     ) -> Result<(SyncResponse, Micros, u64), StoreError> {
         let PushTx {
             connection,

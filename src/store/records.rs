@@ -183,8 +183,8 @@ impl Batch {
 
     /// The states in `LOAD`'s columns from column `first` on, in rows where that column is not NULL (a
     /// statement that outer-joins the records to something else).
-    pub fn from_columns(
-        rows: &[Row],
+    pub fn from_columns<'r>(
+        rows: impl IntoIterator<Item = &'r Row>,
         first: usize,
         future_skew: Micros,
     ) -> Result<Batch, StoreError> {

@@ -10,6 +10,7 @@ mod cli;
 mod cursor;
 mod fair_share;
 mod faults;
+mod groups;
 mod http_errors;
 mod operations;
 mod push_pull;
