@@ -462,11 +462,13 @@ impl PgTls {
                     provider: provider.clone(),
                 })
             }
-            (SslMode::VerifyCa | SslMode::VerifyFull, None) => return Err(format!(
+            (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
+                return Err(format!(
                 "sslmode={} needs sslrootcert: a file of CA certificates (PEM), or system for the \
                      built-in web roots",
                 mode.as_str()
-            )),
+            ))
+            }
             (SslMode::VerifyFull, Some(roots)) => {
                 rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
                     .build()
@@ -517,16 +519,17 @@ impl MakeTlsConnect<Socket> for PgTls {
     type Error = BoxError;
 
     fn make_tls_connect(&mut self, host: &str) -> Result<PgTlsConnect, BoxError> {
-        let name =
-            match ServerName::try_from(host.to_owned()) {
-                Ok(name) => name,
-                Err(e) if self.mode == SslMode::VerifyFull => return Err(format!(
+        let name = match ServerName::try_from(host.to_owned()) {
+            Ok(name) => name,
+            Err(e) if self.mode == SslMode::VerifyFull => {
+                return Err(format!(
                     "sslmode=verify-full: host {host:?} is not a name a certificate can hold: {e}"
                 )
-                .into()),
-                // Not checked in the other modes: an IP address sends no SNI.
-                Err(_) => ServerName::IpAddress(Ipv4Addr::UNSPECIFIED.into()),
-            };
+                .into())
+            }
+            // Not checked in the other modes: an IP address sends no SNI.
+            Err(_) => ServerName::IpAddress(Ipv4Addr::UNSPECIFIED.into()),
+        };
         Ok(PgTlsConnect {
             config: self.config.clone(),
             name,

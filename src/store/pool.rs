@@ -174,8 +174,12 @@ impl Pool {
             Ok(Ok(pair)) => pair,
             Ok(Err(e)) => {
                 // Kept as the source, so that start-up can tell a refusal from a database still starting.
+                // tokio-postgres' own text ("error performing TLS handshake") leaves out why.
+                let why = std::error::Error::source(&e)
+                    .map(|source| format!(": {source}"))
+                    .unwrap_or_default();
                 return Err(StoreError::Unavailable(Cause {
-                    message: format!("cannot connect to PostgreSQL: {e}"),
+                    message: format!("cannot connect to PostgreSQL: {e}{why}"),
                     source: Some(Arc::new(e)),
                 }));
             }

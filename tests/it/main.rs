@@ -17,3 +17,4 @@ mod realtime;
 mod records;
 mod snapshot;
 mod storage;
+mod tls_outbound;
