@@ -111,13 +111,16 @@ fn free_port() -> u16 {
 }
 
 /// A PostgreSQL cluster of its own with `ssl=on` on 127.0.0.1:`port`. Database `sslonly` admits TCP
-/// connections only over TLS (`hostssl`); every other database admits both.
+/// connections only over TLS (`hostssl`); role `mana_pw` only over TLS and with its password (SCRAM);
+/// every other database and role connects over either without a password.
 async fn tls_cluster(pki: &Pki) -> (EmbeddedPostgres, u16) {
     let port = free_port();
     let hba = pki.dir.join("pg_hba.conf");
     std::fs::write(
         &hba,
         "local all all trust\n\
+         hostssl all mana_pw 127.0.0.1/32 scram-sha-256\n\
+         host all mana_pw 127.0.0.1/32 reject\n\
          hostssl sslonly all 127.0.0.1/32 trust\n\
          hostnossl sslonly all 127.0.0.1/32 reject\n\
          host all all 127.0.0.1/32 trust\n",
@@ -145,6 +148,17 @@ async fn tls_cluster(pki: &Pki) -> (EmbeddedPostgres, u16) {
         .create_database("sslonly")
         .await
         .expect("database sslonly");
+    let (admin, connection) = tokio_postgres::connect(
+        &server.superuser_connection_string("postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    admin
+        .batch_execute("SET password_encryption = 'scram-sha-256'; CREATE ROLE mana_pw LOGIN PASSWORD 'secret pw'")
+        .await
+        .unwrap();
     (server, port)
 }
 
@@ -249,6 +263,11 @@ async fn every_sslmode_against_a_tls_cluster_does_what_libpq_does() {
             true,
         ),
         (kv("localhost", "sslonly", "sslmode=require"), true),
+        // A password login (SCRAM) over verified TLS.
+        (
+            format!("host=localhost port={port} user=mana_pw password='secret pw' dbname=mana_sync sslmode=verify-full sslrootcert={ca}"),
+            true,
+        ),
     ] {
         assert_eq!(session_uses_tls(&conn).await, Ok(tls), "{conn}");
     }
@@ -293,6 +312,10 @@ async fn every_sslmode_against_a_tls_cluster_does_what_libpq_does() {
         (
             kv("localhost", "sslonly", "sslmode=disable"),
             "no encryption",
+        ),
+        (
+            format!("host=localhost port={port} user=mana_pw password=wrong dbname=mana_sync sslmode=require"),
+            "password authentication failed",
         ),
     ] {
         let error = session_uses_tls(&conn).await.expect_err(&conn);
