@@ -366,6 +366,35 @@ async fn every_sslmode_against_a_tls_cluster_does_what_libpq_does() {
         assert!(error.contains(reason), "{conn}: {error}");
     }
 
+    // And the binary itself: `mana-sync serve` exits at once with the reason, naming DATABASE_URL.
+    let output = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_mana-sync"))
+            .arg("serve")
+            .env(
+                "DATABASE_URL",
+                kv(
+                    "127.0.0.1",
+                    "mana_sync",
+                    &format!("sslmode=verify-full sslrootcert={ca}"),
+                ),
+            )
+            .env("PORT", "0")
+            .env("BIND_ADDRESS", "127.0.0.1")
+            .env("JWKS_URL", "")
+            .env("MANA_SYNC_DATA_DIR", pki.dir.join("serve"))
+            .output(),
+    )
+    .await
+    .expect("serve gives up within 20 s")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{output:?}");
+    assert!(
+        stderr.contains("DATABASE_URL") && stderr.contains("not valid for name"),
+        "{stderr}"
+    );
+
     cluster.stop().await.expect("the TLS cluster stops");
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
