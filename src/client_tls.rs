@@ -555,7 +555,15 @@ impl TlsConnect<Socket> for PgTlsConnect {
                 .connect(self.name, socket)
                 .await
             {
-                Ok(stream) => Ok(PgTlsStream(stream)),
+                Ok(stream) => {
+                    let end_point = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .and_then(|certificate| tls_server_end_point(certificate));
+                    Ok(PgTlsStream { stream, end_point })
+                }
                 Err(e) => match e
                     .get_ref()
                     .and_then(|inner| inner.downcast_ref::<rustls::Error>())
@@ -569,13 +577,75 @@ impl TlsConnect<Socket> for PgTlsConnect {
 }
 
 /// A TLS connection to PostgreSQL.
-pub struct PgTlsStream(tokio_rustls::client::TlsStream<Socket>);
+pub struct PgTlsStream {
+    stream: tokio_rustls::client::TlsStream<Socket>,
+    /// `tls-server-end-point` of the server's certificate, when its signature algorithm defines one.
+    end_point: Option<Vec<u8>>,
+}
 
 impl TlsStream for PgTlsStream {
+    /// With a password login (SCRAM), PostgreSQL then checks that the certificate we saw is its own
+    /// (SCRAM-SHA-256-PLUS): a man in the middle cannot relay the login, even where the certificate is not
+    /// verified (`prefer`, `require`).
     fn channel_binding(&self) -> ChannelBinding {
-        // SCRAM's channel binding (SCRAM-SHA-256-PLUS) is not offered; plain SCRAM-SHA-256 is used.
-        ChannelBinding::none()
+        match &self.end_point {
+            Some(hash) => ChannelBinding::tls_server_end_point(hash.clone()),
+            None => ChannelBinding::none(),
+        }
     }
+}
+
+/// RFC 5929's `tls-server-end-point`: the certificate hashed with its signature's hash function, SHA-256
+/// for MD5 and SHA-1. `None` for algorithms without a single hash function (Ed25519, RSA-PSS), for which
+/// PostgreSQL defines none either; SCRAM then goes without channel binding.
+fn tls_server_end_point(certificate: &[u8]) -> Option<Vec<u8>> {
+    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE, signatureAlgorithm SEQUENCE { OID, … }, … }
+    let (0x30, certificate_fields, _) = der_element(certificate)? else {
+        return None;
+    };
+    let (0x30, _, after_tbs) = der_element(certificate_fields)? else {
+        return None;
+    };
+    let (0x30, algorithm, _) = der_element(after_tbs)? else {
+        return None;
+    };
+    let (0x06, oid, _) = der_element(algorithm)? else {
+        return None;
+    };
+    const RSA: [u8; 8] = [0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x01];
+    const ECDSA: [u8; 6] = [0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x04];
+    let hash = match oid {
+        // md5WithRSAEncryption, sha1WithRSAEncryption, sha256WithRSAEncryption
+        [rsa @ .., 0x04 | 0x05 | 0x0B] if rsa == RSA => &ring::digest::SHA256,
+        [rsa @ .., 0x0C] if rsa == RSA => &ring::digest::SHA384,
+        [rsa @ .., 0x0D] if rsa == RSA => &ring::digest::SHA512,
+        // ecdsa-with-SHA1, ecdsa-with-SHA256, -SHA384, -SHA512
+        [ecdsa @ .., 0x01] if ecdsa == ECDSA => &ring::digest::SHA256,
+        [ecdsa @ .., 0x03, 0x02] if ecdsa == ECDSA => &ring::digest::SHA256,
+        [ecdsa @ .., 0x03, 0x03] if ecdsa == ECDSA => &ring::digest::SHA384,
+        [ecdsa @ .., 0x03, 0x04] if ecdsa == ECDSA => &ring::digest::SHA512,
+        _ => return None,
+    };
+    Some(ring::digest::digest(hash, certificate).as_ref().to_vec())
+}
+
+/// The DER element at the start of `input`: its tag, its contents and what follows it.
+fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (length, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let bytes = usize::from(first & 0x7F);
+        if bytes == 0 || bytes > 4 || rest.len() < bytes {
+            return None;
+        }
+        let length = rest[..bytes]
+            .iter()
+            .fold(0usize, |length, &b| (length << 8) | usize::from(b));
+        (length, &rest[bytes..])
+    };
+    (rest.len() >= length).then(|| (tag, &rest[..length], &rest[length..]))
 }
 
 impl AsyncRead for PgTlsStream {
@@ -584,7 +654,7 @@ impl AsyncRead for PgTlsStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
@@ -594,7 +664,7 @@ impl AsyncWrite for PgTlsStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -602,19 +672,19 @@ impl AsyncWrite for PgTlsStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.stream.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -861,6 +931,32 @@ mod tests {
             let error = parse(conn).expect_err(conn);
             assert!(error.contains(expected), "{conn}: {error}");
         }
+    }
+
+    #[test]
+    fn the_channel_binding_hash_follows_the_certificates_signature_algorithm() {
+        let certificate = |algorithm: &'static rcgen::SignatureAlgorithm| {
+            let key = rcgen::KeyPair::generate_for(algorithm).unwrap();
+            let params = rcgen::CertificateParams::new(vec!["db.example".to_owned()]).unwrap();
+            params.self_signed(&key).unwrap().der().to_vec()
+        };
+        let p256 = certificate(&rcgen::PKCS_ECDSA_P256_SHA256);
+        assert_eq!(
+            tls_server_end_point(&p256).as_deref(),
+            Some(ring::digest::digest(&ring::digest::SHA256, &p256).as_ref())
+        );
+        let p384 = certificate(&rcgen::PKCS_ECDSA_P384_SHA384);
+        assert_eq!(
+            tls_server_end_point(&p384).as_deref(),
+            Some(ring::digest::digest(&ring::digest::SHA384, &p384).as_ref())
+        );
+        // Ed25519 defines no hash for it (nor does PostgreSQL): no channel binding.
+        assert_eq!(
+            tls_server_end_point(&certificate(&rcgen::PKCS_ED25519)),
+            None
+        );
+        assert_eq!(tls_server_end_point(&p256[..p256.len() / 2]), None);
+        assert_eq!(tls_server_end_point(b""), None);
     }
 
     #[test]

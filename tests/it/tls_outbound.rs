@@ -263,9 +263,14 @@ async fn every_sslmode_against_a_tls_cluster_does_what_libpq_does() {
             true,
         ),
         (kv("localhost", "sslonly", "sslmode=require"), true),
-        // A password login (SCRAM) over verified TLS.
+        // A password login (SCRAM) over verified TLS, and over TLS without verification, both bound to
+        // the certificate (SCRAM-SHA-256-PLUS; `channel_binding=require` refuses a login without it).
         (
-            format!("host=localhost port={port} user=mana_pw password='secret pw' dbname=mana_sync sslmode=verify-full sslrootcert={ca}"),
+            format!("host=localhost port={port} user=mana_pw password='secret pw' dbname=mana_sync sslmode=verify-full sslrootcert={ca} channel_binding=require"),
+            true,
+        ),
+        (
+            format!("postgres://mana_pw:secret%20pw@127.0.0.1:{port}/mana_sync?sslmode=require&channel_binding=require"),
             true,
         ),
     ] {
