@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use crate::auth::{AuthConfig, Authenticator};
 use crate::billing::{Billing, BillingConfig};
+use crate::client_tls::DatabaseConfig;
 use crate::config::Config;
 use crate::devdb::{EmbeddedOptions, EmbeddedPostgres};
 use crate::hub::Hub;
@@ -75,7 +76,7 @@ impl std::error::Error for StartError {}
 
 /// The database the server talks to, and the embedded cluster when it runs one.
 pub struct Database {
-    pub config: tokio_postgres::Config,
+    pub config: DatabaseConfig,
     pub embedded: Option<EmbeddedPostgres>,
 }
 
@@ -94,11 +95,9 @@ pub async fn open_database(config: &Config) -> Result<Database, StartError> {
             (embedded.connection_string(), Some(embedded))
         }
     };
-    let parsed = url.parse::<tokio_postgres::Config>().map_err(|e| {
-        StartError(format!(
-            "DATABASE_URL is not a valid PostgreSQL connection string: {e}"
-        ))
-    })?;
+    let parsed = url
+        .parse::<DatabaseConfig>()
+        .map_err(|e| StartError(format!("DATABASE_URL: {e}")))?;
     Ok(Database {
         config: parsed,
         embedded,
@@ -112,16 +111,14 @@ pub fn auth_config(config: &Config) -> AuthConfig {
         issuer: config.jwt_issuer.clone(),
         audience: config.jwt_audience.clone(),
         verified_cache_size: config.auth_cache_size,
+        tls: config.outbound_tls.clone(),
         ..AuthConfig::default()
     }
 }
 
 /// Opens the store, applies the schema (retrying for a while if the database is still coming up) and
 /// starts the key refresher.
-pub async fn build(
-    config: Config,
-    database: tokio_postgres::Config,
-) -> Result<Arc<App>, StartError> {
+pub async fn build(config: Config, database: DatabaseConfig) -> Result<Arc<App>, StartError> {
     let store = Store::new(
         database,
         &StoreOptions {
@@ -158,6 +155,7 @@ pub async fn build(
                 cache_ttl: config.billing_cache_ttl,
                 timeout: config.billing_timeout,
                 max_cached_users: config.billing_cache_max_users,
+                tls: config.outbound_tls.clone(),
             }))
         }
         None => {
@@ -267,6 +265,13 @@ pub async fn migrate(store: &Store) -> Result<Migration, StartError> {
                     &[("migration", format!("{outcome:?}").into())],
                 );
                 return Ok(outcome);
+            }
+            // An untrusted or misnamed certificate, or a login pg_hba.conf refuses, does not go away by
+            // waiting: say so at once, naming where the connection settings come from.
+            Err(StoreError::Unavailable(why)) if why.is_connection_refused() => {
+                return Err(StartError(format!(
+                    "DATABASE_URL: the database refused the connection: {why}"
+                )))
             }
             Err(StoreError::Unavailable(why)) if Instant::now() < deadline => {
                 log::warn(

@@ -24,6 +24,8 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     pub mana_credits_url: Option<String>,
     pub mana_service_key: Option<String>,
+    /// Roots for `https://` fetches (JWKS, billing): the built-in web roots plus `MANA_CA_FILE`.
+    pub outbound_tls: crate::client_tls::OutboundTls,
     pub max_body_bytes: usize,
     /// Bytes of large request bodies being read or worked on at once (`http::body_budget`); a user gets the
     /// larger of one maximal body and a quarter of it.
@@ -133,6 +135,12 @@ impl Config {
             other => other,
         };
 
+        let outbound_tls = match set("MANA_CA_FILE") {
+            None => crate::client_tls::OutboundTls::web_roots(),
+            Some(path) => crate::client_tls::OutboundTls::with_ca_file(path.as_ref())
+                .map_err(|e| ConfigError(format!("MANA_CA_FILE={path:?} is not usable: {e}")))?,
+        };
+
         let config = Config {
             bind_address: parse(
                 &get,
@@ -168,6 +176,7 @@ impl Config {
                 .unwrap_or_default(),
             mana_credits_url,
             mana_service_key: set("MANA_SERVICE_KEY"),
+            outbound_tls,
             max_body_bytes: positive(&get, "MAX_BODY_BYTES", 10 * 1024 * 1024)?,
             max_inflight_body_bytes: positive(&get, "MAX_INFLIGHT_BODY_BYTES", 32 * 1024 * 1024)?,
             pull_page_size: positive(&get, "PULL_PAGE_SIZE", 1000)?,
@@ -357,6 +366,8 @@ mod tests {
             ("BIND_ADDRESS", "everywhere"),
             ("AUTH_CACHE_SIZE", "-1"),
             ("AUTH_CACHE_SIZE", "lots"),
+            ("MANA_CA_FILE", "/nonexistent/ca.pem"),
+            ("MANA_CA_FILE", "/dev/null"),
         ] {
             let error = with(&[(name, value)]).expect_err(name);
             assert!(error.0.starts_with(name), "{error}");

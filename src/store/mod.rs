@@ -69,6 +69,11 @@ impl Cause {
         self.source.as_deref().and_then(tokio_postgres::Error::code)
     }
 
+    /// True when a connection was refused for good (TLS refused, login refused), not merely unreachable.
+    pub fn is_connection_refused(&self) -> bool {
+        self.source.as_deref().is_some_and(pool::connection_refused)
+    }
+
     /// PostgreSQL's own message (without our prefix), if it sent one.
     pub fn database_message(&self) -> Option<&str> {
         self.source
@@ -342,7 +347,8 @@ pub(super) const CLOCK_ADVANCE: &str = concat!(
 );
 
 impl Store {
-    pub fn new(mut config: tokio_postgres::Config, options: &StoreOptions) -> Store {
+    pub fn new(database: crate::client_tls::DatabaseConfig, options: &StoreOptions) -> Store {
+        let (mut config, tls) = (database.postgres, database.tls);
         // A peer that vanished without closing (host down, network cut) is noticed within about a minute
         // instead of the kernel's two hours.
         config
@@ -365,7 +371,7 @@ impl Store {
             config.options(&options);
         }
         Store {
-            pool: Pool::new(config, options.pool_size, options.acquire_timeout),
+            pool: Pool::new(config, tls, options.pool_size, options.acquire_timeout),
             retention: options.retention,
             known: KnownStamps::new(options.known_users),
             slots: fair::UserSlots::new(options.max_per_user.min(options.pool_size)),
@@ -408,13 +414,13 @@ impl Store {
     ) -> Result<
         (
             tokio_postgres::Client,
-            tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+            tokio_postgres::Connection<tokio_postgres::Socket, crate::client_tls::PgTlsStream>,
         ),
         StoreError,
     > {
         let mut config = self.pool.config().clone();
         config.application_name(application_name);
-        Ok(config.connect(tokio_postgres::NoTls).await?)
+        Ok(config.connect(self.pool.tls().clone()).await?)
     }
 
     /// The user's share of the pool (and, for a writer, the user's turn), waited for before a pooled

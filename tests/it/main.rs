@@ -18,3 +18,4 @@ mod realtime;
 mod records;
 mod snapshot;
 mod storage;
+mod tls_outbound;
