@@ -65,12 +65,22 @@ ALTER TABLE sync_changes FORCE ROW LEVEL SECURITY;
 -- A transaction sees and writes the rows of the user it declared (`app.current_user_id`), or of the users it
 -- declared as a group (`mana_sync.users`, a text array literal): mana-sync runs small pushes of different
 -- users in one transaction (src/store/group.rs), every statement still naming its user(s) explicitly.
+-- The group's test is a PL/pgSQL function on purpose: the planner cannot see into it, so the policy stays
+-- a filter and the queries' own conditions choose the index. (Written inline as `user_id = ANY(...)`, the
+-- policy became a BitmapOr the planner estimated at one row, and a push's record load scanned all of the
+-- user's records once per key.) It runs only for rows of other users than `app.current_user_id`.
+CREATE OR REPLACE FUNCTION mana_sync_group_admits(uid text) RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN uid = ANY (coalesce(nullif(current_setting('mana_sync.users', true), ''), '{}')::text[]);
+END
+$$;
 DROP POLICY IF EXISTS sync_changes_owner ON sync_changes;
 CREATE POLICY sync_changes_owner ON sync_changes
     USING (user_id = current_setting('app.current_user_id', true)
-           OR user_id = ANY (coalesce(nullif(current_setting('mana_sync.users', true), ''), '{}')::text[]))
+           OR mana_sync_group_admits(user_id))
     WITH CHECK (user_id = current_setting('app.current_user_id', true)
-           OR user_id = ANY (coalesce(nullif(current_setting('mana_sync.users', true), ''), '{}')::text[]));
+           OR mana_sync_group_admits(user_id));
 
 -- The per-user clock behind the cursor guarantee (SPEC §5).
 --
@@ -220,9 +230,9 @@ ALTER TABLE sync_records FORCE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS sync_records_owner ON sync_records;
 CREATE POLICY sync_records_owner ON sync_records
     USING (user_id = current_setting('app.current_user_id', true)
-           OR user_id = ANY (coalesce(nullif(current_setting('mana_sync.users', true), ''), '{}')::text[]))
+           OR mana_sync_group_admits(user_id))
     WITH CHECK (user_id = current_setting('app.current_user_id', true)
-           OR user_id = ANY (coalesce(nullif(current_setting('mana_sync.users', true), ''), '{}')::text[]));
+           OR mana_sync_group_admits(user_id));
 
 -- Up to which stamp a user's log rows are folded into sync_records. Rows written directly into
 -- sync_changes by other programs (and every row of a database today's server filled) are folded lazily,
