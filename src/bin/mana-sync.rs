@@ -127,6 +127,11 @@ fn config() -> Result<Config, String> {
 
 async fn serve() -> Result<(), String> {
     let config = config()?;
+    // Unusable certificate files stop the start before a database is started (they are read again when
+    // the app is built: by then they may have been renewed).
+    if let Some(files) = &config.tls {
+        mana_sync::server_tls::ServerTls::load(files).map_err(|e| e.to_string())?;
+    }
     let addr = SocketAddr::new(config.bind_address, config.port);
     // Bind before starting the database so a taken port fails fast and leaves nothing behind.
     let listener = tokio::net::TcpListener::bind(addr)
@@ -141,14 +146,20 @@ async fn serve() -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         log::info(
             "mana-sync listening",
-            &[(
-                "addr",
-                listener
-                    .local_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default()
-                    .into(),
-            )],
+            &[
+                (
+                    "addr",
+                    listener
+                        .local_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default()
+                        .into(),
+                ),
+                (
+                    "scheme",
+                    if app.tls.is_some() { "https" } else { "http" }.into(),
+                ),
+            ],
         );
         server::serve(listener, app, server::shutdown_signal()).await;
         Ok(())
