@@ -642,6 +642,41 @@ async fn an_oversized_http2_header_list_is_refused() {
     server.stop().await;
 }
 
+/// The body cap holds per stream: a declared length over MAX_BODY_BYTES and a body that grows past it
+/// (no length) are both 413 with the JSON error, and the connection's other streams go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_body_cap_holds_per_http2_stream() {
+    let server = TestServer::start_with(|c| {
+        c.max_body_bytes = 64 * 1024;
+        c.max_inflight_body_bytes = 1024 * 1024;
+    })
+    .await;
+    let user = unique_user("edge-cap");
+    let mut client = Client::h2(TcpStream::connect(server.addr).await.unwrap()).await;
+    let big = vec![b' '; 100 * 1024];
+    // Declared: hyper's client sends the length of a full body.
+    let reply = client
+        .call(push_request(&user, "laptop", full(big.clone())))
+        .await;
+    reply.assert_error(413, "payload_too_large");
+    // Streamed without a length, in 16 KiB pieces.
+    let (sender, body) = channel_body();
+    let mut stream = client.stream_handle();
+    let request = push_request(&user, "laptop", body);
+    let answer = tokio::spawn(async move { read_reply(stream.send(request).await.unwrap()).await });
+    for chunk in big.chunks(16 * 1024) {
+        if sender.send(Bytes::copy_from_slice(chunk)).await.is_err() {
+            break;
+        }
+    }
+    drop(sender);
+    answer.await.unwrap().assert_error(413, "payload_too_large");
+    // The connection goes on; a body under the cap is served.
+    let reply = client.call(push_of(&user, "laptop", "t1")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    server.stop().await;
+}
+
 /// A slow body over HTTP/2 hits BODY_READ_TIMEOUT_MS with the same JSON error as over HTTP/1.1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_http2_body_times_out_like_an_http1_one() {
