@@ -597,6 +597,96 @@ async fn a_certificate_swapped_on_disk_is_served_to_new_connections_without_drop
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The real binary: with the periodic check far off, new files are not served until SIGHUP, and then at
+/// once. (In a process of its own: a SIGHUP handler installed in the test binary would outlive the test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificate_of_the_running_binary() {
+    let ca = TestCa::new();
+    let dir = scratch_dir("sighup");
+    let (files, first_leaf) = ca.issue(&dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_mana-sync"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &crate::support::cluster().conn_string)
+        .env("JWKS_URL", "")
+        .env("JWKS_FILE", &crate::support::keys().jwks_path)
+        .env("BIND_ADDRESS", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .env("LOG_LEVEL", "warn")
+        .env("TLS_CERT_FILE", &files.cert)
+        .env("TLS_KEY_FILE", &files.key)
+        .env("TLS_RELOAD_INTERVAL_MS", "3600000")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    // Killed if the test fails half-way (otherwise it would outlive the test binary).
+    let mut child = KillOnDrop(child);
+    let leaf_now = || async {
+        let stream = tls_connect(addr, ca.client_config(&[H2])).await.ok()?;
+        Some(leaf_of(&stream))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while leaf_now().await.is_none() {
+        assert!(Instant::now() < deadline, "the binary never served TLS");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(leaf_now().await, Some(first_leaf.clone()));
+    let (_, second_leaf) = ca.issue(&dir);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        leaf_now().await,
+        Some(first_leaf),
+        "no reload before SIGHUP (the periodic check is an hour away)"
+    );
+    let signal = |name: &str| {
+        std::process::Command::new("kill")
+            .args([name, pid.as_str()])
+            .status()
+            .unwrap()
+    };
+    assert!(signal("-HUP").success());
+    let deadline = Instant::now() + WAIT;
+    while leaf_now().await.as_ref() != Some(&second_leaf) {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(signal("-TERM").success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A child process that is killed when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// A TLS server refuses clients that do not trust its CA, and a plain-HTTP request to it is not served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn untrusted_clients_and_plain_http_get_nothing_from_a_tls_port() {
