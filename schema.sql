@@ -62,10 +62,15 @@ END
 $$;
 
 ALTER TABLE sync_changes FORCE ROW LEVEL SECURITY;
+-- A transaction sees and writes the rows of the user it declared (`app.current_user_id`), or of the users it
+-- declared as a group (`mana_sync.users`, a text array literal): mana-sync runs small pushes of different
+-- users in one transaction (src/store/group.rs), every statement still naming its user(s) explicitly.
 DROP POLICY IF EXISTS sync_changes_owner ON sync_changes;
 CREATE POLICY sync_changes_owner ON sync_changes
-    USING (user_id = current_setting('app.current_user_id', true))
-    WITH CHECK (user_id = current_setting('app.current_user_id', true));
+    USING (user_id = current_setting('app.current_user_id', true)
+           OR user_id = ANY (coalesce(nullif(current_setting('mana_sync.users', true), ''), '{}')::text[]))
+    WITH CHECK (user_id = current_setting('app.current_user_id', true)
+           OR user_id = ANY (coalesce(nullif(current_setting('mana_sync.users', true), ''), '{}')::text[]));
 
 -- The per-user clock behind the cursor guarantee (SPEC §5).
 --
@@ -214,8 +219,10 @@ ALTER TABLE sync_records ENABLE ROW LEVEL SECURITY;
 ALTER TABLE sync_records FORCE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS sync_records_owner ON sync_records;
 CREATE POLICY sync_records_owner ON sync_records
-    USING (user_id = current_setting('app.current_user_id', true))
-    WITH CHECK (user_id = current_setting('app.current_user_id', true));
+    USING (user_id = current_setting('app.current_user_id', true)
+           OR user_id = ANY (coalesce(nullif(current_setting('mana_sync.users', true), ''), '{}')::text[]))
+    WITH CHECK (user_id = current_setting('app.current_user_id', true)
+           OR user_id = ANY (coalesce(nullif(current_setting('mana_sync.users', true), ''), '{}')::text[]));
 
 -- Up to which stamp a user's log rows are folded into sync_records. Rows written directly into
 -- sync_changes by other programs (and every row of a database today's server filled) are folded lazily,

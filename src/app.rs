@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use crate::auth::{AuthConfig, Authenticator};
 use crate::billing::{Billing, BillingConfig};
+use crate::client_tls::DatabaseConfig;
 use crate::config::Config;
 use crate::devdb::{EmbeddedOptions, EmbeddedPostgres};
 use crate::hub::Hub;
@@ -77,7 +78,7 @@ impl std::error::Error for StartError {}
 
 /// The database the server talks to, and the embedded cluster when it runs one.
 pub struct Database {
-    pub config: tokio_postgres::Config,
+    pub config: DatabaseConfig,
     pub embedded: Option<EmbeddedPostgres>,
 }
 
@@ -96,11 +97,9 @@ pub async fn open_database(config: &Config) -> Result<Database, StartError> {
             (embedded.connection_string(), Some(embedded))
         }
     };
-    let parsed = url.parse::<tokio_postgres::Config>().map_err(|e| {
-        StartError(format!(
-            "DATABASE_URL is not a valid PostgreSQL connection string: {e}"
-        ))
-    })?;
+    let parsed = url
+        .parse::<DatabaseConfig>()
+        .map_err(|e| StartError(format!("DATABASE_URL: {e}")))?;
     Ok(Database {
         config: parsed,
         embedded,
@@ -114,16 +113,14 @@ pub fn auth_config(config: &Config) -> AuthConfig {
         issuer: config.jwt_issuer.clone(),
         audience: config.jwt_audience.clone(),
         verified_cache_size: config.auth_cache_size,
+        tls: config.outbound_tls.clone(),
         ..AuthConfig::default()
     }
 }
 
 /// Opens the store, applies the schema (retrying for a while if the database is still coming up) and
 /// starts the key refresher.
-pub async fn build(
-    config: Config,
-    database: tokio_postgres::Config,
-) -> Result<Arc<App>, StartError> {
+pub async fn build(config: Config, database: DatabaseConfig) -> Result<Arc<App>, StartError> {
     // First: a certificate that cannot be read stops the start before the database is touched.
     let tls = match &config.tls {
         None => None,
@@ -142,6 +139,7 @@ pub async fn build(
             statement_timeout: config.db_statement_timeout,
             max_future_skew: config.max_future_skew,
             page_max_bytes: config.page_max_bytes,
+            push_groups: (config.push_groups, config.push_group_max),
         },
     );
     migrate(&store).await?;
@@ -166,6 +164,7 @@ pub async fn build(
                 cache_ttl: config.billing_cache_ttl,
                 timeout: config.billing_timeout,
                 max_cached_users: config.billing_cache_max_users,
+                tls: config.outbound_tls.clone(),
             }))
         }
         None => {
@@ -279,6 +278,13 @@ pub async fn migrate(store: &Store) -> Result<Migration, StartError> {
                     &[("migration", format!("{outcome:?}").into())],
                 );
                 return Ok(outcome);
+            }
+            // An untrusted or misnamed certificate, or a login pg_hba.conf refuses, does not go away by
+            // waiting: say so at once, naming where the connection settings come from.
+            Err(StoreError::Unavailable(why)) if why.is_connection_refused() => {
+                return Err(StartError(format!(
+                    "DATABASE_URL: the database refused the connection: {why}"
+                )))
             }
             Err(StoreError::Unavailable(why)) if Instant::now() < deadline => {
                 log::warn(

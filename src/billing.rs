@@ -30,6 +30,8 @@ pub struct BillingConfig {
     pub cache_ttl: Duration,
     pub timeout: Duration,
     pub max_cached_users: usize,
+    /// Roots for an `https://` URL.
+    pub tls: crate::client_tls::OutboundTls,
 }
 
 /// Counters by outcome, for /metrics.
@@ -44,6 +46,8 @@ pub struct BillingStats {
 
 pub struct Billing {
     config: BillingConfig,
+    /// One agent for every request: it keeps its connections (and its TLS set-up) between requests.
+    agent: ureq::Agent,
     cache: Mutex<HashMap<String, (Verdict, Instant)>>,
     in_flight: Mutex<HashMap<String, Arc<OnceCell<Verdict>>>>,
     pub stats: BillingStats,
@@ -55,7 +59,17 @@ const FAILED_OPEN_TTL: Duration = Duration::from_secs(10);
 
 impl Billing {
     pub fn new(config: BillingConfig) -> Billing {
+        let agent = ureq::Agent::new_with_config(
+            ureq::Agent::config_builder()
+                .timeout_global(Some(config.timeout))
+                .http_status_as_error(false)
+                // A redirect is an answer we do not follow (it could point anywhere): not 200, so fail open.
+                .max_redirects(0)
+                .tls_config(config.tls.ureq())
+                .build(),
+        );
         Billing {
+            agent,
             config,
             cache: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
@@ -132,8 +146,8 @@ impl Billing {
             encode_segment(user)
         );
         let key = self.config.service_key.clone();
-        let timeout = self.config.timeout;
-        let answer = tokio::task::spawn_blocking(move || ask(&url, key.as_deref(), timeout)).await;
+        let agent = self.agent.clone();
+        let answer = tokio::task::spawn_blocking(move || ask(&agent, &url, key.as_deref())).await;
         let verdict = match answer {
             Ok(Ok(true)) => Verdict::Active,
             Ok(Ok(false)) => Verdict::Inactive,
@@ -156,15 +170,7 @@ impl Billing {
     }
 }
 
-fn ask(url: &str, key: Option<&str>, timeout: Duration) -> Result<bool, String> {
-    let agent = ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .timeout_global(Some(timeout))
-            .http_status_as_error(false)
-            // A redirect is an answer we do not follow (it could point anywhere): not 200, so fail open.
-            .max_redirects(0)
-            .build(),
-    );
+fn ask(agent: &ureq::Agent, url: &str, key: Option<&str>) -> Result<bool, String> {
     let mut request = agent.get(url);
     if let Some(key) = key {
         request = request.header("X-Service-Key", key);
@@ -220,6 +226,7 @@ mod tests {
             cache_ttl: Duration::from_secs(300),
             timeout: Duration::from_millis(100),
             max_cached_users: 1000,
+            tls: Default::default(),
         });
         for i in 0..100_000 {
             billing.remember(&format!("user-{i}"), Verdict::Active);

@@ -24,6 +24,8 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     pub mana_credits_url: Option<String>,
     pub mana_service_key: Option<String>,
+    /// Roots for `https://` fetches (JWKS, billing): the built-in web roots plus `MANA_CA_FILE`.
+    pub outbound_tls: crate::client_tls::OutboundTls,
     pub max_body_bytes: usize,
     /// Bytes of large request bodies being read or worked on at once (`http::body_budget`); a user gets the
     /// larger of one maximal body and a quarter of it.
@@ -33,6 +35,10 @@ pub struct Config {
     pub db_pool_size: usize,
     /// Pool connections one user may hold at once.
     pub db_max_per_user: usize,
+    /// Groups of small pushes of different users at the database at once (`store/group.rs`); 0: none.
+    pub push_groups: usize,
+    /// Pushes in one group at most (fewer than 2: no groups).
+    pub push_group_max: usize,
     /// PostgreSQL's statement timeout for our sessions, and (plus 1 s) how long a request waits for the
     /// database; `None` (0): no limit.
     pub db_statement_timeout: Option<Duration>,
@@ -144,6 +150,12 @@ impl Config {
             other => other,
         };
 
+        let outbound_tls = match set("MANA_CA_FILE") {
+            None => crate::client_tls::OutboundTls::web_roots(),
+            Some(path) => crate::client_tls::OutboundTls::with_ca_file(path.as_ref())
+                .map_err(|e| ConfigError(format!("MANA_CA_FILE={path:?} is not usable: {e}")))?,
+        };
+
         let config = Config {
             bind_address: parse(
                 &get,
@@ -179,12 +191,15 @@ impl Config {
                 .unwrap_or_default(),
             mana_credits_url,
             mana_service_key: set("MANA_SERVICE_KEY"),
+            outbound_tls,
             max_body_bytes: positive(&get, "MAX_BODY_BYTES", 10 * 1024 * 1024)?,
             max_inflight_body_bytes: positive(&get, "MAX_INFLIGHT_BODY_BYTES", 32 * 1024 * 1024)?,
             pull_page_size: positive(&get, "PULL_PAGE_SIZE", 1000)?,
             pull_max_page_size: positive(&get, "PULL_MAX_PAGE_SIZE", 5000)?,
             db_pool_size: positive(&get, "DB_POOL_SIZE", 16)?,
             db_max_per_user: positive(&get, "DB_MAX_PER_USER", 4)?,
+            push_groups: parse(&get, "PUSH_GROUPS", 2usize, "a number of groups (0 = none)")?,
+            push_group_max: positive(&get, "PUSH_GROUP_MAX", 16)?,
             db_statement_timeout: match parse(
                 &get,
                 "DB_STATEMENT_TIMEOUT_MS",
@@ -402,6 +417,8 @@ mod tests {
             ("HTTP2_MAX_CONCURRENT_STREAMS", "0"),
             ("HTTP2_MAX_CONCURRENT_STREAMS", "99999999999"),
             ("HTTP2_MAX_HEADER_LIST_BYTES", "lots"),
+            ("MANA_CA_FILE", "/nonexistent/ca.pem"),
+            ("MANA_CA_FILE", "/dev/null"),
         ] {
             let error = with(&[(name, value)]).expect_err(name);
             assert!(error.0.starts_with(name), "{error}");

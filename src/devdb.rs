@@ -510,6 +510,8 @@ pub struct EmbeddedPostgres {
     pgdata: PathBuf,
     socket_dir: PathBuf,
     log_path: PathBuf,
+    /// The `port` setting when one was given (it also names the Unix socket), else PostgreSQL's default.
+    port: Option<String>,
     /// Our end of the wrapper's lifeline pipe; closing it stops the server.
     stdin: Option<ChildStdin>,
     /// The `sh` wrapper (leader of its own process group).
@@ -630,6 +632,11 @@ impl EmbeddedPostgres {
                 settings.push((k.into(), "off".into()));
             }
         }
+        let port = extra_settings
+            .iter()
+            .rev()
+            .find(|(key, _)| key == "port")
+            .map(|(_, port)| port.clone());
         settings.extend(extra_settings);
         for (k, v) in settings {
             cmd.arg("-c").arg(format!("{k}={v}"));
@@ -651,6 +658,7 @@ impl EmbeddedPostgres {
             pgdata,
             socket_dir,
             log_path,
+            port,
             stdin,
             child: Some(child),
         };
@@ -718,12 +726,19 @@ impl EmbeddedPostgres {
 
     /// `host=<socket dir> user=mana_sync dbname=mana_sync`.
     pub fn connection_string(&self) -> String {
-        conn_string(&self.socket_dir, APP_ROLE, APP_DATABASE)
+        self.with_port(conn_string(&self.socket_dir, APP_ROLE, APP_DATABASE))
     }
 
     /// Connection string for the `postgres` superuser and `dbname`.
     pub fn superuser_connection_string(&self, dbname: &str) -> String {
-        conn_string(&self.socket_dir, SUPERUSER, dbname)
+        self.with_port(conn_string(&self.socket_dir, SUPERUSER, dbname))
+    }
+
+    fn with_port(&self, conn: String) -> String {
+        match &self.port {
+            Some(port) => format!("{conn} port={}", conn_value(port)),
+            None => conn,
+        }
     }
 
     /// Directory holding the server's Unix socket.
@@ -759,7 +774,7 @@ impl EmbeddedPostgres {
             .await
             .map_err(|e| sql_err("connecting as superuser", e))?;
         ensure_database(&su, name, true).await?;
-        Ok(conn_string(&self.socket_dir, APP_ROLE, name))
+        Ok(self.with_port(conn_string(&self.socket_dir, APP_ROLE, name)))
     }
 
     /// Fast shutdown: closes the lifeline pipe and waits up to 15 s for the

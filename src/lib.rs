@@ -8,6 +8,7 @@
 pub mod app;
 pub mod auth;
 pub mod billing;
+pub mod client_tls;
 pub mod config;
 pub mod devdb;
 pub mod http;

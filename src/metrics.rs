@@ -401,6 +401,27 @@ pub fn render(app: &App) -> String {
         "Pushed changes with a timestamp further ahead than MAX_FUTURE_SKEW_SECS (ordered at that bound).",
         app.store.times_beyond_skew(),
     );
+    let groups = app.store.push_groups();
+    labelled(
+        &mut out,
+        "mana_sync_push_groups_total",
+        "Transactions that wrote small pushes of several users together, by outcome.",
+        "outcome",
+        &[
+            ("committed", load(&groups.committed)),
+            ("failed", load(&groups.failed)),
+        ],
+    );
+    labelled(
+        &mut out,
+        "mana_sync_grouped_pushes_total",
+        "Pushes taken into a group: answered by it, or handed back to run alone.",
+        "outcome",
+        &[
+            ("written", load(&groups.written)),
+            ("bounced", load(&groups.bounced)),
+        ],
+    );
     single(
         &mut out,
         "mana_sync_known_stamps_users",

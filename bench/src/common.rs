@@ -53,7 +53,29 @@ impl Cluster {
             ("shared_buffers".into(), "512MB".into()),
             ("max_wal_size".into(), "4GB".into()),
         ];
+        let statements = std::env::var_os("MSB_PG_STAT_STATEMENTS").is_some();
+        if statements {
+            options.extra_settings.push((
+                "shared_preload_libraries".into(),
+                "pg_stat_statements".into(),
+            ));
+        }
+        // Extra settings for a profiling run, e.g. MSB_PG_SETTINGS="auto_explain.log_min_duration=5ms".
+        if let Ok(extra) = std::env::var("MSB_PG_SETTINGS") {
+            for setting in extra.split(',').filter(|s| !s.is_empty()) {
+                let (name, value) = setting
+                    .split_once('=')
+                    .ok_or_else(|| err("MSB_PG_SETTINGS: name=value,…"))?;
+                options.extra_settings.push((name.into(), value.into()));
+            }
+        }
         let pg = EmbeddedPostgres::start(options).await?;
+        if statements {
+            let su =
+                connect_pg(&pg.superuser_connection_string(mana_sync::devdb::APP_DATABASE)).await?;
+            su.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+                .await?;
+        }
         let app_conn = pg.connection_string();
         let su_conn = pg.superuser_connection_string(mana_sync::devdb::APP_DATABASE);
         Ok(Cluster {
@@ -62,6 +84,48 @@ impl Cluster {
             su_conn,
             durable,
         })
+    }
+
+    /// Gives the database (its schema applied by a server) the shape of one that has been in use: `records` records of other users
+    /// (spread over `users`) in the log and the merged state, their clocks, and fresh statistics. Without
+    /// this the server's statements are planned against young, never-analysed tables (a generic plan made
+    /// on a nearly empty `sync_records` scans a user's records instead of probing the primary key), which
+    /// is a state a production database leaves within a minute (autovacuum's first ANALYZE).
+    pub async fn seed_others(&self, users: usize, records: usize) -> Result<()> {
+        let su = self.su().await?;
+        let users = users.max(1) as i32;
+        let records = records as i32;
+        su.batch_execute("SET mana_sync.stamped = 'on'").await?;
+        su.execute(
+            concat!(
+                "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, client_id, created_at) ",
+                "SELECT 'todo', 'tasks', 's-' || g, 'seed-u' || (g % $1), 'insert', ",
+                "jsonb_build_object('title', 'Seed ' || g), 'seed-d', ",
+                "now() - interval '1 day' + g * interval '1 microsecond' FROM generate_series(1, $2) g"
+            ),
+            &[&users, &records],
+        )
+        .await?;
+        su.execute(
+            concat!(
+                "INSERT INTO sync_records (user_id, app_id, table_name, record_id, state, updated_at) ",
+                "SELECT user_id, app_id, table_name, record_id, '{}', created_at FROM sync_changes ",
+                "WHERE user_id LIKE 'seed-u%'"
+            ),
+            &[],
+        )
+        .await?;
+        su.execute(
+            concat!(
+                "INSERT INTO sync_user_clock (user_id, last_at, folded_at) ",
+                "SELECT user_id, max(created_at), max(created_at) FROM sync_changes ",
+                "WHERE user_id LIKE 'seed-u%' GROUP BY user_id"
+            ),
+            &[],
+        )
+        .await?;
+        su.batch_execute("VACUUM ANALYZE").await?;
+        Ok(())
     }
 
     pub async fn su(&self) -> Result<tokio_postgres::Client> {
@@ -73,9 +137,38 @@ impl Cluster {
     }
 
     pub async fn stop(self) {
+        if std::env::var_os("MSB_PG_STAT_STATEMENTS").is_some() {
+            self.print_statements().await;
+        }
         let dir = self.pg.data_dir().to_path_buf();
         let _ = self.pg.stop().await;
-        let _ = std::fs::remove_dir_all(dir);
+        match std::env::var_os("MSB_KEEP_CLUSTER") {
+            Some(_) => eprintln!("cluster kept in {} (MSB_KEEP_CLUSTER)", dir.display()),
+            None => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+}
+
+impl Cluster {
+    /// With `MSB_PG_STAT_STATEMENTS` set: the statements that took the most time in the whole run.
+    async fn print_statements(&self) {
+        const TOP: &str = concat!(
+            "SELECT calls, round(total_exec_time::numeric, 1)::text, ",
+            "round(mean_exec_time::numeric * 1000, 1)::text, left(regexp_replace(query, '\\s+', ' ', 'g'), 110) ",
+            "FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 20"
+        );
+        let Ok(su) = self.su().await else { return };
+        let Ok(rows) = su.query(TOP, &[]).await else {
+            return;
+        };
+        eprintln!("pg_stat_statements: calls | total ms | mean us | query");
+        for row in rows {
+            let (calls, total, mean, query): (i64, String, String, String) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            eprintln!("{calls:>9} | {total:>9} | {mean:>7} | {query}");
+        }
     }
 }
 

@@ -334,12 +334,14 @@ pub async fn run(args: Args, results: &mut Results) -> Result<()> {
 async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Result<()> {
     let keys = Keys::create()?;
     let server = InProcess::start(cluster, &keys).await?;
+    cluster.seed_others(1_000, 100_000).await?;
     let addr = server.addr;
     let durability = if args.durable {
         "durable"
     } else {
         "non-durable (fsync/synchronous_commit/full_page_writes off)"
     };
+    println!("push: 100,000 records of 1,000 other users, then VACUUM ANALYZE");
     println!("push: cluster {durability}; server in-process on {addr}; {} cores; runs {}, warm-up {:?}, measured {:?} per cell",
         num_cpus(), args.runs, args.warm, args.dur);
 

@@ -108,10 +108,15 @@ fn parse_jwk(jwk: &Value) -> Result<(String, VerifyingKey), String> {
     Ok((kid, key))
 }
 
-/// Fetches and parses a JWKS over plain HTTP. Blocking.
-pub fn fetch_jwks_url(url: &str, timeout: Duration) -> Result<KeySet, String> {
+/// Fetches and parses a JWKS over HTTP or HTTPS (verified against `tls`'s roots). Blocking.
+pub fn fetch_jwks_url(
+    url: &str,
+    timeout: Duration,
+    tls: &crate::client_tls::OutboundTls,
+) -> Result<KeySet, String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
+        .tls_config(tls.ureq())
         // Status is checked below so that the error names the status code
         // instead of a generic transport failure.
         .http_status_as_error(false)
@@ -214,8 +219,8 @@ mod tests {
             ),
             Arc::new(AtomicUsize::new(0)),
         );
-        let error =
-            fetch_jwks_url(&url, Duration::from_secs(5)).expect_err("a redirect is an error");
+        let error = fetch_jwks_url(&url, Duration::from_secs(5), &Default::default())
+            .expect_err("a redirect is an error");
         assert!(error.contains("302"), "{error}");
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(

@@ -138,7 +138,7 @@ pub fn unix_now() -> i64 {
 
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
-    /// `http://` JWKS endpoint of Better Auth (fetched with ureq).
+    /// `http://` or `https://` JWKS endpoint of Better Auth (fetched with ureq).
     pub jwks_url: Option<String>,
     /// Local JWKS file for development; combined with the URL if both set.
     pub jwks_file: Option<PathBuf>,
@@ -157,6 +157,8 @@ pub struct AuthConfig {
     /// Successfully verified tokens remembered so that a repeated token
     /// skips the signature check (0 disables); see `cache` for the rules.
     pub verified_cache_size: usize,
+    /// Roots for an `https://` JWKS URL.
+    pub tls: crate::client_tls::OutboundTls,
 }
 
 impl Default for AuthConfig {
@@ -171,6 +173,7 @@ impl Default for AuthConfig {
             min_refresh_gap: Duration::from_secs(15),
             fetch_timeout: Duration::from_secs(5),
             verified_cache_size: 100_000,
+            tls: crate::client_tls::OutboundTls::web_roots(),
         }
     }
 }
@@ -331,7 +334,9 @@ impl Authenticator {
         let backstop = cfg.fetch_timeout + Duration::from_secs(1);
         if let Some(url) = cfg.jwks_url.clone() {
             let timeout = cfg.fetch_timeout;
-            let task = tokio::task::spawn_blocking(move || jwks::fetch_jwks_url(&url, timeout));
+            let tls = cfg.tls.clone();
+            let task =
+                tokio::task::spawn_blocking(move || jwks::fetch_jwks_url(&url, timeout, &tls));
             match tokio::time::timeout(backstop, task).await {
                 Ok(Ok(Ok(keys))) => union.merge(keys),
                 Ok(Ok(Err(e))) => errors.push(e),

@@ -200,15 +200,16 @@ async fn push(
     let changeset = protocol::parse_changeset(body)?;
     let device = header_device.or_else(|| changeset.client_id.clone());
     let tables = &changeset.tables;
-    let hint = |stamp| {
-        notify::hint_payload(
-            &app.instance_id,
-            &claims.sub,
-            app_id,
-            tables,
-            device.as_deref(),
-            stamp,
-        )
+    let hint: crate::store::Hint = {
+        let (instance, user, app_id) = (
+            app.instance_id.clone(),
+            claims.sub.clone(),
+            app_id.to_owned(),
+        );
+        let (tables, device) = (tables.clone(), device.clone());
+        std::sync::Arc::new(move |stamp| {
+            notify::hint_payload(&instance, &user, &app_id, &tables, device.as_deref(), stamp)
+        })
     };
     let response = app
         .store
@@ -218,7 +219,7 @@ async fn push(
             device.as_deref(),
             &changeset,
             app.config.pull_page_size,
-            (!tables.is_empty()).then_some(&hint as crate::store::Hint<'_>),
+            (!tables.is_empty()).then_some(hint),
         )
         .await?;
     let metrics = &app.metrics;

@@ -7,6 +7,7 @@
 //! what makes the cursor guarantee hold (see ARCHITECTURE.md, "The cursor").
 
 mod fair;
+mod group;
 mod known;
 mod pool;
 mod push;
@@ -23,9 +24,9 @@ use tokio_postgres::{GenericClient, Row};
 use crate::protocol::time::{self, Micros};
 use crate::protocol::{PullQuery, StoredChange, SyncResponse, WireChange};
 
+pub use group::{GroupStats, Hint};
 pub use known::KnownStamps;
 pub use pool::{Pool, PoolStatus, PooledConnection};
-pub use push::Hint;
 use records::ReadMode;
 use timestamp::PgTimestamp;
 
@@ -66,6 +67,11 @@ impl Cause {
     /// The SQLSTATE PostgreSQL reported, if any.
     pub fn code(&self) -> Option<&SqlState> {
         self.source.as_deref().and_then(tokio_postgres::Error::code)
+    }
+
+    /// True when a connection was refused for good (TLS refused, login refused), not merely unreachable.
+    pub fn is_connection_refused(&self) -> bool {
+        self.source.as_deref().is_some_and(pool::connection_refused)
     }
 
     /// PostgreSQL's own message (without our prefix), if it sent one.
@@ -185,6 +191,8 @@ pub struct StoreOptions {
     pub max_future_skew: Duration,
     /// A log page holds rows up to about this many bytes of stored data (at least one row).
     pub page_max_bytes: usize,
+    /// Groups of small pushes at the database at once, and pushes per group (`store/group.rs`).
+    pub push_groups: (usize, usize),
 }
 
 pub struct Store {
@@ -193,6 +201,7 @@ pub struct Store {
     known: KnownStamps,
     /// Per-user shares of the pool, taken before a pooled connection.
     slots: fair::UserSlots,
+    groups: group::Groups,
     acquire_timeout: Duration,
     answer_deadline: Option<Duration>,
     future_skew: Micros,
@@ -338,7 +347,8 @@ pub(super) const CLOCK_ADVANCE: &str = concat!(
 );
 
 impl Store {
-    pub fn new(mut config: tokio_postgres::Config, options: &StoreOptions) -> Store {
+    pub fn new(database: crate::client_tls::DatabaseConfig, options: &StoreOptions) -> Store {
+        let (mut config, tls) = (database.postgres, database.tls);
         // A peer that vanished without closing (host down, network cut) is noticed within about a minute
         // instead of the kernel's two hours.
         config
@@ -361,10 +371,11 @@ impl Store {
             config.options(&options);
         }
         Store {
-            pool: Pool::new(config, options.pool_size, options.acquire_timeout),
+            pool: Pool::new(config, tls, options.pool_size, options.acquire_timeout),
             retention: options.retention,
             known: KnownStamps::new(options.known_users),
             slots: fair::UserSlots::new(options.max_per_user.min(options.pool_size)),
+            groups: group::Groups::new(options.push_groups.0, options.push_groups.1),
             acquire_timeout: options.acquire_timeout,
             answer_deadline: options
                 .statement_timeout
@@ -403,13 +414,13 @@ impl Store {
     ) -> Result<
         (
             tokio_postgres::Client,
-            tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+            tokio_postgres::Connection<tokio_postgres::Socket, crate::client_tls::PgTlsStream>,
         ),
         StoreError,
     > {
         let mut config = self.pool.config().clone();
         config.application_name(application_name);
-        Ok(config.connect(tokio_postgres::NoTls).await?)
+        Ok(config.connect(self.pool.tls().clone()).await?)
     }
 
     /// The user's share of the pool (and, for a writer, the user's turn), waited for before a pooled
@@ -426,6 +437,11 @@ impl Store {
     /// Changes whose times were beyond `MAX_FUTURE_SKEW_SECS` (ordered at that bound), since start.
     pub fn times_beyond_skew(&self) -> u64 {
         self.beyond_skew.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counters of the push groups (`store/group.rs`).
+    pub fn push_groups(&self) -> &group::GroupStats {
+        self.groups.stats()
     }
 
     /// Users holding or waiting for a share of the pool.

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
+
+use crate::client_tls::{PgTls, TlsRefused};
 
 use super::{Cause, StoreError};
 
@@ -22,6 +24,8 @@ pub struct Pool {
 
 struct Inner {
     config: tokio_postgres::Config,
+    /// TLS as `DATABASE_URL`'s `sslmode` asks, for every connection of the pool and the dedicated ones.
+    tls: PgTls,
     idle: Mutex<Vec<Connection>>,
     permits: Arc<Semaphore>,
     max_size: usize,
@@ -111,11 +115,17 @@ pub struct PoolStatus {
 }
 
 impl Pool {
-    pub fn new(config: tokio_postgres::Config, max_size: usize, acquire_timeout: Duration) -> Pool {
+    pub fn new(
+        config: tokio_postgres::Config,
+        tls: PgTls,
+        max_size: usize,
+        acquire_timeout: Duration,
+    ) -> Pool {
         let max_size = max_size.max(1);
         Pool {
             inner: Arc::new(Inner {
                 config,
+                tls,
                 idle: Mutex::new(Vec::new()),
                 permits: Arc::new(Semaphore::new(max_size)),
                 max_size,
@@ -158,14 +168,20 @@ impl Pool {
             }
         }
 
-        let connect = inner.config.connect(NoTls);
+        let connect = inner.config.connect(inner.tls.clone());
         let (client, connection) = match tokio::time::timeout(inner.acquire_timeout, connect).await
         {
             Ok(Ok(pair)) => pair,
             Ok(Err(e)) => {
-                return Err(StoreError::Unavailable(Cause::new(format!(
-                    "cannot connect to PostgreSQL: {e}"
-                ))))
+                // Kept as the source, so that start-up can tell a refusal from a database still starting.
+                // tokio-postgres' own text ("error performing TLS handshake") leaves out why.
+                let why = std::error::Error::source(&e)
+                    .map(|source| format!(": {source}"))
+                    .unwrap_or_default();
+                return Err(StoreError::Unavailable(Cause {
+                    message: format!("cannot connect to PostgreSQL: {e}{why}"),
+                    source: Some(Arc::new(e)),
+                }));
             }
             Err(_) => {
                 return Err(StoreError::Unavailable(Cause::new(
@@ -192,6 +208,10 @@ impl Pool {
         &self.inner.config
     }
 
+    pub fn tls(&self) -> &PgTls {
+        &self.inner.tls
+    }
+
     pub fn status(&self) -> PoolStatus {
         let available = self.inner.permits.available_permits();
         PoolStatus {
@@ -209,6 +229,19 @@ impl Pool {
     }
 }
 
+/// True when connecting failed for a reason that retrying does not fix: TLS refused (an untrusted or
+/// misnamed certificate), TLS required but not offered, or PostgreSQL refused the login (SQLSTATE class 28:
+/// `pg_hba.conf`, password). A socket that failed or a database still starting is not a refusal.
+pub(super) fn connection_refused(error: &tokio_postgres::Error) -> bool {
+    if let Some(code) = error.code() {
+        return code.code().starts_with("28");
+    }
+    // tokio-postgres reports socket failures with the `io::Error` as the source, and TLS and configuration
+    // problems with a source of another type.
+    TlsRefused::is_cause_of(error)
+        || std::error::Error::source(error).is_some_and(|source| !source.is::<std::io::Error>())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,7 +249,7 @@ mod tests {
     #[tokio::test]
     async fn a_cancelled_waiter_stops_counting() {
         let config: tokio_postgres::Config = "host=/nonexistent user=nobody".parse().unwrap();
-        let pool = Pool::new(config, 1, Duration::from_secs(60));
+        let pool = Pool::new(config, PgTls::disabled(), 1, Duration::from_secs(60));
         let _taken = pool.inner.permits.clone().try_acquire_owned().unwrap();
         let waiter = {
             let pool = Pool {

@@ -1,12 +1,13 @@
 //! A push in two round trips (ARCHITECTURE.md, "A push").
 //!
 //! 1. **Lock and load** — one flush: `BEGIN`; declare the user, mark the transaction as stamping its own
-//!    rows and take the user's exclusive lock; read the clock (and the database's time); load the states
-//!    of the records the batch touches; and, unless memory predicts that nothing is new, the response page.
+//!    rows and take the user's exclusive lock; then, in one statement, read the clock (and the database's
+//!    time) and load the states of the records the batch touches; and, unless memory predicts that nothing
+//!    is new, the response page.
 //! 2. **Merge** in Rust (`records::Batch`, the pure `merge`), and stamp the winning rows after the clock
 //!    that step 1 read under the lock.
-//! 3. **Write and commit** — one flush: one statement inserts the log rows, upserts the record states and
-//!    advances the clock; the cross-instance hint (carrying the new clock) is queued; `COMMIT`.
+//! 3. **Write and commit** — one flush: one statement inserts the log rows, upserts the record states,
+//!    advances the clock and queues the cross-instance hint (carrying the new clock); `COMMIT`.
 //!
 //! Rare cases cost extra round trips inside the same transaction: log rows other programs wrote that are not
 //! folded yet, a snapshot `since`, a page that memory wrongly predicted empty, a cursor ahead of the clock.
@@ -18,6 +19,7 @@ use std::ops::Range;
 use serde_json::{Map, Value};
 use tokio_postgres::types::{Json, ToSql};
 
+use super::group::{self, Hint};
 use super::records::{self, Batch, ReadMode};
 use super::timestamp::PgTimestamp;
 use super::{read_page, Cause, PooledConnection, Store, StoreError, Tables, CLOCK_ADVANCE};
@@ -36,10 +38,22 @@ const PUSH_STATE: &str = concat!(
     "SELECT c.last_at, c.folded_at, clock_timestamp() FROM (SELECT 1) AS one ",
     "LEFT JOIN sync_user_clock c ON c.user_id = $1"
 );
+/// `PUSH_STATE` and the states of the batch's records (`records::LOAD`'s columns from column 3 on) in
+/// one statement: one row per loaded record, or one row with NULL record columns when there is none. It
+/// must follow `LOCK_PUSH` as a statement of its own, so that its snapshot is taken under the lock.
+const CLOCK_AND_RECORDS: &str = concat!(
+    "SELECT c.last_at, c.folded_at, clock_timestamp(), s.* FROM (SELECT 1) AS one ",
+    "LEFT JOIN sync_user_clock c ON c.user_id = $1 LEFT JOIN (",
+    records::load_records!(),
+    ") AS s ON true"
+);
+/// Where `records::LOAD`'s columns begin in `CLOCK_AND_RECORDS`.
+const RECORDS_FROM: usize = 3;
 /// Step 3: the log rows (stamped by us), the record states (each pointing at its newest log row, each
-/// taking a new snapshot position from `sync_records_seq`: one `nextval` per changed record) and the
-/// clock, in one statement. $1 user, $2 app, $3 device, $4–$13 log columns, $14–$23 record columns,
-/// $24 the new clock.
+/// taking a new snapshot position from `sync_records_seq`: one `nextval` per changed record), the clock
+/// and the hint to other instances, in one statement. $1 user, $2 app, $3 device, $4–$13 log columns,
+/// $14–$23 record columns, $24 the new clock, $25 the hint (NULL: none). The hint is a CTE the result
+/// joins (an unreferenced one would not run); PostgreSQL delivers it at commit.
 const WRITE: &str = concat!(
     "WITH logged AS (",
     "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, field_meta, client_id, ",
@@ -62,13 +76,11 @@ const WRITE: &str = concat!(
     "clocked AS (",
     "INSERT INTO sync_user_clock AS clock (user_id, last_at, folded_at) VALUES ($1, $24, $24) ",
     "ON CONFLICT (user_id) DO UPDATE SET last_at = greatest(clock.last_at, excluded.last_at), ",
-    "folded_at = greatest(coalesce(clock.folded_at, '-infinity'), excluded.folded_at)) ",
-    "SELECT id::text, created_at FROM logged"
+    "folded_at = greatest(coalesce(clock.folded_at, '-infinity'), excluded.folded_at)), ",
+    "hinted AS (SELECT pg_notify('mana_sync_changes', $25::text) WHERE $25::text IS NOT NULL) ",
+    "SELECT id::text, created_at FROM logged, (SELECT count(*) FROM hinted) AS h"
 );
 const NOTIFY: &str = "SELECT pg_notify('mana_sync_changes', $1)";
-
-/// The hint for other instances, given the new clock.
-pub type Hint<'a> = &'a (dyn Fn(Micros) -> String + Sync);
 
 /// The user's clock as step 1 read it under the exclusive lock.
 struct ClockState {
@@ -190,7 +202,7 @@ impl Store {
         device: Option<&str>,
         changeset: &Changeset,
         limit: usize,
-        hint: Option<Hint<'_>>,
+        hint: Option<Hint>,
     ) -> Result<SyncResponse, StoreError> {
         let device = device.unwrap_or("");
         let mode = records::read_mode(changeset.since, self.horizon());
@@ -204,6 +216,26 @@ impl Store {
         // The user's pushes queue here, holding nothing shared, instead of at the advisory lock with a
         // pooled connection each.
         let _share = self.user_share(user, true).await?;
+        // A small push whose `since` memory knows to be current joins other users' pushes in one
+        // transaction; one the group cannot answer exactly as alone comes back and runs alone.
+        let count = changeset.changes.len();
+        if !page_in_step_one && matches!(mode, ReadMode::Log(_)) && self.groups.admits(count) {
+            let changes = parse_chunk(changeset, &(0..count))?.into_owned();
+            let since = changeset.since;
+            match self
+                .push_in_group(user, app, device, changes, since, hint.clone())
+                .await
+            {
+                group::Outcome::Done(response, clock, beyond_skew) => {
+                    self.known.learn(user, ticket, clock);
+                    self.beyond_skew
+                        .fetch_add(beyond_skew, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(response);
+                }
+                group::Outcome::Unknown(error) => return Err(error),
+                group::Outcome::Bounced => {}
+            }
+        }
         let mut connection = self.pool.get().await?;
         connection.in_transaction = true;
         let pushed = self
@@ -217,7 +249,7 @@ impl Store {
                     future_skew: self.future_skew,
                     page_max_bytes: self.page_max_bytes,
                 }
-                .run(changeset, mode, page_in_step_one, hint),
+                .run(changeset, mode, page_in_step_one, hint.as_ref()),
             )
             .await;
         match pushed {
@@ -254,7 +286,7 @@ impl PushTx<'_, '_> {
         changeset: &Changeset,
         mode: ReadMode,
         page_in_step_one: bool,
-        hint: Option<Hint<'_>>,
+        hint: Option<&Hint>,
     ) -> Result<(SyncResponse, Micros, u64), StoreError> {
         let PushTx {
             connection,
@@ -278,8 +310,7 @@ impl PushTx<'_, '_> {
 
         // Step 1: lock and load, one flush.
         let lock = connection.prepare(LOCK_PUSH).await?;
-        let state = connection.prepare(PUSH_STATE).await?;
-        let load = connection.prepare(records::LOAD).await?;
+        let clock_and_records = connection.prepare(CLOCK_AND_RECORDS).await?;
         let page_statement = connection.prepare(Tables::All.page_sql()).await?;
         let since = changeset.since;
         let (mut clock, mut batch, mut page) = {
@@ -292,12 +323,11 @@ impl PushTx<'_, '_> {
             let page_params = page_params.refs();
             let user_param: [&(dyn ToSql + Sync); 1] = [&user];
             let load_params: [&(dyn ToSql + Sync); 4] = [&user, &apps, &tables, &ids];
-            let (_, _, clock, batch, page) = tokio::try_join!(
+            let (_, _, loaded, page) = tokio::try_join!(
                 biased;
                 client.batch_execute("BEGIN"),
                 client.execute(&lock, &user_param),
-                client.query_one(&state, &user_param),
-                client.query(&load, &load_params),
+                client.query(&clock_and_records, &load_params),
                 async {
                     match page_in_step_one {
                         true => client.query(&page_statement, &page_params).await.map(Some),
@@ -305,9 +335,12 @@ impl PushTx<'_, '_> {
                     }
                 },
             )?;
+            let first = loaded.first().ok_or_else(|| {
+                StoreError::Internal(Cause::new("the clock read returned no row"))
+            })?;
             (
-                ClockState::read(&clock)?,
-                Batch::from_rows(&batch, future_skew)?,
+                ClockState::read(first)?,
+                Batch::from_columns(&loaded, RECORDS_FROM, future_skew)?,
                 page,
             )
         };
@@ -318,6 +351,8 @@ impl PushTx<'_, '_> {
             if records::fold_from(client, user, from, future_skew).await? {
                 batch = Batch::load(client, user, keys.clone(), future_skew).await?;
             }
+            let state = connection.prepare(PUSH_STATE).await?;
+            let client = &connection.client;
             clock = ClockState::read(&client.query_one(&state, &[&user]).await?)?;
         }
         // The page: read in step 1 when memory expected changes; read now when the clock, read under the
@@ -343,6 +378,7 @@ impl PushTx<'_, '_> {
             .max(clock.last_at.map_or(Micros::MIN, |last| last + 1));
         let write = connection.prepare(WRITE).await?;
         let notify = connection.prepare(NOTIFY).await?;
+        let load = connection.prepare(records::LOAD).await?;
         let advance_statement = connection.prepare(CLOCK_ADVANCE).await?;
         let mut clock_after = clock.last_at;
         let last_chunk = chunks.len() - 1;
@@ -369,7 +405,7 @@ impl PushTx<'_, '_> {
                 clock_after = Some(*stamp);
                 let columns = WriteColumns::of(&log_rows, &batch, *stamp);
                 client
-                    .query(&write, &columns.params(&user, &app, &device))
+                    .query(&write, &columns.params(&user, &app, &device, &None))
                     .await?;
             }
         }
@@ -406,7 +442,12 @@ impl PushTx<'_, '_> {
                 (Some(hint), Some(stamp)) if wrote_any => Some(hint(stamp)),
                 _ => None,
             };
-            let params = columns.params(&user, &app, &device);
+            // The hint rides with the write, or (when only earlier chunks wrote) goes on its own.
+            let (hint_in_write, hint_alone) = match wrote_last {
+                Some(_) => (payload, None),
+                None => (None, payload),
+            };
+            let params = columns.params(&user, &app, &device, &hint_in_write);
             let since_param = PgTimestamp(since);
             let apps: Vec<&str> = refresh_keys.iter().map(|k| k.0.as_str()).collect();
             let tables: Vec<&str> = refresh_keys.iter().map(|k| k.1.as_str()).collect();
@@ -421,7 +462,7 @@ impl PushTx<'_, '_> {
                     }
                 },
                 async {
-                    match &payload {
+                    match &hint_alone {
                         Some(payload) => client.execute(&notify, &[payload]).await.map(drop),
                         None => Ok(()),
                     }
@@ -514,7 +555,8 @@ impl<'r, 'b> WriteColumns<'r, 'b> {
         user: &'a &str,
         app: &'a &str,
         device: &'a &str,
-    ) -> [&'a (dyn ToSql + Sync); 24] {
+        hint: &'a Option<String>,
+    ) -> [&'a (dyn ToSql + Sync); 25] {
         let (log, records) = (&self.log, &self.records);
         [
             user,
@@ -541,6 +583,7 @@ impl<'r, 'b> WriteColumns<'r, 'b> {
             &records.spaces,
             &records.versions,
             &self.clock,
+            hint,
         ]
     }
 }

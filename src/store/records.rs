@@ -111,13 +111,22 @@ pub struct Batch {
     beyond_skew: u64,
 }
 
+/// `LOAD`'s text, for statements that embed it ($1 the user; $2, $3, $4 the apps, tables and ids).
+macro_rules! load_records {
+    () => {
+        concat!(
+            "SELECT s.app_id, s.table_name, s.record_id, s.state, s.updated_at, s.event_id::text AS event_id, ",
+            "s.actor, s.origin, s.space_id, s.schema_version FROM unnest($2::text[], $3::text[], $4::text[]) ",
+            "AS k(a, t, r) JOIN sync_records s ",
+            "ON s.user_id = $1 AND s.app_id = k.a AND s.table_name = k.t AND s.record_id = k.r"
+        )
+    };
+}
+pub(super) use load_records;
 /// States of the batch's records, looked up by primary key (a join from the key arrays, so the planner
-/// probes the primary key instead of filtering another index).
-pub(super) const LOAD: &str = concat!(
-    "SELECT s.app_id, s.table_name, s.record_id, s.state, s.updated_at, s.event_id::text, s.actor, s.origin, ",
-    "s.space_id, s.schema_version FROM unnest($2::text[], $3::text[], $4::text[]) AS k(a, t, r) ",
-    "JOIN sync_records s ON s.user_id = $1 AND s.app_id = k.a AND s.table_name = k.t AND s.record_id = k.r"
-);
+/// probes the primary key instead of filtering another index; with statistics it does, see
+/// BENCHMARKS.md on young tables).
+pub(super) const LOAD: &str = load_records!();
 /// Writes folded records; each takes a new position (`seq`), which moves it past every snapshot page
 /// already read.
 const UPSERT: &str = concat!(
@@ -169,23 +178,37 @@ impl Batch {
 
     /// The states `LOAD` returned.
     pub fn from_rows(rows: &[Row], future_skew: Micros) -> Result<Batch, StoreError> {
+        Batch::from_columns(rows, 0, future_skew)
+    }
+
+    /// The states in `LOAD`'s columns from column `first` on, in rows where that column is not NULL (a
+    /// statement that outer-joins the records to something else).
+    pub fn from_columns<'r>(
+        rows: impl IntoIterator<Item = &'r Row>,
+        first: usize,
+        future_skew: Micros,
+    ) -> Result<Batch, StoreError> {
         let mut records: HashMap<Key, Record> = HashMap::new();
         for row in rows {
-            let state: Value = row.try_get(3)?;
+            let Some(app) = row.try_get::<_, Option<String>>(first)? else {
+                continue;
+            };
+            let state: Value = row.try_get(first + 3)?;
             let state = RecordState::from_json(&state).ok_or_else(|| {
                 StoreError::Internal(Cause::new("unreadable state in sync_records"))
             })?;
             let record = Record {
                 state,
                 changed: false,
-                updated_at: row.try_get::<_, PgTimestamp>(4)?.0,
-                event_id: row.try_get(5)?,
-                actor: row.try_get(6)?,
-                origin: row.try_get(7)?,
-                space_id: row.try_get(8)?,
-                schema_version: row.try_get(9)?,
+                updated_at: row.try_get::<_, PgTimestamp>(first + 4)?.0,
+                event_id: row.try_get(first + 5)?,
+                actor: row.try_get(first + 6)?,
+                origin: row.try_get(first + 7)?,
+                space_id: row.try_get(first + 8)?,
+                schema_version: row.try_get(first + 9)?,
             };
-            records.insert((row.get(0), row.get(1), row.get(2)), record);
+            let key = (app, row.try_get(first + 1)?, row.try_get(first + 2)?);
+            records.insert(key, record);
         }
         Ok(Batch {
             records,

@@ -264,22 +264,6 @@ async fn rows_sharing_a_timestamp_at_a_page_boundary_are_all_delivered() {
     server.stop().await;
 }
 
-/// A small deterministic generator, so a failing run can be replayed from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn randomized_concurrent_writers_and_pullers_lose_nothing() {
     // Two server instances on one database, HTTP writers on both, a direct SQL writer, and pullers that

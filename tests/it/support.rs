@@ -395,6 +395,22 @@ pub fn update(table: &str, id: &str, field: &str, value: Value, at: &str) -> Val
     json!({"table": table, "id": id, "op": "update", "fields": {field: {"value": value, "at": at}}})
 }
 
+/// A small deterministic generator (xorshift64), so a failing run can be replayed from its seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
 pub fn changeset(changes: Vec<Value>) -> Value {
     json!({"since": LOG_START, "changes": changes})
 }
