@@ -640,6 +640,27 @@ async fn sighup_reloads_the_certificate_of_the_running_binary() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(leaf_now().await, Some(first_leaf.clone()));
+    // The container HEALTHCHECK: with TLS configured it asks the HTTPS port (plain HTTP would fail).
+    let healthcheck = |tls: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mana-sync"));
+        command
+            .arg("healthcheck")
+            .env_clear()
+            .env("PORT", port.to_string());
+        if tls {
+            command
+                .env("TLS_CERT_FILE", &files.cert)
+                .env("TLS_KEY_FILE", &files.key);
+        }
+        command.output().unwrap()
+    };
+    let checked = healthcheck(true);
+    assert!(checked.status.success(), "{checked:?}");
+    let checked = healthcheck(false);
+    assert!(
+        !checked.status.success(),
+        "plain HTTP to the TLS port: {checked:?}"
+    );
     let (_, second_leaf) = ca.issue(&dir);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
