@@ -39,6 +39,8 @@ pub struct App {
     /// Requests in flight per user (at most `MAX_REQUESTS_PER_USER`; more get 429).
     pub requests_per_user: Arc<crate::http::per_user::InFlight>,
     pub body_budget: Arc<crate::http::body_budget::BodyBudget>,
+    /// The certificate clients are served with; `None`: plain HTTP.
+    pub tls: Option<Arc<crate::server_tls::ServerTls>>,
     open_connections: AtomicUsize,
 }
 
@@ -119,6 +121,13 @@ pub fn auth_config(config: &Config) -> AuthConfig {
 /// Opens the store, applies the schema (retrying for a while if the database is still coming up) and
 /// starts the key refresher.
 pub async fn build(config: Config, database: DatabaseConfig) -> Result<Arc<App>, StartError> {
+    // First: a certificate that cannot be read stops the start before the database is touched.
+    let tls = match &config.tls {
+        None => None,
+        Some(files) => Some(Arc::new(
+            crate::server_tls::ServerTls::load(files).map_err(|e| StartError(e.to_string()))?,
+        )),
+    };
     let store = Store::new(
         database,
         &StoreOptions {
@@ -202,8 +211,12 @@ pub async fn build(config: Config, database: DatabaseConfig) -> Result<Arc<App>,
         requests_per_user,
         body_budget,
         unauthenticated_sockets,
+        tls,
         open_connections: AtomicUsize::new(0),
     });
+    if let Some(tls) = &app.tls {
+        tls.spawn_reloader(app.config.tls_reload_interval, app.shutdown.subscribe());
+    }
     crate::notify::spawn_listener(app.clone());
     spawn_compactor(app.clone());
     Ok(app)

@@ -80,6 +80,21 @@ pub struct Config {
     pub page_max_bytes: usize,
     /// Users whose newest stamp is kept in memory to answer "nothing new" (0: never answer from memory).
     pub known_stamps_max_users: usize,
+    /// Serve HTTPS (and WSS) with this certificate and key; `None`: plain HTTP (`server_tls`).
+    pub tls: Option<TlsFiles>,
+    /// How often the certificate and key files are checked for changes (SIGHUP also reloads them).
+    pub tls_reload_interval: Duration,
+    /// Streams one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub http2_max_concurrent_streams: u32,
+    /// Largest request header block accepted over HTTP/2 (SETTINGS_MAX_HEADER_LIST_SIZE); larger: 431.
+    pub http2_max_header_list_bytes: u32,
+}
+
+/// The PEM files of the server's certificate chain and private key (`TLS_CERT_FILE`, `TLS_KEY_FILE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A configuration value that cannot be used; the message names the variable.
@@ -243,6 +258,38 @@ impl Config {
                 "a number of users (0 = off)",
             )?,
             body_read_timeout: millis(&get, "BODY_READ_TIMEOUT_MS", 60_000)?,
+            tls: match (set("TLS_CERT_FILE"), set("TLS_KEY_FILE")) {
+                (None, None) => None,
+                (Some(cert), Some(key)) => Some(TlsFiles {
+                    cert: PathBuf::from(cert),
+                    key: PathBuf::from(key),
+                }),
+                (Some(_), None) => {
+                    return Err(ConfigError(
+                        "TLS_KEY_FILE is unset but TLS_CERT_FILE is set: set both (HTTPS) or neither (plain HTTP)"
+                            .into(),
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Err(ConfigError(
+                        "TLS_CERT_FILE is unset but TLS_KEY_FILE is set: set both (HTTPS) or neither (plain HTTP)"
+                            .into(),
+                    ))
+                }
+            },
+            tls_reload_interval: millis(&get, "TLS_RELOAD_INTERVAL_MS", 5000)?,
+            http2_max_concurrent_streams: u32::try_from(positive(
+                &get,
+                "HTTP2_MAX_CONCURRENT_STREAMS",
+                100,
+            )?)
+            .map_err(|_| ConfigError("HTTP2_MAX_CONCURRENT_STREAMS is too large".into()))?,
+            http2_max_header_list_bytes: u32::try_from(positive(
+                &get,
+                "HTTP2_MAX_HEADER_LIST_BYTES",
+                16 * 1024,
+            )?)
+            .map_err(|_| ConfigError("HTTP2_MAX_HEADER_LIST_BYTES is too large".into()))?,
         };
         if config.ws_token_leeway > Duration::from_secs(60) {
             return Err(ConfigError(
@@ -366,6 +413,10 @@ mod tests {
             ("BIND_ADDRESS", "everywhere"),
             ("AUTH_CACHE_SIZE", "-1"),
             ("AUTH_CACHE_SIZE", "lots"),
+            ("TLS_RELOAD_INTERVAL_MS", "0"),
+            ("HTTP2_MAX_CONCURRENT_STREAMS", "0"),
+            ("HTTP2_MAX_CONCURRENT_STREAMS", "99999999999"),
+            ("HTTP2_MAX_HEADER_LIST_BYTES", "lots"),
             ("MANA_CA_FILE", "/nonexistent/ca.pem"),
             ("MANA_CA_FILE", "/dev/null"),
         ] {
@@ -383,6 +434,32 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(config.max_inflight_body_bytes, 1_048_576);
+    }
+
+    #[test]
+    fn tls_needs_both_files_or_neither() {
+        assert_eq!(Config::defaults().tls, None, "plain HTTP is the default");
+        let error = with(&[("TLS_CERT_FILE", "/etc/cert.pem")]).unwrap_err();
+        assert!(error.0.starts_with("TLS_KEY_FILE"), "{error}");
+        let error = with(&[("TLS_KEY_FILE", "/etc/key.pem")]).unwrap_err();
+        assert!(error.0.starts_with("TLS_CERT_FILE"), "{error}");
+        let error = with(&[("TLS_CERT_FILE", "/etc/cert.pem"), ("TLS_KEY_FILE", " ")]).unwrap_err();
+        assert!(error.0.starts_with("TLS_KEY_FILE"), "{error}");
+        let config = with(&[
+            ("TLS_CERT_FILE", "/etc/cert.pem"),
+            ("TLS_KEY_FILE", "/etc/key.pem"),
+        ])
+        .unwrap();
+        assert_eq!(
+            config.tls,
+            Some(TlsFiles {
+                cert: "/etc/cert.pem".into(),
+                key: "/etc/key.pem".into()
+            })
+        );
+        assert_eq!(config.tls_reload_interval, Duration::from_secs(5));
+        assert_eq!(config.http2_max_concurrent_streams, 100);
+        assert_eq!(config.http2_max_header_list_bytes, 16 * 1024);
     }
 
     #[test]

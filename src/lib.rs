@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod notify;
 pub mod protocol;
 pub mod server;
+pub mod server_tls;
 pub mod sse;
 pub mod store;
 pub mod ws;

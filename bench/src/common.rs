@@ -258,7 +258,17 @@ pub struct InProcess {
 
 impl InProcess {
     pub async fn start(cluster: &Cluster, keys: &Keys) -> Result<InProcess> {
-        let config = server_config(cluster, keys);
+        InProcess::start_with(cluster, keys, |_| {}).await
+    }
+
+    /// The same, with `adjust` changing the configuration first.
+    pub async fn start_with(
+        cluster: &Cluster,
+        keys: &Keys,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Result<InProcess> {
+        let mut config = server_config(cluster, keys);
+        adjust(&mut config);
         let app = app::build(config, cluster.app_conn.parse()?)
             .await
             .map_err(|e| err(e.0))?;

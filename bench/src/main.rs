@@ -4,6 +4,7 @@
 
 mod common;
 mod connections;
+mod edge;
 mod footprint;
 mod hist;
 mod hot;
@@ -36,6 +37,8 @@ Scenarios:
                --sockets 15000 --sources 4 --per-user 3
   footprint    idle RSS, RSS under push load, stripped binary size (child server process)
                --load-secs 5
+  tls          push of 1 and empty pull over plain HTTP/1.1, TLS HTTP/1.1, h2c and TLS HTTP/2 (same run)
+               --connections 16 --warm 1 --secs 3
   all          every scenario with its defaults
 
 Common: --runs 3 (runs per figure; medians are reported) --out results/results.jsonl
@@ -177,6 +180,18 @@ async fn scenario(name: &str, o: &Opts, results: &mut Results) -> Result<()> {
                 footprint::Args {
                     runs,
                     load_secs: o.f64("load-secs", 5.0)?,
+                },
+                results,
+            )
+            .await
+        }
+        "tls" => {
+            edge::run(
+                edge::Args {
+                    runs,
+                    connections: o.usize("connections", 16)?,
+                    warm: Duration::from_secs_f64(o.f64("warm", 1.0)?),
+                    dur: Duration::from_secs_f64(o.f64("secs", 3.0)?),
                 },
                 results,
             )

@@ -62,7 +62,8 @@ server accepts it.
 const HEALTHCHECK_USAGE: &str = "\
 Usage: mana-sync healthcheck [--url URL]
 
-Requests URL (default http://127.0.0.1:$PORT/health) and exits 0 on HTTP 200, 1 otherwise.
+Requests URL (default http://127.0.0.1:$PORT/health, or https:// when TLS_CERT_FILE is set, without
+checking the certificate: it names the public host, not 127.0.0.1) and exits 0 on HTTP 200, 1 otherwise.
 ";
 
 fn main() -> ExitCode {
@@ -127,6 +128,11 @@ fn config() -> Result<Config, String> {
 
 async fn serve() -> Result<(), String> {
     let config = config()?;
+    // Unusable certificate files stop the start before a database is started (they are read again when
+    // the app is built: by then they may have been renewed).
+    if let Some(files) = &config.tls {
+        mana_sync::server_tls::ServerTls::load(files).map_err(|e| e.to_string())?;
+    }
     let addr = SocketAddr::new(config.bind_address, config.port);
     // Bind before starting the database so a taken port fails fast and leaves nothing behind.
     let listener = tokio::net::TcpListener::bind(addr)
@@ -141,14 +147,20 @@ async fn serve() -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         log::info(
             "mana-sync listening",
-            &[(
-                "addr",
-                listener
-                    .local_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default()
-                    .into(),
-            )],
+            &[
+                (
+                    "addr",
+                    listener
+                        .local_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default()
+                        .into(),
+                ),
+                (
+                    "scheme",
+                    if app.tls.is_some() { "https" } else { "http" }.into(),
+                ),
+            ],
         );
         server::serve(listener, app, server::shutdown_signal()).await;
         Ok(())
@@ -251,14 +263,36 @@ fn token(rest: &[String]) -> Result<(), String> {
 
 fn healthcheck(rest: &[String]) -> Result<(), String> {
     let mut options = Options::parse(rest, &["--url"], HEALTHCHECK_USAGE)?;
-    let url = match options.take("--url") {
-        Some(url) => url,
-        None => format!("http://127.0.0.1:{}/health", config()?.port),
-    };
+    let (url, tls) =
+        match options.take("--url") {
+            Some(url) => (url, mana_sync::client_tls::OutboundTls::web_roots().ureq()),
+            None => {
+                let config = config()?;
+                match config.tls {
+                    None => (
+                        format!("http://127.0.0.1:{}/health", config.port),
+                        config.outbound_tls.ureq(),
+                    ),
+                    // The server's own HTTPS port, over loopback: its certificate names the public host, not
+                    // 127.0.0.1, and this probe asks whether the process answers, not who it is.
+                    Some(_) => (
+                        format!("https://127.0.0.1:{}/health", config.port),
+                        ureq::tls::TlsConfig::builder()
+                            .provider(ureq::tls::TlsProvider::Rustls)
+                            .unversioned_rustls_crypto_provider(
+                                mana_sync::client_tls::crypto_provider(),
+                            )
+                            .disable_verification(true)
+                            .build(),
+                    ),
+                }
+            }
+        };
     let agent = ureq::Agent::new_with_config(
         ureq::Agent::config_builder()
             .timeout_global(Some(std::time::Duration::from_secs(5)))
             .http_status_as_error(false)
+            .tls_config(tls)
             .build(),
     );
     match agent.get(&url).call() {

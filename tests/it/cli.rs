@@ -118,6 +118,23 @@ fn bad_configuration_fails_naming_the_variable() {
         .env("MANA_SYNC_DATA_DIR", &dir));
     assert!(!out.status.success(), "{out:?}");
     assert!(text(&out.stderr).contains("DB_POOL_SIZE"), "{out:?}");
+
+    // TLS: one file without the other, and a certificate file that is not there.
+    let out = run(mana_sync(&["serve"])
+        .env("TLS_CERT_FILE", "/nonexistent/cert.pem")
+        .env("MANA_SYNC_DATA_DIR", &dir));
+    assert!(!out.status.success(), "{out:?}");
+    assert!(text(&out.stderr).contains("TLS_KEY_FILE"), "{out:?}");
+    let out = run(mana_sync(&["serve"])
+        .env("TLS_CERT_FILE", "/nonexistent/cert.pem")
+        .env("TLS_KEY_FILE", "/nonexistent/key.pem")
+        .env("MANA_SYNC_DATA_DIR", &dir));
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("TLS_CERT_FILE=/nonexistent/cert.pem"),
+        "{out:?}"
+    );
+    assert!(!dir.exists(), "a bad certificate starts no database");
 }
 
 #[test]

@@ -8,6 +8,7 @@ mod auth;
 mod bad_input;
 mod cli;
 mod cursor;
+mod edge_http;
 mod fair_share;
 mod faults;
 mod groups;
