@@ -571,7 +571,9 @@ async fn jwks_over_https_is_trusted_through_the_ca_file_and_refused_without_it()
     server.stop().await;
 
     // Without it (web roots only): no key loads, requests get 503 keys_unavailable, and the fetch error
-    // says why.
+    // says why. A stand-in of its own, so that a late background refresh of the first server cannot
+    // count as a hit here.
+    let jwks = HttpsStandIn::start(&pki, |_| ("200 OK", String::new(), jwks_document())).await;
     let hits_before = jwks.hits();
     let server = TestServer::start_with(|c| {
         c.jwks_url = Some(jwks.url("/jwks"));
