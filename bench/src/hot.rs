@@ -571,6 +571,15 @@ async fn run_inner(
         srv_runs.push(srv);
         sql_runs.push(sql);
     }
+    let groups = server.app.store.push_groups();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "  push groups: {} committed, {} failed; pushes {} written in groups, {} bounced",
+        load(&groups.committed),
+        load(&groups.failed),
+        load(&groups.written),
+        load(&groups.bounced)
+    );
     server.stop().await;
 
     println!();
