@@ -139,7 +139,11 @@ pub async fn build(config: Config, database: DatabaseConfig) -> Result<Arc<App>,
             statement_timeout: config.db_statement_timeout,
             max_future_skew: config.max_future_skew,
             page_max_bytes: config.page_max_bytes,
-            push_groups: (config.push_groups, config.push_group_max),
+            push_groups: (
+                config.push_groups,
+                config.push_group_max,
+                config.push_group_after,
+            ),
         },
     );
     migrate(&store).await?;

@@ -39,6 +39,8 @@ pub struct Config {
     pub push_groups: usize,
     /// Pushes in one group at most (fewer than 2: no groups).
     pub push_group_max: usize,
+    /// Pushes at the database at once (this one included) before small pushes start to group.
+    pub push_group_after: usize,
     /// PostgreSQL's statement timeout for our sessions, and (plus 1 s) how long a request waits for the
     /// database; `None` (0): no limit.
     pub db_statement_timeout: Option<Duration>,
@@ -200,6 +202,7 @@ impl Config {
             db_max_per_user: positive(&get, "DB_MAX_PER_USER", 4)?,
             push_groups: parse(&get, "PUSH_GROUPS", 2usize, "a number of groups (0 = none)")?,
             push_group_max: positive(&get, "PUSH_GROUP_MAX", 16)?,
+            push_group_after: parse(&get, "PUSH_GROUP_AFTER", 8usize, "a number of pushes")?,
             db_statement_timeout: match parse(
                 &get,
                 "DB_STATEMENT_TIMEOUT_MS",

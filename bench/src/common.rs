@@ -239,13 +239,14 @@ pub fn server_config(cluster: &Cluster, keys: &Keys) -> Config {
     // One user's 1,000 sockets in the notify scenario.
     config.ws_max_per_user = 20_000;
     config.max_connections = 19_000;
-    // For tuning runs: MSB_PUSH_GROUPS="turns,max" (the server's PUSH_GROUPS, PUSH_GROUP_MAX).
-    if let Some((turns, max)) = std::env::var("MSB_PUSH_GROUPS").ok().and_then(|v| {
-        v.split_once(',')
-            .map(|(t, m)| (t.parse().ok(), m.parse().ok()))
-    }) {
-        config.push_groups = turns.unwrap_or(config.push_groups);
-        config.push_group_max = max.unwrap_or(config.push_group_max);
+    // For tuning runs: MSB_PUSH_GROUPS="turns,max[,after]" (the server's PUSH_GROUPS, PUSH_GROUP_MAX,
+    // PUSH_GROUP_AFTER).
+    if let Ok(value) = std::env::var("MSB_PUSH_GROUPS") {
+        let numbers: Vec<Option<usize>> = value.split(',').map(|n| n.parse().ok()).collect();
+        let get = |i: usize, default: usize| numbers.get(i).copied().flatten().unwrap_or(default);
+        config.push_groups = get(0, config.push_groups);
+        config.push_group_max = get(1, config.push_group_max);
+        config.push_group_after = get(2, config.push_group_after);
     }
     config
 }

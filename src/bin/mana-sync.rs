@@ -195,7 +195,7 @@ async fn migrate() -> Result<(), String> {
             statement_timeout: None,
             max_future_skew: std::time::Duration::from_secs(86_400),
             page_max_bytes: 4 << 20,
-            push_groups: (0, 0),
+            push_groups: (0, 0, 0),
         },
     );
     let outcome = app::migrate(&store).await.map_err(|e| e.to_string());

@@ -26,7 +26,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -131,6 +131,10 @@ pub struct Groups {
     queue: Mutex<VecDeque<Member>>,
     turns: Semaphore,
     max: usize,
+    /// Pushes at the database now (alone or grouped), and how many there must be before small pushes
+    /// group: below that a push runs alone, as grouping then only makes it wait for its co-members.
+    busy: AtomicUsize,
+    after: usize,
     next_id: AtomicU64,
     stats: GroupStats,
 }
@@ -149,13 +153,15 @@ pub struct GroupStats {
 }
 
 impl Groups {
-    /// `turns` groups may be at the database at once, each of at most `max` pushes; `turns == 0` or
-    /// `max < 2`: no groups (every push runs alone).
-    pub fn new(turns: usize, max: usize) -> Groups {
+    /// `turns` groups may be at the database at once, each of at most `max` pushes, once `after` pushes
+    /// are at the database; `turns == 0` or `max < 2`: no groups (every push runs alone).
+    pub fn new(turns: usize, max: usize, after: usize) -> Groups {
         Groups {
             queue: Mutex::new(VecDeque::new()),
             turns: Semaphore::new(turns),
             max: if turns == 0 { 0 } else { max },
+            busy: AtomicUsize::new(0),
+            after,
             next_id: AtomicU64::new(0),
             stats: GroupStats::default(),
         }
@@ -165,9 +171,17 @@ impl Groups {
         &self.stats
     }
 
-    /// Whether a push of `changes` changes may join a group.
+    /// Counts a push at the database until the guard is dropped.
+    pub fn pushing(&self) -> Pushing<'_> {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        Pushing { groups: self }
+    }
+
+    /// Whether a push of `changes` changes may join a group (the caller's `pushing` guard counted).
     pub fn admits(&self, changes: usize) -> bool {
-        self.max >= 2 && (1..=MAX_CHANGES).contains(&changes)
+        self.max >= 2
+            && (1..=MAX_CHANGES).contains(&changes)
+            && self.busy.load(Ordering::Relaxed) >= self.after
     }
 
     /// Up to `max` queued pushes of distinct users, oldest first; the others stay queued.
@@ -292,6 +306,17 @@ impl Store {
                 let _ = reply.send(outcome);
             }
         }
+    }
+}
+
+/// A push counted as at the database (`Groups::pushing`).
+pub struct Pushing<'g> {
+    groups: &'g Groups,
+}
+
+impl Drop for Pushing<'_> {
+    fn drop(&mut self) {
+        self.groups.busy.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -676,8 +701,21 @@ mod tests {
     }
 
     #[test]
+    fn small_pushes_group_only_once_enough_pushes_are_at_the_database() {
+        let groups = Groups::new(2, 16, 3);
+        let (a, b) = (groups.pushing(), groups.pushing());
+        assert!(!groups.admits(1));
+        let c = groups.pushing();
+        assert!(groups.admits(1) && groups.admits(MAX_CHANGES));
+        assert!(!groups.admits(MAX_CHANGES + 1) && !groups.admits(0));
+        drop((a, b, c));
+        assert!(!groups.admits(1));
+        assert!(!Groups::new(0, 16, 0).admits(1), "no turns: no groups");
+    }
+
+    #[test]
     fn a_group_takes_one_push_per_user_and_at_most_max() {
-        let groups = Groups::new(1, 2);
+        let groups = Groups::new(1, 2, 0);
         for user in ["a", "a", "b", "c"] {
             groups.queue.lock().push_back(Member {
                 id: 0,

@@ -191,8 +191,9 @@ pub struct StoreOptions {
     pub max_future_skew: Duration,
     /// A log page holds rows up to about this many bytes of stored data (at least one row).
     pub page_max_bytes: usize,
-    /// Groups of small pushes at the database at once, and pushes per group (`store/group.rs`).
-    pub push_groups: (usize, usize),
+    /// Groups of small pushes at the database at once, pushes per group, and pushes at the database
+    /// before small ones group (`store/group.rs`).
+    pub push_groups: (usize, usize, usize),
 }
 
 pub struct Store {
@@ -375,7 +376,11 @@ impl Store {
             retention: options.retention,
             known: KnownStamps::new(options.known_users),
             slots: fair::UserSlots::new(options.max_per_user.min(options.pool_size)),
-            groups: group::Groups::new(options.push_groups.0, options.push_groups.1),
+            groups: group::Groups::new(
+                options.push_groups.0,
+                options.push_groups.1,
+                options.push_groups.2,
+            ),
             acquire_timeout: options.acquire_timeout,
             answer_deadline: options
                 .statement_timeout

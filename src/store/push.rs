@@ -219,6 +219,7 @@ impl Store {
         // A small push whose `since` memory knows to be current joins other users' pushes in one
         // transaction; one the group cannot answer exactly as alone comes back and runs alone.
         let count = changeset.changes.len();
+        let _pushing = self.groups.pushing();
         if !page_in_step_one && matches!(mode, ReadMode::Log(_)) && self.groups.admits(count) {
             let changes = parse_chunk(changeset, &(0..count))?.into_owned();
             let since = changeset.since;

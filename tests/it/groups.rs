@@ -116,6 +116,7 @@ async fn pushes_in_groups_answer_and_store_exactly_as_pushes_alone() {
         c.database_url = Some(grouped_db.clone());
         c.push_groups = 1;
         c.push_group_max = 8;
+        c.push_group_after = 0;
     })
     .await;
     let alone = TestServer::start_with(|c| {
@@ -160,6 +161,7 @@ async fn a_user_whose_lock_is_busy_holds_up_no_one_else_in_the_group() {
     let server = TestServer::start_with(|c| {
         c.push_groups = 1;
         c.push_group_max = 16;
+        c.push_group_after = 0;
     })
     .await;
     let users: Vec<String> = (0..9).map(|_| unique_user("busy")).collect();

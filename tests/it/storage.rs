@@ -177,7 +177,7 @@ async fn the_migration_is_idempotent_and_safe_from_two_instances_at_once() {
         statement_timeout: None,
         max_future_skew: std::time::Duration::from_secs(86_400),
         page_max_bytes: 4 << 20,
-        push_groups: (0, 0),
+        push_groups: (0, 0, 0),
     };
     let stores: Vec<Store> = (0..3)
         .map(|_| Store::new(database.parse().unwrap(), &options))
