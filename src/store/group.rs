@@ -36,7 +36,6 @@ use tokio_postgres::types::{Json, ToSql};
 use super::records::{self, Batch};
 use super::timestamp::PgTimestamp;
 use super::{Cause, Store, StoreError};
-use crate::merge::RecordState;
 use crate::protocol::time::{self, Micros};
 use crate::protocol::{NewChange, SyncResponse};
 
@@ -90,15 +89,13 @@ const WRITE_GROUP: &str = concat!(
     "$20::timestamptz[], $21::text[], $22::jsonb[], $23::text[], $24::text[], $25::int4[]) ",
     "AS x(w, p, t, r, s, d, u, e, a, o, sp, v) ",
     "LEFT JOIN logged l ON l.user_id = x.w AND l.created_at = x.u ",
-    "ON CONFLICT (user_id, app_id, table_name, record_id) DO UPDATE SET state = excluded.state, ",
-    "deleted = excluded.deleted, updated_at = excluded.updated_at, event_id = excluded.event_id, ",
-    "actor = excluded.actor, origin = excluded.origin, space_id = coalesce(excluded.space_id, rec.space_id), ",
-    "schema_version = excluded.schema_version, seq = excluded.seq), ",
+    super::records::record_conflict!(),
+    "), ",
     "clocked AS (",
     "INSERT INTO sync_user_clock AS clock (user_id, last_at, folded_at) ",
     "SELECT w, at, at FROM unnest($26::text[], $27::timestamptz[]) AS k(w, at) ",
-    "ON CONFLICT (user_id) DO UPDATE SET last_at = greatest(clock.last_at, excluded.last_at), ",
-    "folded_at = greatest(coalesce(clock.folded_at, '-infinity'), excluded.folded_at)), ",
+    super::records::clock_conflict!(),
+    "), ",
     "hinted AS (SELECT pg_notify('mana_sync_changes', h) FROM unnest($28::text[]) AS h) ",
     "SELECT (SELECT count(*) FROM logged), (SELECT count(*) FROM hinted)"
 );
@@ -427,9 +424,7 @@ async fn group_tx(
     // Step 3: write and commit, one flush.
     let mut log = GroupLog::default();
     let mut records = GroupRecords::default();
-    let mut clock_users: Vec<&str> = Vec::new();
-    let mut clock_stamps: Vec<PgTimestamp> = Vec::new();
-    let mut hints: Vec<String> = Vec::new();
+    let mut clocks = GroupClocks::default();
     for (member, merged) in members.iter().zip(&merged) {
         let Some(merged) = merged else { continue };
         if merged.rows.is_empty() {
@@ -439,15 +434,14 @@ async fn group_tx(
             log.push(member, change, *stamp);
         }
         records.extend(member, merged.batch.changed_columns());
-        clock_users.push(&member.user);
-        clock_stamps.push(PgTimestamp(merged.clock));
+        clocks.users.push(&member.user);
+        clocks.stamps.push(PgTimestamp(merged.clock));
         if let Some(hint) = &member.hint {
-            hints.push(hint(merged.clock));
+            clocks.hints.push(hint(merged.clock));
         }
     }
-    if !clock_users.is_empty() {
-        let params = write_params(&log, &records, &clock_users, &clock_stamps, &hints);
-        let params = params.refs();
+    if !clocks.users.is_empty() {
+        let params = write_params(&log, &records, &clocks);
         let (_, _) = tokio::try_join!(
             biased;
             client.query_one(&write, &params),
@@ -567,126 +561,81 @@ impl<'m> GroupLog<'m> {
     }
 }
 
-/// The group's record states, column by column.
+/// The group's record states, column by column (`records::RecordColumns` of every push, one after the
+/// other, with each row's user and app).
 #[derive(Default)]
 struct GroupRecords<'b> {
     users: Vec<&'b str>,
     apps: Vec<&'b str>,
-    columns: Vec<records::RecordColumns<'b>>,
+    columns: records::RecordColumns<'b>,
 }
 
 impl<'b> GroupRecords<'b> {
     fn extend(&mut self, member: &'b Member, columns: records::RecordColumns<'b>) {
-        self.users.extend(std::iter::repeat_n(
-            member.user.as_str(),
-            columns.tables.len(),
-        ));
-        self.apps.extend(std::iter::repeat_n(
-            member.app.as_str(),
-            columns.tables.len(),
-        ));
-        self.columns.push(columns);
+        let rows = columns.tables.len();
+        self.users
+            .extend(std::iter::repeat_n(member.user.as_str(), rows));
+        self.apps
+            .extend(std::iter::repeat_n(member.app.as_str(), rows));
+        let all = &mut self.columns;
+        all.tables.extend(columns.tables);
+        all.ids.extend(columns.ids);
+        all.states.extend(columns.states);
+        all.deleted.extend(columns.deleted);
+        all.updated.extend(columns.updated);
+        all.events.extend(columns.events);
+        all.actors.extend(columns.actors);
+        all.origins.extend(columns.origins);
+        all.spaces.extend(columns.spaces);
+        all.versions.extend(columns.versions);
     }
 }
 
-/// The owned parameter columns of `WRITE_GROUP`.
-struct RecordParams<'b> {
-    tables: Vec<&'b str>,
-    ids: Vec<&'b str>,
-    states: Vec<Json<&'b RecordState>>,
-    deleted: Vec<bool>,
-    updated: Vec<PgTimestamp>,
-    events: Vec<Option<&'b str>>,
-    actors: Vec<Option<&'b serde_json::Value>>,
-    origins: Vec<Option<&'b str>>,
-    spaces: Vec<Option<&'b str>>,
-    versions: Vec<i32>,
+/// The clock each writing push advances its user's to, and its hint.
+#[derive(Default)]
+struct GroupClocks<'m> {
+    users: Vec<&'m str>,
+    stamps: Vec<PgTimestamp>,
+    hints: Vec<String>,
 }
 
+/// `WRITE_GROUP`'s parameters, in order.
 fn write_params<'a>(
     log: &'a GroupLog<'a>,
     records: &'a GroupRecords<'a>,
-    clock_users: &'a Vec<&'a str>,
-    clock_stamps: &'a Vec<PgTimestamp>,
-    hints: &'a Vec<String>,
-) -> WriteParams<'a> {
-    let mut r = RecordParams {
-        tables: Vec::new(),
-        ids: Vec::new(),
-        states: Vec::new(),
-        deleted: Vec::new(),
-        updated: Vec::new(),
-        events: Vec::new(),
-        actors: Vec::new(),
-        origins: Vec::new(),
-        spaces: Vec::new(),
-        versions: Vec::new(),
-    };
-    for c in &records.columns {
-        r.tables.extend(&c.tables);
-        r.ids.extend(&c.ids);
-        r.states.extend(c.states.iter().map(|s| Json(s.0)));
-        r.deleted.extend(&c.deleted);
-        r.updated.extend(&c.updated);
-        r.events.extend(&c.events);
-        r.actors.extend(&c.actors);
-        r.origins.extend(&c.origins);
-        r.spaces.extend(&c.spaces);
-        r.versions.extend(&c.versions);
-    }
-    WriteParams {
-        log,
-        records,
-        r,
-        clock_users,
-        clock_stamps,
-        hints,
-    }
-}
-
-struct WriteParams<'a> {
-    log: &'a GroupLog<'a>,
-    records: &'a GroupRecords<'a>,
-    r: RecordParams<'a>,
-    clock_users: &'a Vec<&'a str>,
-    clock_stamps: &'a Vec<PgTimestamp>,
-    hints: &'a Vec<String>,
-}
-
-impl WriteParams<'_> {
-    fn refs(&self) -> [&(dyn ToSql + Sync); 28] {
-        let (log, r) = (self.log, &self.r);
-        [
-            &log.users,
-            &log.apps,
-            &log.devices,
-            &log.tables,
-            &log.ids,
-            &log.ops,
-            &log.data,
-            &log.field_meta,
-            &log.versions,
-            &log.actors,
-            &log.origins,
-            &log.spaces,
-            &log.stamps,
-            &self.records.users,
-            &self.records.apps,
-            &r.tables,
-            &r.ids,
-            &r.states,
-            &r.deleted,
-            &r.updated,
-            &r.events,
-            &r.actors,
-            &r.origins,
-            &r.spaces,
-            &r.versions,
-            self.clock_users,
-            self.clock_stamps,
-            self.hints,
-        ]
-    }
+    clocks: &'a GroupClocks<'a>,
+) -> [&'a (dyn ToSql + Sync); 28] {
+    let r = &records.columns;
+    [
+        &log.users,
+        &log.apps,
+        &log.devices,
+        &log.tables,
+        &log.ids,
+        &log.ops,
+        &log.data,
+        &log.field_meta,
+        &log.versions,
+        &log.actors,
+        &log.origins,
+        &log.spaces,
+        &log.stamps,
+        &records.users,
+        &records.apps,
+        &r.tables,
+        &r.ids,
+        &r.states,
+        &r.deleted,
+        &r.updated,
+        &r.events,
+        &r.actors,
+        &r.origins,
+        &r.spaces,
+        &r.versions,
+        &clocks.users,
+        &clocks.stamps,
+        &clocks.hints,
+    ]
 }
 
 #[cfg(test)]

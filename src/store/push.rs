@@ -69,14 +69,12 @@ const WRITE: &str = concat!(
     "FROM unnest($14::text[], $15::text[], $16::jsonb[], $17::bool[], $18::timestamptz[], $19::text[], ",
     "$20::jsonb[], $21::text[], $22::text[], $23::int4[]) AS x(t, r, s, d, u, e, a, o, sp, v) ",
     "LEFT JOIN logged l ON l.created_at = x.u ",
-    "ON CONFLICT (user_id, app_id, table_name, record_id) DO UPDATE SET state = excluded.state, ",
-    "deleted = excluded.deleted, updated_at = excluded.updated_at, event_id = excluded.event_id, ",
-    "actor = excluded.actor, origin = excluded.origin, space_id = coalesce(excluded.space_id, rec.space_id), ",
-    "schema_version = excluded.schema_version, seq = excluded.seq), ",
+    super::records::record_conflict!(),
+    "), ",
     "clocked AS (",
     "INSERT INTO sync_user_clock AS clock (user_id, last_at, folded_at) VALUES ($1, $24, $24) ",
-    "ON CONFLICT (user_id) DO UPDATE SET last_at = greatest(clock.last_at, excluded.last_at), ",
-    "folded_at = greatest(coalesce(clock.folded_at, '-infinity'), excluded.folded_at)), ",
+    super::records::clock_conflict!(),
+    "), ",
     "hinted AS (SELECT pg_notify('mana_sync_changes', $25::text) WHERE $25::text IS NOT NULL) ",
     "SELECT id::text, created_at FROM logged, (SELECT count(*) FROM hinted) AS h"
 );

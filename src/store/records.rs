@@ -127,18 +127,38 @@ pub(super) use load_records;
 /// probes the primary key instead of filtering another index; with statistics it does, see
 /// BENCHMARKS.md on young tables).
 pub(super) const LOAD: &str = load_records!();
+/// What writing a record over its existing row does (the table aliased `rec`); every record write uses it.
+macro_rules! record_conflict {
+    () => {
+        concat!(
+            "ON CONFLICT (user_id, app_id, table_name, record_id) DO UPDATE SET state = excluded.state, ",
+            "deleted = excluded.deleted, updated_at = excluded.updated_at, event_id = excluded.event_id, ",
+            "actor = excluded.actor, origin = excluded.origin, ",
+            "space_id = coalesce(excluded.space_id, rec.space_id), ",
+            "schema_version = excluded.schema_version, seq = excluded.seq"
+        )
+    };
+}
+pub(super) use record_conflict;
+/// What advancing a user's clock over its existing row does (the table aliased `clock`): never backwards.
+macro_rules! clock_conflict {
+    () => {
+        concat!(
+            "ON CONFLICT (user_id) DO UPDATE SET last_at = greatest(clock.last_at, excluded.last_at), ",
+            "folded_at = greatest(coalesce(clock.folded_at, '-infinity'), excluded.folded_at)"
+        )
+    };
+}
+pub(super) use clock_conflict;
 /// Writes folded records; each takes a new position (`seq`), which moves it past every snapshot page
 /// already read.
 const UPSERT: &str = concat!(
-    "INSERT INTO sync_records (user_id, app_id, table_name, record_id, state, deleted, updated_at, event_id, ",
+    "INSERT INTO sync_records AS rec (user_id, app_id, table_name, record_id, state, deleted, updated_at, event_id, ",
     "actor, origin, space_id, schema_version, seq) ",
     "SELECT $1, p, t, r, s, d, u, e::uuid, a, o, sp, v, nextval('sync_records_seq') FROM unnest($2::text[], $3::text[], $4::text[], ",
     "$5::jsonb[], $6::bool[], $7::timestamptz[], $8::text[], $9::jsonb[], $10::text[], $11::text[], $12::int4[]) ",
     "AS x(p, t, r, s, d, u, e, a, o, sp, v) ",
-    "ON CONFLICT (user_id, app_id, table_name, record_id) DO UPDATE SET state = excluded.state, ",
-    "deleted = excluded.deleted, updated_at = excluded.updated_at, event_id = excluded.event_id, ",
-    "actor = excluded.actor, origin = excluded.origin, space_id = coalesce(excluded.space_id, sync_records.space_id), ",
-    "schema_version = excluded.schema_version, seq = excluded.seq"
+    record_conflict!()
 );
 const PENDING: &str = concat!(
     "SELECT id::text, app_id, table_name, record_id, op, data, field_meta, client_id, created_at, ",
@@ -147,9 +167,8 @@ const PENDING: &str = concat!(
 );
 const FOLD_STATE: &str = "SELECT last_at, folded_at FROM sync_user_clock WHERE user_id = $1";
 const MARK_FOLDED: &str = concat!(
-    "INSERT INTO sync_user_clock AS c (user_id, last_at, folded_at) VALUES ($1, $2, $2) ",
-    "ON CONFLICT (user_id) DO UPDATE SET last_at = greatest(c.last_at, excluded.last_at), ",
-    "folded_at = greatest(coalesce(c.folded_at, '-infinity'), excluded.folded_at)"
+    "INSERT INTO sync_user_clock AS clock (user_id, last_at, folded_at) VALUES ($1, $2, $2) ",
+    clock_conflict!()
 );
 
 impl Batch {
