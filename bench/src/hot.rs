@@ -24,6 +24,7 @@ use mana_sync::protocol::time::{format_cursor, parse_rfc3339, Micros};
 use serde_json::{json, Map, Value};
 
 use crate::common::*;
+use crate::cpu::{micros_per, CpuMeter};
 use crate::hist::{ms, Histogram};
 use crate::push::{self, OneTx, APP};
 
@@ -510,6 +511,7 @@ async fn run_inner(
     let mut srv_runs: Vec<Tally> = Vec::new();
     let mut sql_runs: Vec<Tally> = Vec::new();
     let mut ratios = Vec::new();
+    let mut cpu_runs: Vec<[f64; 4]> = Vec::new();
     for run in 0..args.runs {
         // Alternate which side goes first, so neither always gets the warmer cache or the quieter machine.
         let server_first = run % 2 == 0;
@@ -519,6 +521,7 @@ async fn run_inner(
         let mut sql = None;
         for server_turn in [server_first, !server_first] {
             let window = Window::starting_soon(args.warm, args.dur);
+            let meter = CpuMeter::new(cluster.pg.pgdata_dir()).over(window.warm_end, window.end);
             if server_turn {
                 let tally = server_side(addr, &users, mix, args.connections, window, seed).await?;
                 report_errors(results, scenario, &tally.errors);
@@ -536,7 +539,7 @@ async fn run_inner(
                         "{scenario}: LOST OR EXTRA CHANGES: {expected_rows} rows expected, {stored} stored"
                     ));
                 }
-                srv = Some(tally);
+                srv = Some((tally, meter.await?));
             } else {
                 let tally =
                     sql_side(cluster, &sql_users, mix, args.connections, window, seed).await?;
@@ -547,11 +550,18 @@ async fn run_inner(
                         tally.nonempty_pulls
                     ));
                 }
-                sql = Some(tally);
+                sql = Some((tally, meter.await?));
             }
         }
-        let (srv, sql) = (srv.unwrap(), sql.unwrap());
+        let ((srv, srv_cpu), (sql, sql_cpu)) = (srv.unwrap(), sql.unwrap());
         let ratio = srv.req_per_s() / sql.req_per_s();
+        let per_request = |cpu: f64, tally: &Tally| micros_per(cpu, tally.req_per_s() * tally.secs);
+        let cpu = [
+            per_request(srv_cpu.own, &srv),
+            per_request(srv_cpu.postgres, &srv),
+            per_request(sql_cpu.own, &sql),
+            per_request(sql_cpu.postgres, &sql),
+        ];
         eprintln!(
             "  run {run} ({} first): server {:.0} req/s ({}) | SQL {:.0} req/s ({}) | ratio {ratio:.2}",
             if server_first { "server" } else { "SQL" },
@@ -560,12 +570,19 @@ async fn run_inner(
             sql.req_per_s(),
             quantiles(mix, &sql),
         );
+        eprintln!(
+            "  run {run}: CPU per request: server+client {:.0} µs + postgres {:.0} µs | SQL client {:.0} µs + postgres {:.0} µs",
+            cpu[0], cpu[1], cpu[2], cpu[3]
+        );
+        cpu_runs.push(cpu);
         results.write(
             scenario,
             "run",
             json!({"run": run, "users": args.users, "connections": args.connections,
                 "records_per_user": records, "server_first": server_first, "durable": args.durable,
-                "server": srv.json(mix), "baseline": sql.json(mix), "ratio_req_per_s": ratio}),
+                "server": srv.json(mix), "baseline": sql.json(mix), "ratio_req_per_s": ratio,
+                "cpu_us_per_request": {"server_and_client": cpu[0], "server_postgres": cpu[1],
+                    "baseline_client": cpu[2], "baseline_postgres": cpu[3]}}),
         );
         ratios.push(ratio);
         srv_runs.push(srv);
@@ -581,6 +598,11 @@ async fn run_inner(
         load(&groups.bounced)
     );
     server.stop().await;
+    let cpu_median = |i: usize| median(&cpu_runs.iter().map(|c| c[i]).collect::<Vec<_>>());
+    println!(
+        "{scenario}: CPU per request (µs, medians): server+client {:.0}, its postgres {:.0} | SQL client {:.0}, its postgres {:.0}",
+        cpu_median(0), cpu_median(1), cpu_median(2), cpu_median(3)
+    );
 
     println!();
     println!(

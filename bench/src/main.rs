@@ -4,6 +4,7 @@
 
 mod common;
 mod connections;
+mod cpu;
 mod edge;
 mod footprint;
 mod hist;

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use tokio_postgres::types::ToSql;
 
 use crate::common::*;
+use crate::cpu::{micros_per, CpuMeter, CpuSample};
 use crate::hist::{ms, Histogram};
 
 pub struct Args {
@@ -58,6 +59,7 @@ struct Outcome {
     ok_pushes: u64,
     errors: Vec<String>,
     hist: Histogram,
+    cpu: CpuSample,
 }
 
 /// `devices` devices push `batch`-sized batches as fast as they can for warm + dur; returns changes/s
@@ -77,6 +79,7 @@ async fn push_cell(
     let start = Instant::now() + Duration::from_millis(200);
     let warm_end = start + warm;
     let end = warm_end + dur;
+    let cpu = CpuMeter::new(cluster.pg.pgdata_dir()).over(warm_end, end);
     let mut users = Vec::new();
     let mut tasks = Vec::new();
     for d in 0..devices {
@@ -160,6 +163,7 @@ async fn push_cell(
         total.errors.extend(o.errors);
         total.hist.merge(&o.hist);
     }
+    total.cpu = cpu.await?;
     // No lost change: every acknowledged change is a row.
     let su = cluster.su().await?;
     let stored: i64 = su
@@ -289,10 +293,11 @@ async fn one_tx_cell(
     conns: usize,
     warm: Duration,
     dur: Duration,
-) -> Result<f64> {
+) -> Result<(f64, CpuSample)> {
     let start = Instant::now() + Duration::from_millis(200);
     let warm_end = start + warm;
     let end = warm_end + dur;
+    let cpu = CpuMeter::new(cluster.pg.pgdata_dir()).over(warm_end, end);
     let mut tasks = Vec::new();
     for c in 0..conns {
         let conn_str = cluster.app_conn.clone();
@@ -321,7 +326,7 @@ async fn one_tx_cell(
     for t in tasks {
         total += t.await??;
     }
-    Ok(total as f64 / dur.as_secs_f64())
+    Ok((total as f64 / dur.as_secs_f64(), cpu.await?))
 }
 
 pub async fn run(args: Args, results: &mut Results) -> Result<()> {
@@ -351,6 +356,9 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
     let mut one_tx: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     let mut ratios_raw: BTreeMap<(usize, usize, bool), Vec<f64>> = BTreeMap::new();
     let mut ratios_tx: BTreeMap<(usize, usize, bool), Vec<f64>> = BTreeMap::new();
+    // CPU µs per change (own process, postgres): the one-tx baseline by connections, push by cell.
+    let mut one_tx_cpu: BTreeMap<usize, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut push_cpu: BTreeMap<(usize, usize, bool), Vec<(f64, f64)>> = BTreeMap::new();
     let nonce = mana_sync::auth::unix_now();
 
     for run in 0..args.runs {
@@ -358,14 +366,18 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
         let mut tx_run = BTreeMap::new();
         for &c in &args.devices {
             let tag = format!("otx{nonce}r{run}c{c}");
-            let v = one_tx_cell(cluster, &tag, c, args.warm, args.dur).await?;
-            eprintln!("  run {run}: one-tx-per-change, {c} connections: {v:.0} changes/s");
+            let (v, cpu) = one_tx_cell(cluster, &tag, c, args.warm, args.dur).await?;
+            let changes = v * args.dur.as_secs_f64();
+            let (own, pg) = (micros_per(cpu.own, changes), micros_per(cpu.postgres, changes));
+            eprintln!("  run {run}: one-tx-per-change, {c} connections: {v:.0} changes/s; CPU per change: client {own:.0} µs, postgres {pg:.0} µs");
             results.write(
                 "push",
                 "run",
                 json!({"run": run, "baseline": "one_tx_per_change", "connections": c,
-                "changes_per_s": v, "durable": args.durable}),
+                "changes_per_s": v, "durable": args.durable,
+                "cpu_us_per_change": {"client": own, "postgres": pg}}),
             );
+            one_tx_cpu.entry(c).or_default().push((own, pg));
             one_tx.entry(c).or_default().push(v);
             tx_run.insert(c, v);
         }
@@ -405,16 +417,20 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
                     .copied()
                     .or_else(|| tx_run.values().copied().last())
                     .unwrap_or(f64::NAN);
+                let changes = v * args.dur.as_secs_f64();
+                let (own, pg) = (micros_per(out.cpu.own, changes), micros_per(out.cpu.postgres, changes));
                 eprintln!(
-                    "  run {run}: push batch {b}, {d} devices ({}): {v:.0} changes/s, p50 {:.2} ms, p99 {:.2} ms; /raw {:.2}, /1tx {:.1}",
+                    "  run {run}: push batch {b}, {d} devices ({}): {v:.0} changes/s, p50 {:.2} ms, p99 {:.2} ms; /raw {:.2}, /1tx {:.1}; CPU per change: server+client {own:.0} µs, postgres {pg:.0} µs",
                     if one_user { "one user" } else { "distinct users" },
                     ms(out.hist.quantile(0.5)), ms(out.hist.quantile(0.99)), v / raw_v, v / tx_base
                 );
+                push_cpu.entry((b, d, one_user)).or_default().push((own, pg));
                 results.write("push", "run", json!({"run": run, "batch": b, "devices": d,
                     "users": if one_user { "one" } else { "distinct" }, "changes_per_s": v,
                     "latency": out.hist.summary_ms(), "raw_ingest_changes_per_s": raw_v,
                     "one_tx_changes_per_s": tx_base, "ratio_raw": v / raw_v, "ratio_one_tx": v / tx_base,
-                    "errors": out.errors.len(), "durable": args.durable}));
+                    "errors": out.errors.len(), "durable": args.durable,
+                    "cpu_us_per_change": {"server_and_client": own, "postgres": pg}}));
                 push.entry((b, d, one_user))
                     .or_default()
                     .push((v, out.hist));
@@ -470,6 +486,21 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
             "raw_ingest_changes_per_s_median": raw_v, "one_tx_changes_per_s_median": tx_v,
             "ratio_raw_median": rr, "ratio_one_tx_median": rt, "durable": args.durable}),
         );
+    }
+    println!();
+    println!("CPU per change (µs, medians): this process (server + load generator; the baseline's client alone) and PostgreSQL");
+    println!("| batch | devices | users | push: server+client | push: postgres | one-tx: client | one-tx: postgres |");
+    println!("|---:|---:|---|---:|---:|---:|---:|");
+    let medians = |values: &[(f64, f64)]| {
+        let own: Vec<f64> = values.iter().map(|v| v.0).collect();
+        let pg: Vec<f64> = values.iter().map(|v| v.1).collect();
+        (median(&own), median(&pg))
+    };
+    for ((b, d, one_user), values) in &push_cpu {
+        let (own, pg) = medians(values);
+        let (tx_own, tx_pg) = one_tx_cpu.get(d).map(|v| medians(v)).unwrap_or((f64::NAN, f64::NAN));
+        let users = if *one_user { "one" } else { "distinct" };
+        println!("| {b} | {d} | {users} | {own:.0} | {pg:.0} | {tx_own:.0} | {tx_pg:.0} |");
     }
     server.stop().await;
     Ok(())

@@ -53,7 +53,9 @@ pub type Hint = Arc<dyn Fn(Micros) -> String + Send + Sync>;
 const LOCK_GROUP: &str = concat!(
     "SELECT set_config('app.current_user_id', '', true), set_config('mana_sync.users', $1, true), ",
     "set_config('mana_sync.stamped', 'on', true), ",
-    "(SELECT array_agg(pg_try_advisory_xact_lock(1398361667, hashtext(u)) ORDER BY o) ",
+    "(SELECT array_agg(pg_try_advisory_xact_lock(",
+    super::user_tx::user_lock_class!(),
+    ", hashtext(u)) ORDER BY o) ",
     "FROM unnest($2::text[]) WITH ORDINALITY AS x(u, o))"
 );
 /// Every user's clock and the database's time (one row per user, in $1's order), then the states of every

@@ -13,6 +13,7 @@ mod pool;
 mod push;
 pub mod records;
 mod timestamp;
+mod user_tx;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +30,7 @@ pub use known::KnownStamps;
 pub use pool::{Pool, PoolStatus, PooledConnection};
 use records::ReadMode;
 use timestamp::PgTimestamp;
+use user_tx::{Lock, UserTx};
 
 /// The schema, applied at start-up.
 pub const SCHEMA_SQL: &str = include_str!("../../schema.sql");
@@ -218,28 +220,8 @@ pub enum Migration {
     AlreadyCurrent,
 }
 
-/// Advisory lock class of the per-user clock lock ("SYNC"); the migration lock uses the next class.
-const USER_LOCK_CLASS: i32 = 0x5359_4E43;
-const MIGRATION_LOCK_CLASS: i32 = USER_LOCK_CLASS + 1;
-
-/// Waiting for the user's lock (held by another instance or a direct writer) ends after this, with
-/// SQLSTATE 55P03 (contention: 503 + Retry-After). It also bounds every other lock wait of the transaction.
-macro_rules! lock_timeout {
-    () => {
-        "set_config('lock_timeout', '5000', true)"
-    };
-}
-pub(crate) use lock_timeout;
-const LOCK_SHARED: &str = concat!(
-    "SELECT set_config('app.current_user_id', $1, true), ",
-    lock_timeout!(),
-    ", pg_advisory_xact_lock_shared(1398361667, hashtext($1))"
-);
-const LOCK_EXCLUSIVE: &str = concat!(
-    "SELECT set_config('app.current_user_id', $1, true), ",
-    lock_timeout!(),
-    ", pg_advisory_xact_lock(1398361667, hashtext($1))"
-);
+/// The migration's advisory lock class: the one after the users' lock class (`user_tx`).
+const MIGRATION_LOCK_CLASS: i32 = user_tx::USER_LOCK_CLASS + 1;
 /// The start of every log read: the columns `stored_change` reads, in its order, for one user's app.
 macro_rules! select_changes {
     () => {
@@ -647,11 +629,25 @@ impl Store {
         let mut pruned = 0;
         loop {
             let mut connection = self.pool.get().await?;
-            let tx = connection.client.transaction().await?;
-            tx.execute(LOCK_EXCLUSIVE, &[&user]).await?;
-            records::fold_pending(&tx, user, self.future_skew).await?;
-            let deleted = tx.execute(PRUNE, &[&user, &cutoff, &batch]).await?;
-            tx.commit().await?;
+            let deleted = async {
+                let (tx, ()) =
+                    UserTx::begin(&mut connection, user, Lock::Exclusive, async |_| Ok(())).await?;
+                records::fold_pending(tx.client(), user, self.future_skew).await?;
+                let deleted = tx
+                    .client()
+                    .execute(PRUNE, &[&user, &cutoff, &batch])
+                    .await?;
+                tx.commit().await?;
+                Ok::<u64, StoreError>(deleted)
+            }
+            .await;
+            let deleted = match deleted {
+                Ok(deleted) => deleted,
+                Err(error) => {
+                    rollback(&mut connection).await;
+                    return Err(error);
+                }
+            };
             pruned += deleted;
             if deleted < batch as u64 {
                 return Ok(pruned);
@@ -738,15 +734,22 @@ impl Store {
     ) -> Result<Vec<T>, StoreError> {
         let _share = self.user_share(user, false).await?;
         let mut connection = self.pool.get().await?;
-        let tx = connection.client.transaction().await?;
-        tx.execute(
-            "SELECT set_config('app.current_user_id', $1, true)",
-            &[&user],
-        )
-        .await?;
-        let rows = tx.query(sql, params).await?;
-        tx.commit().await?;
-        Ok(rows.iter().map(map).collect())
+        // `sql` is not prepared: its query is two round trips, so it cannot share the first flush.
+        let read = async {
+            let (tx, ()) =
+                UserTx::begin(&mut connection, user, Lock::None, async |_| Ok(())).await?;
+            let rows = tx.client().query(sql, params).await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(rows)
+        }
+        .await;
+        match read {
+            Ok(rows) => Ok(rows.iter().map(map).collect()),
+            Err(error) => {
+                rollback(&mut connection).await;
+                Err(error)
+            }
+        }
     }
 }
 
@@ -757,6 +760,9 @@ fn page_limit(limit: usize) -> i64 {
 /// Ends a transaction begun by hand after a failure, so the connection can be reused; if even that fails
 /// (or the database does not answer within a second), the connection stays marked and the pool closes it.
 async fn rollback(connection: &mut PooledConnection) {
+    if !connection.in_transaction {
+        return;
+    }
     let rolled_back = tokio::time::timeout(
         Duration::from_secs(1),
         connection.client.batch_execute("ROLLBACK"),
@@ -783,29 +789,25 @@ async fn read_log(
     limit: usize,
     budget: usize,
 ) -> Result<Option<(Page, Micros)>, StoreError> {
-    let lock = connection.prepare(LOCK_SHARED).await?;
     let page_statement = connection.prepare(tables.page_sql()).await?;
     let clock_statement = connection.prepare(CLOCK).await?;
     let params = page_params(user, app, tables, device, since, limit, budget);
     let (user_param, page_param): ([&(dyn ToSql + Sync); 1], _) = ([&user], params.refs());
-    connection.in_transaction = true;
-    let client = &connection.client;
-    let pipelined = tokio::try_join!(
-        biased;
-        client.batch_execute("BEGIN"),
-        client.execute(&lock, &user_param),
-        client.query(&page_statement, &page_param),
-        client.query_opt(&clock_statement, &user_param),
-        client.batch_execute("COMMIT"),
-    );
-    let (_, _, rows, clock, _) = match pipelined {
-        Ok(results) => results,
+    let read = UserTx::in_one_flush(connection, user, Lock::Shared, async |client| {
+        tokio::try_join!(
+            biased;
+            client.query(&page_statement, &page_param),
+            client.query_opt(&clock_statement, &user_param),
+        )
+    })
+    .await;
+    let (rows, clock) = match read {
+        Ok(read) => read,
         Err(error) => {
             rollback(connection).await;
-            return Err(error.into());
+            return Err(error);
         }
     };
-    connection.in_transaction = false;
     let clock = match clock {
         Some(row) => row.try_get::<_, PgTimestamp>(0)?.0,
         None => return Ok(None),
@@ -836,22 +838,29 @@ async fn read_locked(
     // A snapshot reads the record state, which must first absorb rows other programs wrote: that writes,
     // so it takes the exclusive lock. Log reads take the shared lock.
     let (lock, since) = match mode {
-        ReadMode::Log(since) => (connection.prepare(LOCK_SHARED).await?, since),
-        ReadMode::Snapshot(_) => (connection.prepare(LOCK_EXCLUSIVE).await?, time::EPOCH),
+        ReadMode::Log(since) => (Lock::Shared, since),
+        ReadMode::Snapshot(_) => (Lock::Exclusive, time::EPOCH),
     };
     let page_statement = connection.prepare(tables.page_sql()).await?;
-    // Marked while the transaction may be open: a cancelled read closes the connection.
-    connection.in_transaction = true;
-    let tx = connection.client.transaction().await?;
-    tx.execute(&lock, &[&user]).await?;
+    let (tx, ()) = UserTx::begin(connection, user, lock, async |_| Ok(())).await?;
+    let client = tx.client();
     if let ReadMode::Snapshot(_) = mode {
-        records::fold_pending(&tx, user, future_skew).await?;
+        records::fold_pending(client, user, future_skew).await?;
     }
     let bound = (limit, budget);
-    let page = read_page(&tx, &page_statement, user, app, tables, device, mode, bound).await?;
-    let clock = vouched_cursor(&tx, user, since).await?;
+    let page = read_page(
+        client,
+        &page_statement,
+        user,
+        app,
+        tables,
+        device,
+        mode,
+        bound,
+    )
+    .await?;
+    let clock = vouched_cursor(client, user, since).await?;
     tx.commit().await?;
-    connection.in_transaction = false;
     Ok((page, clock))
 }
 

@@ -18,21 +18,16 @@ use std::ops::Range;
 
 use serde_json::{Map, Value};
 use tokio_postgres::types::{Json, ToSql};
+use tokio_postgres::Row;
 
 use super::group::{self, Hint};
 use super::records::{self, Batch, ReadMode};
 use super::timestamp::PgTimestamp;
-use super::{read_page, Cause, PooledConnection, Store, StoreError, Tables, CLOCK_ADVANCE};
+use super::user_tx::{Lock, UserTx};
+use super::{read_page, Cause, Page, PooledConnection, Store, StoreError, Tables, CLOCK_ADVANCE};
 use crate::protocol::time::{self, Micros};
 use crate::protocol::{Changeset, NewChange, SyncResponse, WireChange};
 
-/// Step 1's lock: the user for row-level security, "this transaction stamps its own rows" for the
-/// schema's triggers (their `WHEN` skips them, so no PL/pgSQL runs for our inserts), the exclusive lock.
-const LOCK_PUSH: &str = concat!(
-    "SELECT set_config('app.current_user_id', $1, true), set_config('mana_sync.stamped', 'on', true), ",
-    super::lock_timeout!(),
-    ", pg_advisory_xact_lock(1398361667, hashtext($1))"
-);
 /// The user's clock and fold state (no row for a user never seen) and the database's time.
 const PUSH_STATE: &str = concat!(
     "SELECT c.last_at, c.folded_at, clock_timestamp() FROM (SELECT 1) AS one ",
@@ -40,7 +35,7 @@ const PUSH_STATE: &str = concat!(
 );
 /// `PUSH_STATE` and the states of the batch's records (`records::LOAD`'s columns from column 3 on) in
 /// one statement: one row per loaded record, or one row with NULL record columns when there is none. It
-/// must follow `LOCK_PUSH` as a statement of its own, so that its snapshot is taken under the lock.
+/// must follow the lock (`user_tx::Lock::Push`) as a statement of its own, so that its snapshot is taken under the lock.
 const CLOCK_AND_RECORDS: &str = concat!(
     "SELECT c.last_at, c.folded_at, clock_timestamp(), s.* FROM (SELECT 1) AS one ",
     "LEFT JOIN sync_user_clock c ON c.user_id = $1 LEFT JOIN (",
@@ -89,6 +84,12 @@ struct ClockState {
 }
 
 impl ClockState {
+    /// The stamp of a push's first change: after the clock, and no earlier than the database's time.
+    fn first_stamp(&self) -> Micros {
+        self.db_now
+            .max(self.last_at.map_or(Micros::MIN, |last| last + 1))
+    }
+
     fn read(row: &tokio_postgres::Row) -> Result<ClockState, tokio_postgres::Error> {
         Ok(ClockState {
             last_at: row.try_get::<_, Option<PgTimestamp>>(0)?.map(|t| t.0),
@@ -179,6 +180,14 @@ impl<'c> Chunks<'c> {
     }
 }
 
+/// The ranges of a batch's chunks (one, empty, for an empty batch).
+fn chunk_ranges(count: usize) -> Vec<Range<usize>> {
+    (0..count.max(1))
+        .step_by(CHUNK)
+        .map(|start| start..(start + CHUNK).min(count))
+        .collect()
+}
+
 /// Changes `range` of the push, parsed (they were validated before the transaction began).
 fn parse_chunk<'c>(
     changeset: &'c Changeset,
@@ -236,24 +245,25 @@ impl Store {
             }
         }
         let mut connection = self.pool.get().await?;
-        connection.in_transaction = true;
+        let push = PushTx {
+            user,
+            app,
+            device,
+            limit,
+            future_skew: self.future_skew,
+            page_max_bytes: self.page_max_bytes,
+        };
         let pushed = self
-            .within_deadline(
-                PushTx {
-                    connection: &mut connection,
-                    user,
-                    app,
-                    device,
-                    limit,
-                    future_skew: self.future_skew,
-                    page_max_bytes: self.page_max_bytes,
-                }
-                .run(changeset, mode, page_in_step_one, hint.as_ref()),
-            )
+            .within_deadline(push.run(
+                &mut connection,
+                changeset,
+                mode,
+                page_in_step_one,
+                hint.as_ref(),
+            ))
             .await;
         match pushed {
             Ok((response, clock, beyond_skew)) => {
-                connection.in_transaction = false;
                 self.known.learn(user, ticket, clock);
                 self.beyond_skew
                     .fetch_add(beyond_skew, std::sync::atomic::Ordering::Relaxed);
@@ -267,9 +277,9 @@ impl Store {
     }
 }
 
-/// One push's transaction on its connection.
-struct PushTx<'a, 'c> {
-    connection: &'c mut PooledConnection,
+/// What a push is about, fixed for its whole transaction.
+#[derive(Clone, Copy)]
+struct PushTx<'a> {
     user: &'a str,
     app: &'a str,
     device: &'a str,
@@ -278,109 +288,58 @@ struct PushTx<'a, 'c> {
     page_max_bytes: usize,
 }
 
-impl PushTx<'_, '_> {
-    /// Returns the response, the user's clock at commit and how many changes had times beyond the skew.
+/// What step 1 read under the lock.
+struct Loaded {
+    clock: ClockState,
+    /// The states of the first chunk's records.
+    batch: Batch,
+    /// The response page's rows, when memory predicted a page.
+    page_rows: Option<Vec<Row>>,
+}
+
+/// What the last flush writes and answers: the last chunk's log rows, and where the clock stands.
+struct Finish<'r> {
+    log_rows: Vec<LogRow<'r>>,
+    /// The clock after every chunk's rows (the clock as read when nothing won).
+    clock_after: Option<Micros>,
+    /// Whether the clock moved, i.e. other devices have something to hear about.
+    wrote_any: bool,
+    /// Whether the cursor `since` is ahead of the clock after the writes (a cursor from elsewhere).
+    advance: bool,
+}
+
+impl PushTx<'_> {
+    /// The numbered steps of the module's doc. Returns the response, the user's clock at commit and how
+    /// many changes had times beyond the skew.
     async fn run(
         self,
+        connection: &mut PooledConnection,
         changeset: &Changeset,
         mode: ReadMode,
         page_in_step_one: bool,
         hint: Option<&Hint>,
     ) -> Result<(SyncResponse, Micros, u64), StoreError> {
-        let PushTx {
-            connection,
-            user,
-            app,
-            device,
-            limit,
-            future_skew,
-            page_max_bytes,
-        } = self;
         // The batch is merged and written in chunks of `CHUNK` changes, all in this one transaction, so
         // what a push holds while it works grows with the chunk, not with the batch (issue 11 §4). Almost
         // every push is one chunk: two round trips in all.
-        let count = changeset.changes.len();
-        let chunks: Vec<Range<usize>> = (0..count.max(1))
-            .step_by(CHUNK)
-            .map(|start| start..(start + CHUNK).min(count))
-            .collect();
+        let chunks = chunk_ranges(changeset.changes.len());
         let first = parse_chunk(changeset, &chunks[0])?;
-        let keys = keys_of(app, &first);
+        let keys = keys_of(self.app, &first);
 
-        // Step 1: lock and load, one flush.
-        let lock = connection.prepare(LOCK_PUSH).await?;
-        let clock_and_records = connection.prepare(CLOCK_AND_RECORDS).await?;
-        let page_statement = connection.prepare(Tables::All.page_sql()).await?;
+        // 1. Lock and load (and the rare extra reads: rows to fold, a page memory did not predict).
         let since = changeset.since;
-        let (mut clock, mut batch, mut page) = {
-            let client = &connection.client;
-            let apps: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
-            let tables: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
-            let ids: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
-            let page_params =
-                super::page_params(user, app, Tables::All, device, since, limit, page_max_bytes);
-            let page_params = page_params.refs();
-            let user_param: [&(dyn ToSql + Sync); 1] = [&user];
-            let load_params: [&(dyn ToSql + Sync); 4] = [&user, &apps, &tables, &ids];
-            let (_, _, loaded, page) = tokio::try_join!(
-                biased;
-                client.batch_execute("BEGIN"),
-                client.execute(&lock, &user_param),
-                client.query(&clock_and_records, &load_params),
-                async {
-                    match page_in_step_one {
-                        true => client.query(&page_statement, &page_params).await.map(Some),
-                        false => Ok(None),
-                    }
-                },
-            )?;
-            let first = loaded.first().ok_or_else(|| {
-                StoreError::Internal(Cause::new("the clock read returned no row"))
-            })?;
-            (
-                ClockState::read(first)?,
-                Batch::from_columns(&loaded, RECORDS_FROM, future_skew)?,
-                page,
-            )
-        };
+        let (mut tx, mut loaded) = self
+            .lock_and_load(connection, &keys, since, page_in_step_one)
+            .await?;
+        self.fold_if_pending(&mut tx, &mut loaded, keys).await?;
+        let page = self.page(&mut tx, mode, since, &mut loaded).await?;
 
-        // Rows other programs wrote are folded first (they change the states just loaded).
-        if let Some(from) = records::pending_from(clock.last_at, clock.folded_at) {
-            let client = &connection.client;
-            if records::fold_from(client, user, from, future_skew).await? {
-                batch = Batch::load(client, user, keys.clone(), future_skew).await?;
-            }
-            let state = connection.prepare(PUSH_STATE).await?;
-            let client = &connection.client;
-            clock = ClockState::read(&client.query_one(&state, &[&user]).await?)?;
-        }
-        // The page: read in step 1 when memory expected changes; read now when the clock, read under the
-        // lock, says something is newer than `since` after all (or for a snapshot); else empty.
-        let anything_new = clock.last_at.is_some_and(|last| last > since);
-        let client = &connection.client;
-        let page = match (mode, page.take()) {
-            (ReadMode::Log(_), Some(rows)) => {
-                super::log_page(client, user, app, Tables::All, device, rows, limit).await?
-            }
-            (ReadMode::Log(_), None) if !anything_new => super::Page::empty(),
-            (mode, _) => {
-                let all = Tables::All;
-                let bound = (limit, page_max_bytes);
-                read_page(client, &page_statement, user, app, all, device, mode, bound).await?
-            }
-        };
-
-        // Step 2: merge. Change `i` is stamped `first_stamp + i`, after the clock: the time the server
-        // assigns to it derives from that stamp, and its log row (if anything won) carries it.
-        let first_stamp = clock
-            .db_now
-            .max(clock.last_at.map_or(Micros::MIN, |last| last + 1));
-        let write = connection.prepare(WRITE).await?;
-        let notify = connection.prepare(NOTIFY).await?;
-        let load = connection.prepare(records::LOAD).await?;
-        let advance_statement = connection.prepare(CLOCK_ADVANCE).await?;
-        let mut clock_after = clock.last_at;
-        let last_chunk = chunks.len() - 1;
+        // 2. Merge. Change `i` is stamped `first_stamp + i`, after the clock: the time the server assigns
+        // to it derives from that stamp, and its log row (if anything won) carries it.
+        let Loaded {
+            clock, mut batch, ..
+        } = loaded;
+        let first_stamp = clock.first_stamp();
         let mut work = Chunks {
             changeset,
             first: Some(first),
@@ -389,118 +348,42 @@ impl PushTx<'_, '_> {
             lost: BTreeSet::new(),
             beyond_skew: 0,
         };
-        let lookup = (user, app, future_skew);
-        // Every chunk but the last: load, merge, write; one round trip each.
-        for range in chunks.iter().take(last_chunk) {
-            let client = &connection.client;
-            let changes = work.open(client, range, &mut batch, lookup).await?;
-            let log_rows = work.merge(
+        let (earlier, last) = chunks.split_at(chunks.len() - 1);
+        let last = &last[0];
+        let written = self
+            .write_chunks(&mut tx, &mut work, earlier, &mut batch, first_stamp)
+            .await?;
+        let changes = work
+            .open(
+                tx.client(),
+                last,
                 &mut batch,
-                (app, device),
-                &changes,
-                first_stamp + range.start as Micros,
-            );
-            if let Some((_, stamp)) = log_rows.last() {
-                clock_after = Some(*stamp);
-                let columns = WriteColumns::of(&log_rows, &batch, *stamp);
-                client
-                    .query(&write, &columns.params(&user, &app, &device, &None))
-                    .await?;
-            }
-        }
-        let client = &connection.client;
-        let last = &chunks[last_chunk];
-        let changes = work.open(client, last, &mut batch, lookup).await?;
+                (self.user, self.app, self.future_skew),
+            )
+            .await?;
         let log_rows = work.merge(
             &mut batch,
-            (app, device),
+            (self.app, self.device),
             &changes,
             first_stamp + last.start as Micros,
         );
-        let wrote_last = log_rows.last().map(|(_, stamp)| *stamp);
-        clock_after = wrote_last.or(clock_after);
-        let wrote_any = clock_after != clock.last_at;
-        // A cursor this response hands out must be behind every later write: a `since` from elsewhere
-        // that is ahead of the clock moves the clock.
-        let advance = clock_after.is_none_or(|c| c < since);
-        // Page entries for records this batch touched, and records where a pushed field lost, are answered
-        // with their merged state: from the batch when there was one chunk, else read back before commit.
-        let (mut server_changes, refreshed) = split_page(work.touched, page.changes, work.lost);
-        let refresh_keys: Vec<(String, String, String)> = match last_chunk {
-            0 => Vec::new(),
-            _ => refreshed
-                .iter()
-                .map(|(table, id)| (app.to_owned(), table.clone(), id.clone()))
-                .collect(),
-        };
+        let finish = Finish::of(log_rows, written.or(clock.last_at), clock.last_at, since);
 
-        // Step 3: write the last chunk and commit, one flush.
-        let (events, advanced, reread) = {
-            let columns = WriteColumns::of(&log_rows, &batch, clock_after.unwrap_or(Micros::MIN));
-            let payload = match (hint, clock_after) {
-                (Some(hint), Some(stamp)) if wrote_any => Some(hint(stamp)),
-                _ => None,
-            };
-            // The hint rides with the write, or (when only earlier chunks wrote) goes on its own.
-            let (hint_in_write, hint_alone) = match wrote_last {
-                Some(_) => (payload, None),
-                None => (None, payload),
-            };
-            let params = columns.params(&user, &app, &device, &hint_in_write);
-            let since_param = PgTimestamp(since);
-            let apps: Vec<&str> = refresh_keys.iter().map(|k| k.0.as_str()).collect();
-            let tables: Vec<&str> = refresh_keys.iter().map(|k| k.1.as_str()).collect();
-            let ids: Vec<&str> = refresh_keys.iter().map(|k| k.2.as_str()).collect();
-            let load_params: [&(dyn ToSql + Sync); 4] = [&user, &apps, &tables, &ids];
-            let (events, _, advanced, reread, _) = tokio::try_join!(
-                biased;
-                async {
-                    match wrote_last {
-                        None => Ok(Vec::new()),
-                        Some(_) => client.query(&write, &params).await,
-                    }
-                },
-                async {
-                    match &hint_alone {
-                        Some(payload) => client.execute(&notify, &[payload]).await.map(drop),
-                        None => Ok(()),
-                    }
-                },
-                async {
-                    match advance {
-                        true => client
-                            .query_one(&advance_statement, &[&user, &since_param])
-                            .await
-                            .map(|row| Some(row.get::<_, PgTimestamp>(0).0)),
-                        false => Ok(None),
-                    }
-                },
-                async {
-                    match refresh_keys.is_empty() {
-                        true => Ok(None),
-                        false => client.query(&load, &load_params).await.map(Some),
-                    }
-                },
-                client.batch_execute("COMMIT"),
-            )?;
-            (events, advanced, reread)
+        // 3. Write and commit.
+        let refresh = match earlier.is_empty() {
+            true => Refresh::FromBatch,
+            false => Refresh::ReadBack,
         };
-        let current = match reread {
-            Some(rows) => Batch::from_rows(&rows, future_skew)?,
-            None => {
-                let events: HashMap<Micros, String> = events
-                    .iter()
-                    .map(|row| Ok((row.try_get::<_, PgTimestamp>(1)?.0, row.try_get(0)?)))
-                    .collect::<Result<_, tokio_postgres::Error>>()?;
-                batch.set_event_ids(&events);
-                batch
-            }
-        };
-        for (table, id) in &refreshed {
-            server_changes.extend(current.current_entry(app, table, id));
-        }
-
-        let clock_now = advanced.or(clock_after).unwrap_or(since).max(since);
+        let (server_changes, clock_now) = self
+            .write_and_commit(
+                tx,
+                finish,
+                &mut work,
+                batch,
+                page.changes,
+                (since, hint, refresh),
+            )
+            .await?;
         let synced_until = page.next.unwrap_or(clock_now).max(time::EPOCH + 1);
         let response = SyncResponse {
             server_changes,
@@ -509,6 +392,260 @@ impl PushTx<'_, '_> {
             has_more: page.next.is_some(),
         };
         Ok((response, clock_now, work.beyond_skew))
+    }
+
+    /// Step 1, one flush: `BEGIN`, the user and the exclusive lock; the clock and the first chunk's record
+    /// states in one statement; and the response page when `page_in_step_one`.
+    async fn lock_and_load<'c>(
+        self,
+        connection: &'c mut PooledConnection,
+        keys: &[(String, String, String)],
+        since: Micros,
+        page_in_step_one: bool,
+    ) -> Result<(UserTx<'c>, Loaded), StoreError> {
+        let clock_and_records = connection.prepare(CLOCK_AND_RECORDS).await?;
+        let page_statement = connection.prepare(Tables::All.page_sql()).await?;
+        let apps: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+        let tables: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+        let ids: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
+        let (user, app, device) = (self.user, self.app, self.device);
+        let (limit, budget) = (self.limit, self.page_max_bytes);
+        let page_params = super::page_params(user, app, Tables::All, device, since, limit, budget);
+        let page_params = page_params.refs();
+        let load_params: [&(dyn ToSql + Sync); 4] = [&user, &apps, &tables, &ids];
+        let (tx, (loaded, page_rows)) =
+            UserTx::begin(connection, user, Lock::Push, async |client| {
+                tokio::try_join!(
+                    biased;
+                    client.query(&clock_and_records, &load_params),
+                    async {
+                        match page_in_step_one {
+                            true => client.query(&page_statement, &page_params).await.map(Some),
+                            false => Ok(None),
+                        }
+                    },
+                )
+            })
+            .await?;
+        let first = loaded
+            .first()
+            .ok_or_else(|| StoreError::Internal(Cause::new("the clock read returned no row")))?;
+        let loaded = Loaded {
+            clock: ClockState::read(first)?,
+            batch: Batch::from_columns(&loaded, RECORDS_FROM, self.future_skew)?,
+            page_rows,
+        };
+        Ok((tx, loaded))
+    }
+
+    /// Rows other programs wrote are folded first: they change the states just loaded, and the clock.
+    async fn fold_if_pending(
+        self,
+        tx: &mut UserTx<'_>,
+        loaded: &mut Loaded,
+        keys: Vec<(String, String, String)>,
+    ) -> Result<(), StoreError> {
+        let Some(from) = records::pending_from(loaded.clock.last_at, loaded.clock.folded_at) else {
+            return Ok(());
+        };
+        let (user, skew) = (self.user, self.future_skew);
+        if records::fold_from(tx.client(), user, from, skew).await? {
+            loaded.batch = Batch::load(tx.client(), user, keys, skew).await?;
+        }
+        let state = tx.prepare(PUSH_STATE).await?;
+        loaded.clock = ClockState::read(&tx.client().query_one(&state, &[&user]).await?)?;
+        Ok(())
+    }
+
+    /// The response page: read in step 1 when memory expected changes; read now when the clock, read
+    /// under the lock, says something is newer than `since` after all (or for a snapshot); else empty.
+    async fn page(
+        self,
+        tx: &mut UserTx<'_>,
+        mode: ReadMode,
+        since: Micros,
+        loaded: &mut Loaded,
+    ) -> Result<Page, StoreError> {
+        let anything_new = loaded.clock.last_at.is_some_and(|last| last > since);
+        let (user, app, device, limit) = (self.user, self.app, self.device, self.limit);
+        match (mode, loaded.page_rows.take()) {
+            (ReadMode::Log(_), Some(rows)) => {
+                super::log_page(tx.client(), user, app, Tables::All, device, rows, limit).await
+            }
+            (ReadMode::Log(_), None) if !anything_new => Ok(Page::empty()),
+            (mode, _) => {
+                let statement = tx.prepare(Tables::All.page_sql()).await?;
+                let (all, bound) = (Tables::All, (limit, self.page_max_bytes));
+                read_page(tx.client(), &statement, user, app, all, device, mode, bound).await
+            }
+        }
+    }
+
+    /// Every chunk but the last: load, merge, write; one round trip each. Returns the stamp of the last
+    /// log row written, if any.
+    async fn write_chunks(
+        self,
+        tx: &mut UserTx<'_>,
+        work: &mut Chunks<'_>,
+        chunks: &[Range<usize>],
+        batch: &mut Batch,
+        first_stamp: Micros,
+    ) -> Result<Option<Micros>, StoreError> {
+        let write = tx.prepare(WRITE).await?;
+        let mut written = None;
+        for range in chunks {
+            let lookup = (self.user, self.app, self.future_skew);
+            let changes = work.open(tx.client(), range, batch, lookup).await?;
+            let stamp = first_stamp + range.start as Micros;
+            let log_rows = work.merge(batch, (self.app, self.device), &changes, stamp);
+            if let Some((_, stamp)) = log_rows.last() {
+                written = Some(*stamp);
+                let columns = WriteColumns::of(&log_rows, batch, *stamp);
+                let params = columns.params(&self.user, &self.app, &self.device, &None);
+                tx.client().query(&write, &params).await?;
+            }
+        }
+        Ok(written)
+    }
+
+    /// Step 3, one flush: the last chunk's write (with the hint), the clock's advance when the cursor is
+    /// ahead of it, the merged states of records to answer with (read back when earlier chunks replaced
+    /// the batch), `COMMIT`. Returns the page's entries with those states, and the clock at commit.
+    async fn write_and_commit(
+        self,
+        tx: UserTx<'_>,
+        finish: Finish<'_>,
+        work: &mut Chunks<'_>,
+        batch: Batch,
+        page: Vec<WireChange>,
+        (since, hint, refresh): (Micros, Option<&Hint>, Refresh),
+    ) -> Result<(Vec<WireChange>, Micros), StoreError> {
+        let mut tx = tx;
+        let write = tx.prepare(WRITE).await?;
+        let notify = tx.prepare(NOTIFY).await?;
+        let load = tx.prepare(records::LOAD).await?;
+        let advance_statement = tx.prepare(CLOCK_ADVANCE).await?;
+        // Page entries for records this batch touched, and records where a pushed field lost, are answered
+        // with their merged state.
+        let touched = work.touched.take();
+        let (mut server_changes, refreshed) =
+            split_page(touched, page, std::mem::take(&mut work.lost));
+        let refresh_keys: Vec<(String, String, String)> = match refresh {
+            Refresh::FromBatch => Vec::new(),
+            Refresh::ReadBack => refreshed
+                .iter()
+                .map(|(table, id)| (self.app.to_owned(), table.clone(), id.clone()))
+                .collect(),
+        };
+        let wrote_last = !finish.log_rows.is_empty();
+        let columns = WriteColumns::of(
+            &finish.log_rows,
+            &batch,
+            finish.clock_after.unwrap_or(Micros::MIN),
+        );
+        let (hint_in_write, hint_alone) = finish.hints(hint);
+        let params = columns.params(&self.user, &self.app, &self.device, &hint_in_write);
+        let since_param = PgTimestamp(since);
+        let apps: Vec<&str> = refresh_keys.iter().map(|k| k.0.as_str()).collect();
+        let tables: Vec<&str> = refresh_keys.iter().map(|k| k.1.as_str()).collect();
+        let ids: Vec<&str> = refresh_keys.iter().map(|k| k.2.as_str()).collect();
+        let load_params: [&(dyn ToSql + Sync); 4] = [&self.user, &apps, &tables, &ids];
+        let user = self.user;
+        let (events, _, advanced, reread) = tx
+            .commit_after(async |client| {
+                tokio::try_join!(
+                    biased;
+                    async {
+                        match wrote_last {
+                            false => Ok(Vec::new()),
+                            true => client.query(&write, &params).await,
+                        }
+                    },
+                    async {
+                        match &hint_alone {
+                            Some(payload) => client.execute(&notify, &[payload]).await.map(drop),
+                            None => Ok(()),
+                        }
+                    },
+                    async {
+                        match finish.advance {
+                            true => client
+                                .query_one(&advance_statement, &[&user, &since_param])
+                                .await
+                                .map(|row| Some(row.get::<_, PgTimestamp>(0).0)),
+                            false => Ok(None),
+                        }
+                    },
+                    async {
+                        match refresh_keys.is_empty() {
+                            true => Ok(None),
+                            false => client.query(&load, &load_params).await.map(Some),
+                        }
+                    },
+                )
+            })
+            .await?;
+        drop(columns);
+        let current = match reread {
+            Some(rows) => Batch::from_rows(&rows, self.future_skew)?,
+            None => with_event_ids(batch, &events)?,
+        };
+        for (table, id) in &refreshed {
+            server_changes.extend(current.current_entry(self.app, table, id));
+        }
+        let clock_now = advanced.or(finish.clock_after).unwrap_or(since).max(since);
+        Ok((server_changes, clock_now))
+    }
+}
+
+/// Where the merged states of records to answer with come from: the batch, when the push was one chunk
+/// (it holds every record the push touched); else read back inside the transaction.
+#[derive(Clone, Copy)]
+enum Refresh {
+    FromBatch,
+    ReadBack,
+}
+
+/// The batch with the event ids of the log rows just written (`WRITE` returns id and stamp per row).
+fn with_event_ids(mut batch: Batch, written: &[Row]) -> Result<Batch, StoreError> {
+    let events: HashMap<Micros, String> = written
+        .iter()
+        .map(|row| Ok((row.try_get::<_, PgTimestamp>(1)?.0, row.try_get(0)?)))
+        .collect::<Result<_, tokio_postgres::Error>>()?;
+    batch.set_event_ids(&events);
+    Ok(batch)
+}
+
+impl<'r> Finish<'r> {
+    /// The hint to other instances (only when the clock moved): it rides with the last chunk's write, or
+    /// goes on its own when only earlier chunks wrote. Returns (in the write, alone).
+    fn hints(&self, hint: Option<&Hint>) -> (Option<String>, Option<String>) {
+        let payload = match (hint, self.clock_after) {
+            (Some(hint), Some(stamp)) if self.wrote_any => Some(hint(stamp)),
+            _ => None,
+        };
+        match self.log_rows.is_empty() {
+            false => (payload, None),
+            true => (None, payload),
+        }
+    }
+
+    /// `clock_before`: the clock step 1 read; `written`: the clock after the earlier chunks.
+    fn of(
+        log_rows: Vec<LogRow<'r>>,
+        written: Option<Micros>,
+        clock_before: Option<Micros>,
+        since: Micros,
+    ) -> Finish<'r> {
+        let clock_after = log_rows.last().map(|(_, stamp)| *stamp).or(written);
+        Finish {
+            log_rows,
+            clock_after,
+            wrote_any: clock_after != clock_before,
+            // A cursor this response hands out must be behind every later write: a `since` from
+            // elsewhere that is ahead of the clock moves the clock.
+            advance: clock_after.is_none_or(|c| c < since),
+        }
     }
 }
 
