@@ -351,7 +351,7 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
     let mut one_tx: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     let mut ratios_raw: BTreeMap<(usize, usize, bool), Vec<f64>> = BTreeMap::new();
     let mut ratios_tx: BTreeMap<(usize, usize, bool), Vec<f64>> = BTreeMap::new();
-    let nonce = mana_sync::auth::unix_now();
+    let nonce = mana_sync::clock::unix_now();
 
     for run in 0..args.runs {
         // Baseline b first (it does not depend on the batch size).

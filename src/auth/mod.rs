@@ -19,9 +19,11 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
+
+use crate::clock::unix_now;
 
 pub use devkeys::sign_raw;
 pub use jwt::{decode_header, verify_token, Header, KeySet, Rules};
@@ -124,16 +126,6 @@ pub fn bearer_token(authorization_header: Option<&str>) -> Result<&str, AuthErro
         return Err(AuthError::MissingToken);
     }
     Ok(rest)
-}
-
-/// Seconds since the Unix epoch; a clock before 1970 reads as 0 rather
-/// than panicking, which makes every token look valid-from-the-future
-/// (rejected by `nbf`) instead of crashing the server.
-pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 #[derive(Debug, Clone)]

@@ -4,6 +4,7 @@ use hyper::StatusCode;
 
 use crate::auth::AuthError;
 use crate::protocol::ProtocolError;
+use crate::realtime::Refusal;
 use crate::store::StoreError;
 
 /// An error response. `code` is the stable API clients may branch on; `message` is for people.
@@ -123,6 +124,36 @@ impl From<StoreError> for ApiError {
                     "internal error; it has been logged",
                 )
             },
+        }
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> ApiError {
+        match refusal {
+            Refusal::UpgradeRequired => ApiError::new(
+                StatusCode::UPGRADE_REQUIRED,
+                "upgrade_required",
+                "this endpoint speaks WebSocket only",
+            ),
+            Refusal::InvalidUpgrade(why) => ApiError::bad_request(
+                "invalid_upgrade",
+                format!("WebSocket handshake failed: {why}"),
+            ),
+            Refusal::TooManyUnauthenticatedSockets => ApiError::unavailable(
+                "too_many_unauthenticated_sockets",
+                "too many WebSockets are waiting to authenticate; retry shortly",
+            ),
+            Refusal::TooManyStreams => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                "too many streams",
+            ),
+            Refusal::InvalidLastEventId => {
+                ApiError::bad_request("invalid_last_event_id", "Last-Event-ID is not a cursor")
+            }
+            Refusal::Protocol(e) => e.into(),
+            Refusal::Store(e) => e.into(),
         }
     }
 }

@@ -4,46 +4,42 @@
 //! body within its cap, calls the store and turns every failure into a JSON error (`error`). CORS headers
 //! are added here, to every response, so that browsers also see error bodies.
 
-pub mod body_budget;
 pub mod error;
-pub mod per_user;
+pub mod response;
 pub mod router;
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use crate::app::App;
 use crate::auth::{self, Claims};
-use crate::hub::Interest;
-use crate::notify;
+use crate::clock;
 use crate::protocol::{self, time};
-use crate::{sse, ws};
+use crate::realtime::{notify, sse, ws, Interest};
+use crate::state::{body_budget, per_user, Shared};
 pub use error::ApiError;
+pub use response::Body;
+use response::{cors, error_response, json_response, preflight};
 use router::{Route, Routing};
-
-/// The body type of every response (boxed so that streams can share it later).
-pub type Body = BoxBody<Bytes, Infallible>;
 
 /// Longest accepted `X-Client-Id`, in bytes.
 const MAX_CLIENT_ID_BYTES: usize = 512;
 
 pub async fn handle(
-    app: Arc<App>,
+    shared: Arc<Shared>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = std::time::Instant::now();
     let request_id = format!(
         "{}-{}",
-        app.instance_id,
+        shared.instance_id,
         REQUEST_IDS.fetch_add(1, Ordering::Relaxed)
     );
     let origin = request.headers().get(header::ORIGIN).cloned();
@@ -57,12 +53,12 @@ pub async fn handle(
     let permit = if exempt {
         None
     } else {
-        app.request_permits.clone().try_acquire_owned().ok()
+        shared.request_permits.clone().try_acquire_owned().ok()
     };
     let outcome = if exempt || permit.is_some() {
-        dispatch(&app, routing, request).await
+        dispatch(&shared, routing, request).await
     } else {
-        app.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
         Err(ApiError::unavailable(
             "overloaded",
             "the server is handling too many requests; retry shortly",
@@ -94,7 +90,7 @@ pub async fn handle(
         }
     };
     cors(
-        &app.config.cors_origins,
+        &shared.config.cors_origins,
         origin.as_ref(),
         response.headers_mut(),
     );
@@ -102,7 +98,8 @@ pub async fn handle(
         response.headers_mut().insert("x-request-id", value);
     }
     let elapsed = started.elapsed();
-    app.metrics
+    shared
+        .metrics
         .request(route, response.status().as_u16(), elapsed);
     if crate::log::enabled(crate::log::Level::Debug) {
         crate::log::debug(
@@ -123,7 +120,7 @@ pub async fn handle(
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
 
 async fn dispatch(
-    app: &Arc<App>,
+    shared: &Arc<Shared>,
     routing: Routing,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
@@ -154,19 +151,16 @@ async fn dispatch(
         }
     };
     match route {
-        Route::Push { app: app_id } => push(app, request, &app_id).await,
-        Route::Pull { app: app_id } => pull(app, request, &app_id).await,
-        Route::AppStream { app: app_id } => stream(app, request, sse::Scope::App(app_id)).await,
-        Route::UnifiedStream => stream(app, request, sse::Scope::Unified).await,
-        Route::UnifiedSocket => ws::upgrade(app.clone(), request, Interest::Apps(None)),
-        Route::AppSocket { app: app_id } => {
-            ws::upgrade(app.clone(), request, Interest::App(app_id))
-        }
-        Route::Health => health(app).await,
-        // Owned by the operations work; answers 404 until it exists.
+        Route::Push { app: app_id } => push(shared, request, &app_id).await,
+        Route::Pull { app: app_id } => pull(shared, request, &app_id).await,
+        Route::AppStream { app: app_id } => stream(shared, request, sse::Scope::App(app_id)).await,
+        Route::UnifiedStream => stream(shared, request, sse::Scope::Unified).await,
+        Route::UnifiedSocket => socket(shared, request, Interest::Apps(None)),
+        Route::AppSocket { app: app_id } => socket(shared, request, Interest::App(app_id)),
+        Route::Health => health(shared).await,
         Route::Metrics => {
-            let mut response =
-                Response::new(Full::new(Bytes::from(crate::metrics::render(app))).boxed());
+            let text = crate::metrics::render(&shared.metrics, &shared.metrics_snapshot());
+            let mut response = Response::new(Full::new(Bytes::from(text)).boxed());
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -177,32 +171,32 @@ async fn dispatch(
 }
 
 async fn push(
-    app: &App,
+    shared: &Shared,
     request: Request<Incoming>,
     app_id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let claims = authenticate(app, request.headers()).await?;
-    let _slot = user_slot(app, &claims.sub)?;
-    gate(app, &claims.sub).await?;
+    let claims = authenticate(shared, request.headers()).await?;
+    let _slot = user_slot(shared, &claims.sub)?;
+    gate(shared, &claims.sub).await?;
     let header_device = client_id_header(request.headers())?;
     check_content_type(request.headers())?;
     // Held until the response is built: a push's memory is a multiple of its body until then.
-    let mut reservation = app.body_budget.reservation(&claims.sub);
+    let mut reservation = shared.body_budget.reservation(&claims.sub);
     let body = read_body(
         request,
-        app.config.max_body_bytes,
-        app.config.body_read_timeout,
+        shared.config.max_body_bytes,
+        shared.config.body_read_timeout,
         &mut reservation,
     )
     .await
-    .map_err(|refused| refused.into_api_error(app))?;
+    .map_err(|refused| refused.into_api_error(shared))?;
     // A large batch keeps the body (its changes are parsed again chunk by chunk); a small one drops it.
     let changeset = protocol::parse_changeset(body)?;
     let device = header_device.or_else(|| changeset.client_id.clone());
     let tables = &changeset.tables;
     let hint: crate::store::Hint = {
         let (instance, user, app_id) = (
-            app.instance_id.clone(),
+            shared.instance_id.clone(),
             claims.sub.clone(),
             app_id.to_owned(),
         );
@@ -211,18 +205,18 @@ async fn push(
             notify::hint_payload(&instance, &user, &app_id, &tables, device.as_deref(), stamp)
         })
     };
-    let response = app
+    let response = shared
         .store
         .push(
             &claims.sub,
             app_id,
             device.as_deref(),
             &changeset,
-            app.config.pull_page_size,
+            shared.config.pull_page_size,
             (!tables.is_empty()).then_some(hint),
         )
         .await?;
-    let metrics = &app.metrics;
+    let metrics = &shared.metrics;
     metrics
         .changes_pushed
         .fetch_add(changeset.changes.len() as u64, Ordering::Relaxed);
@@ -237,61 +231,75 @@ async fn push(
         .fetch_add(response.server_changes.len() as u64, Ordering::Relaxed);
     // Committed: tell this instance's other connections now (other instances hear it from PostgreSQL).
     if !tables.is_empty() {
-        app.hub
+        shared
+            .hub
             .notify(&claims.sub, app_id, Some(tables), device.as_deref());
     }
     Ok(json_response(StatusCode::OK, &response))
 }
 
 async fn pull(
-    app: &App,
+    shared: &Shared,
     request: Request<Incoming>,
     app_id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let claims = authenticate(app, request.headers()).await?;
-    let _slot = user_slot(app, &claims.sub)?;
-    gate(app, &claims.sub).await?;
+    let claims = authenticate(shared, request.headers()).await?;
+    let _slot = user_slot(shared, &claims.sub)?;
+    gate(shared, &claims.sub).await?;
     let device = client_id_header(request.headers())?;
     let query = protocol::parse_pull_query(
         request.uri().query(),
-        app.config.pull_page_size,
-        app.config.pull_max_page_size,
+        shared.config.pull_page_size,
+        shared.config.pull_max_page_size,
     )?;
-    let response = app
+    let response = shared
         .store
         .pull(&claims.sub, app_id, device.as_deref(), &query)
         .await?;
-    app.metrics
+    shared
+        .metrics
         .changes_pulled
         .fetch_add(response.server_changes.len() as u64, Ordering::Relaxed);
     Ok(json_response(StatusCode::OK, &response))
 }
 
 async fn stream(
-    app: &Arc<App>,
+    shared: &Arc<Shared>,
     request: Request<Incoming>,
     scope: sse::Scope,
 ) -> Result<Response<Body>, ApiError> {
-    let claims = authenticate(app, request.headers()).await?;
-    let _slot = user_slot(app, &claims.sub)?;
-    gate(app, &claims.sub).await?;
+    let claims = authenticate(shared, request.headers()).await?;
+    let _slot = user_slot(shared, &claims.sub)?;
+    gate(shared, &claims.sub).await?;
     let device = client_id_header(request.headers())?;
-    let expires = crate::ws::token_deadline(&claims, app.config.ws_token_leeway);
-    sse::open(app.clone(), request, scope, claims.sub, device, expires).await
+    let expires = ws::token_deadline(&claims, shared.config.ws_token_leeway);
+    let response = sse::open(shared.clone(), request, scope, claims.sub, device, expires).await?;
+    Ok(response.map(BodyExt::boxed))
 }
 
-async fn health(app: &App) -> Result<Response<Body>, ApiError> {
-    let database = tokio::time::timeout(std::time::Duration::from_secs(2), app.store.ping()).await;
+/// A WebSocket upgrade: authenticated in-band, after the 101.
+fn socket(
+    shared: &Arc<Shared>,
+    request: Request<Incoming>,
+    interest: Interest,
+) -> Result<Response<Body>, ApiError> {
+    let response = ws::upgrade(shared.clone(), request, interest)?;
+    Ok(response.map(BodyExt::boxed))
+}
+
+async fn health(shared: &Shared) -> Result<Response<Body>, ApiError> {
+    let database =
+        tokio::time::timeout(std::time::Duration::from_secs(2), shared.store.ping()).await;
     let database_ok = matches!(database, Ok(Ok(())));
-    let pool = app.store.pool_status();
-    let (connections, users) = app.hub.counts(None);
+    let pool = shared.store.pool_status();
+    let (connections, users) = shared.hub.counts(None);
     let body = serde_json::json!({
         "status": if database_ok { "ok" } else { "degraded" },
         "service": "mana-sync",
-        "timestamp": time::format_millis(now_micros()),
+        "timestamp": time::format_millis(clock::now_micros()),
         "connections": connections,
         "users": users,
-        "httpConnections": app.open_connections(),
+        "httpConnections": shared.open_connections(),
         "database": if database_ok { "ok" } else { "unreachable" },
         "pool": { "size": pool.max_size, "inUse": pool.in_use, "idle": pool.idle, "waiting": pool.waiting },
     });
@@ -305,19 +313,19 @@ async fn health(app: &App) -> Result<Response<Body>, ApiError> {
 
 /// One of the user's request slots, held until the handler returns (a stream's body outlives it), so one
 /// user's requests hold at most their share of the server's slots, however slowly their bodies arrive.
-fn user_slot(app: &App, user: &str) -> Result<per_user::Slot, ApiError> {
-    app.requests_per_user.enter(user).ok_or_else(|| {
+fn user_slot(shared: &Shared, user: &str) -> Result<per_user::Slot, ApiError> {
+    shared.requests_per_user.enter(user).ok_or_else(|| {
         ApiError::too_many_requests(format!(
             "more than {} requests of this account are in flight; retry shortly",
-            app.config.max_requests_per_user
+            shared.config.max_requests_per_user
         ))
     })
 }
 
 /// The billing gate (SPEC §9): 402 for users whose sync is inactive; failures of the billing service let
 /// the request through.
-async fn gate(app: &App, user: &str) -> Result<(), ApiError> {
-    match &app.billing {
+async fn gate(shared: &Shared, user: &str) -> Result<(), ApiError> {
+    match &shared.billing {
         Some(billing) if billing.check(user).await == crate::billing::Verdict::Inactive => {
             Err(ApiError::new(
                 StatusCode::PAYMENT_REQUIRED,
@@ -329,7 +337,7 @@ async fn gate(app: &App, user: &str) -> Result<(), ApiError> {
     }
 }
 
-async fn authenticate(app: &App, headers: &HeaderMap) -> Result<Claims, ApiError> {
+async fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<Claims, ApiError> {
     let value = match headers.get(header::AUTHORIZATION) {
         None => None,
         Some(value) => Some(value.to_str().map_err(|_| {
@@ -339,7 +347,7 @@ async fn authenticate(app: &App, headers: &HeaderMap) -> Result<Claims, ApiError
         })?),
     };
     let token = auth::bearer_token(value)?;
-    let claims = app.auth.verify(token).await?;
+    let claims = shared.auth.verify(token).await?;
     // The user id ends up in SQL parameters and lock keys; keep it to something PostgreSQL can store.
     // Nor control characters (CR, LF, ESC, …): it also ends up in log lines and outbound URLs.
     if claims.sub.len() > 255 || claims.sub.chars().any(char::is_control) {
@@ -427,12 +435,12 @@ impl From<ApiError> for BodyError {
 }
 
 impl BodyError {
-    fn into_api_error(self, app: &App) -> ApiError {
+    fn into_api_error(self, shared: &Shared) -> ApiError {
         match self {
             BodyError::Api(error) => error,
             BodyError::Refused(body_budget::Refused::User) => ApiError::too_many_requests(format!(
                 "this account has more than {} bytes of large request bodies in flight; retry shortly",
-                app.body_budget.per_user()
+                shared.body_budget.per_user()
             )),
             BodyError::Refused(body_budget::Refused::Server) => ApiError::unavailable(
                 "overloaded",
@@ -532,86 +540,4 @@ async fn drain(body: &mut Incoming, limit: u64) {
         }
     };
     let _ = tokio::time::timeout(DRAIN_TIME, discard).await;
-}
-
-fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
-    let body = serde_json::to_vec(value).expect("serialising plain data cannot fail");
-    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-pub fn error_response(error: &ApiError) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(error.body())).boxed());
-    *response.status_mut() = error.status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Some(seconds) = error.retry_after {
-        headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-    }
-    if let Some(allow) = error.allow {
-        headers.insert(header::ALLOW, HeaderValue::from_static(allow));
-    }
-    if error.status == StatusCode::UNAUTHORIZED {
-        headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
-    if error.close {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    response
-}
-
-/// Preflight: answered without authentication, for any path that exists.
-fn preflight(allow: &'static str) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::new()).boxed());
-    *response.status_mut() = StatusCode::NO_CONTENT;
-    let headers = response.headers_mut();
-    headers.insert(header::ALLOW, HeaderValue::from_static(allow));
-    response
-}
-
-/// CORS for an allowed origin: echo it (credentials are allowed, so `*` cannot be used), and on every
-/// response `Vary: Origin` so caches keep answers for different origins apart.
-fn cors(allowed: &[String], origin: Option<&HeaderValue>, headers: &mut HeaderMap) {
-    headers.insert(header::VARY, HeaderValue::from_static("Origin"));
-    let Some(origin) = origin else { return };
-    let permitted = origin.to_str().is_ok_and(|o| {
-        allowed
-            .iter()
-            .any(|a| a == "*" || a.eq_ignore_ascii_case(o))
-    });
-    if !permitted {
-        return;
-    }
-    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-        HeaderValue::from_static("true"),
-    );
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("GET, POST, OPTIONS"),
-    );
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("Authorization, Content-Type, X-Client-Id"),
-    );
-    headers.insert(
-        header::ACCESS_CONTROL_MAX_AGE,
-        HeaderValue::from_static("600"),
-    );
-}
-
-pub fn now_micros() -> time::Micros {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }

@@ -9,6 +9,7 @@
 mod fair;
 mod group;
 mod known;
+mod listen;
 mod pool;
 mod push;
 pub mod records;
@@ -26,6 +27,7 @@ use crate::protocol::{PullQuery, StoredChange, SyncResponse, WireChange};
 
 pub use group::{GroupStats, Hint};
 pub use known::KnownStamps;
+pub use listen::Listener;
 pub use pool::{Pool, PoolStatus, PooledConnection};
 use records::ReadMode;
 use timestamp::PgTimestamp;
@@ -642,7 +644,7 @@ impl Store {
             return Ok(0);
         };
         let cutoff = PgTimestamp(
-            crate::http::now_micros() - retention.as_micros() as Micros - PRUNE_MARGIN_MICROS,
+            crate::clock::now_micros() - retention.as_micros() as Micros - PRUNE_MARGIN_MICROS,
         );
         let mut pruned = 0;
         loop {
@@ -712,7 +714,7 @@ impl Store {
 
     fn horizon(&self) -> Option<Micros> {
         self.retention
-            .map(|retention| crate::http::now_micros() - retention.as_micros() as Micros)
+            .map(|retention| crate::clock::now_micros() - retention.as_micros() as Micros)
     }
 
     /// The tables a user has written in one app (for the nudge a legacy socket gets after `auth-ok`).
