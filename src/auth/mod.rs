@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 
 use crate::clock::unix_now;
+use crate::protocol::ErrorCode;
 
 pub use devkeys::sign_raw;
 pub use jwt::{decode_header, verify_token, Header, KeySet, Rules};
@@ -58,19 +59,19 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            AuthError::MissingToken => "missing_token",
-            AuthError::Malformed(_) => "malformed_token",
-            AuthError::UnsupportedAlgorithm(_) => "unsupported_algorithm",
-            AuthError::UnknownKey => "unknown_key",
-            AuthError::BadSignature => "bad_signature",
-            AuthError::Expired => "token_expired",
-            AuthError::NotYetValid => "token_not_yet_valid",
-            AuthError::MissingSubject => "missing_subject",
-            AuthError::WrongIssuer => "wrong_issuer",
-            AuthError::WrongAudience => "wrong_audience",
-            AuthError::KeysUnavailable => "keys_unavailable",
+            AuthError::MissingToken => ErrorCode::MissingToken,
+            AuthError::Malformed(_) => ErrorCode::MalformedToken,
+            AuthError::UnsupportedAlgorithm(_) => ErrorCode::UnsupportedAlgorithm,
+            AuthError::UnknownKey => ErrorCode::UnknownKey,
+            AuthError::BadSignature => ErrorCode::BadSignature,
+            AuthError::Expired => ErrorCode::TokenExpired,
+            AuthError::NotYetValid => ErrorCode::TokenNotYetValid,
+            AuthError::MissingSubject => ErrorCode::MissingSubject,
+            AuthError::WrongIssuer => ErrorCode::WrongIssuer,
+            AuthError::WrongAudience => ErrorCode::WrongAudience,
+            AuthError::KeysUnavailable => ErrorCode::KeysUnavailable,
         }
     }
 
@@ -507,7 +508,7 @@ mod tests {
             AuthError::WrongAudience,
             AuthError::KeysUnavailable,
         ];
-        let codes: Vec<&str> = all.iter().map(AuthError::code).collect();
+        let codes: Vec<ErrorCode> = all.iter().map(AuthError::code).collect();
         assert_eq!(
             codes,
             [

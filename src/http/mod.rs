@@ -21,7 +21,7 @@ use hyper::{Request, Response, StatusCode};
 
 use crate::auth::{self, Claims};
 use crate::clock;
-use crate::protocol::{self, time};
+use crate::protocol::{self, time, ErrorCode};
 use crate::realtime::{notify, sse, ws, Interest};
 use crate::state::{body_budget, per_user, Shared};
 pub use error::ApiError;
@@ -59,8 +59,8 @@ pub async fn handle(
         dispatch(&shared, routing, request).await
     } else {
         shared.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
-        Err(ApiError::unavailable(
-            "overloaded",
+        Err(ApiError::new(
+            ErrorCode::Overloaded,
             "the server is handling too many requests; retry shortly",
         ))
     };
@@ -131,23 +131,22 @@ async fn dispatch(
             return Err(ApiError {
                 allow: Some(allow),
                 ..ApiError::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
+                    ErrorCode::MethodNotAllowed,
                     format!("{} is not allowed here; allowed: {allow}", request.method()),
                 )
             })
         }
         Routing::InvalidAppId => {
-            return Err(ApiError::bad_request(
-                "invalid_app_id",
+            return Err(ApiError::new(
+                ErrorCode::InvalidAppId,
                 "appId must be 1-64 characters of A-Z a-z 0-9 _ . -",
             ))
         }
         Routing::NotFound => {
-            return Err(ApiError::not_found(format!(
-                "no route for {}",
-                request.uri().path()
-            )))
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("no route for {}", request.uri().path()),
+            ))
         }
     };
     match route {
@@ -315,10 +314,13 @@ async fn health(shared: &Shared) -> Result<Response<Body>, ApiError> {
 /// user's requests hold at most their share of the server's slots, however slowly their bodies arrive.
 fn user_slot(shared: &Shared, user: &str) -> Result<per_user::Slot, ApiError> {
     shared.requests_per_user.enter(user).ok_or_else(|| {
-        ApiError::too_many_requests(format!(
-            "more than {} requests of this account are in flight; retry shortly",
-            shared.config.max_requests_per_user
-        ))
+        ApiError::new(
+            ErrorCode::TooManyRequests,
+            format!(
+                "more than {} requests of this account are in flight; retry shortly",
+                shared.config.max_requests_per_user
+            ),
+        )
     })
 }
 
@@ -328,8 +330,7 @@ async fn gate(shared: &Shared, user: &str) -> Result<(), ApiError> {
     match &shared.billing {
         Some(billing) if billing.check(user).await == crate::billing::Verdict::Inactive => {
             Err(ApiError::new(
-                StatusCode::PAYMENT_REQUIRED,
-                "sync_inactive",
+                ErrorCode::SyncInactive,
                 "sync is not active for this account",
             ))
         }
@@ -366,18 +367,21 @@ fn client_id_header(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let text = value
         .to_str()
         .map_err(|_| {
-            ApiError::bad_request("invalid_client_id", "X-Client-Id must be printable ASCII")
+            ApiError::new(
+                ErrorCode::InvalidClientId,
+                "X-Client-Id must be printable ASCII",
+            )
         })?
         .trim();
     if text.chars().any(char::is_control) {
-        return Err(ApiError::bad_request(
-            "invalid_client_id",
+        return Err(ApiError::new(
+            ErrorCode::InvalidClientId,
             "X-Client-Id contains control characters",
         ));
     }
     if text.len() > MAX_CLIENT_ID_BYTES {
-        return Err(ApiError::bad_request(
-            "invalid_client_id",
+        return Err(ApiError::new(
+            ErrorCode::InvalidClientId,
             format!("X-Client-Id is longer than {MAX_CLIENT_ID_BYTES} bytes"),
         ));
     }
@@ -401,8 +405,7 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            ErrorCode::UnsupportedMediaType,
             format!("Content-Type must be application/json, not {essence:?}"),
         ))
     }
@@ -438,12 +441,11 @@ impl BodyError {
     fn into_api_error(self, shared: &Shared) -> ApiError {
         match self {
             BodyError::Api(error) => error,
-            BodyError::Refused(body_budget::Refused::User) => ApiError::too_many_requests(format!(
+            BodyError::Refused(body_budget::Refused::User) => ApiError::new(ErrorCode::TooManyRequests, format!(
                 "this account has more than {} bytes of large request bodies in flight; retry shortly",
                 shared.body_budget.per_user()
             )),
-            BodyError::Refused(body_budget::Refused::Server) => ApiError::unavailable(
-                "overloaded",
+            BodyError::Refused(body_budget::Refused::Server) => ApiError::new(ErrorCode::Overloaded,
                 "the server is handling too many large request bodies; retry shortly",
             ),
         }
@@ -468,8 +470,8 @@ async fn read_body(
                 .ok()
                 .and_then(|l| l.parse::<u64>().ok())
                 .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "invalid_content_length",
+                    ApiError::new(
+                        ErrorCode::InvalidContentLength,
                         "Content-Length is not a number",
                     )
                 })?,
@@ -492,7 +494,10 @@ async fn read_body(
         let mut collected = bytes::BytesMut::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|_| {
-                ApiError::bad_request("body_read_failed", "the request body could not be read")
+                ApiError::new(
+                    ErrorCode::BodyReadFailed,
+                    "the request body could not be read",
+                )
             })?;
             if let Ok(data) = frame.into_data() {
                 if collected.len() + data.len() > cap {
@@ -518,8 +523,7 @@ async fn read_body(
         }
         Ok(Err(error)) => Err(BodyError::Api(error)),
         Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
+            ErrorCode::BodyTimeout,
             "the request body did not arrive in time",
         )
         .into()),

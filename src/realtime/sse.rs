@@ -29,7 +29,7 @@ use super::{Context, Refusal};
 use crate::log;
 use crate::protocol::realtime::{parse_stream_query, sse_event};
 use crate::protocol::time::{self, format_cursor, Micros};
-use crate::protocol::WireChange;
+use crate::protocol::{ErrorCode, WireChange};
 use crate::store::StoreError;
 
 /// Which stream a request opened.
@@ -152,7 +152,7 @@ impl Stream {
                 _ = heartbeat.tick() => self.send(sse_event("heartbeat", None, "{}")).await,
                 () = tokio::time::sleep_until(self.expires) => {
                     let why = json!({
-                        "error": "token_expired",
+                        "error": ErrorCode::TokenExpired.as_str(),
                         "message": "the token expired; reconnect with a fresh one and resume from your cursor",
                     });
                     self.send(sse_event("token-expired", None, &why.to_string())).await.and(Err(End::TokenExpired))
