@@ -22,7 +22,7 @@ pub mod auth;
 pub mod billing;
 pub mod store;
 
-pub mod merge;
+pub(crate) mod merge;
 pub mod protocol;
 
 pub mod client_tls;
@@ -30,4 +30,4 @@ pub mod clock;
 pub mod config;
 pub mod devdb;
 pub mod log;
-pub mod metrics;
+pub(crate) mod metrics;

@@ -17,7 +17,7 @@ pub mod jwt;
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -73,12 +73,6 @@ impl AuthError {
             AuthError::WrongAudience => ErrorCode::WrongAudience,
             AuthError::KeysUnavailable => ErrorCode::KeysUnavailable,
         }
-    }
-
-    /// Whether the failure is on the server's side (no keys) rather than the
-    /// client's, so the HTTP layer can answer 503 instead of 401.
-    pub fn is_server_error(&self) -> bool {
-        matches!(self, AuthError::KeysUnavailable)
     }
 }
 
@@ -187,7 +181,6 @@ struct Inner {
     attempts_done: AtomicU64,
     /// Serialises refreshes: concurrent kid misses share one fetch.
     refresh_lock: tokio::sync::Mutex<()>,
-    ever_loaded: AtomicBool,
     ok: AtomicU64,
     failures: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -221,16 +214,11 @@ impl Authenticator {
                 last_attempt: Mutex::new(None),
                 attempts_done: AtomicU64::new(0),
                 refresh_lock: tokio::sync::Mutex::new(()),
-                ever_loaded: AtomicBool::new(false),
                 ok: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 last_error: Mutex::new(None),
             }),
         }
-    }
-
-    pub fn config(&self) -> &AuthConfig {
-        &self.inner.config
     }
 
     pub fn key_count(&self) -> usize {
@@ -283,7 +271,6 @@ impl Authenticator {
             (loaded, errors) if errors.is_empty() => {
                 let n = loaded.len();
                 self.update_keys(|keys| *keys = loaded);
-                inner.ever_loaded.store(true, Ordering::Relaxed);
                 inner.ok.fetch_add(1, Ordering::Relaxed);
                 *inner.last_error.lock() = None;
                 Ok(n)
@@ -291,7 +278,6 @@ impl Authenticator {
             (loaded, errors) => {
                 if !loaded.is_empty() {
                     self.update_keys(|keys| keys.merge(loaded));
-                    inner.ever_loaded.store(true, Ordering::Relaxed);
                 }
                 let msg = errors.join("; ");
                 inner.failures.fetch_add(1, Ordering::Relaxed);
@@ -464,7 +450,7 @@ mod tests {
     use ed25519_dalek::SigningKey;
     use std::io::{Read as _, Write as _};
     use std::net::{TcpListener, TcpStream};
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
 
     #[test]
     fn bearer_parsing() {
@@ -528,8 +514,6 @@ mod tests {
         for e in &all {
             assert!(!e.to_string().is_empty());
         }
-        assert!(AuthError::KeysUnavailable.is_server_error());
-        assert!(!AuthError::Expired.is_server_error());
     }
 
     // ---- a tiny real HTTP server -------------------------------------

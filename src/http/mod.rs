@@ -5,7 +5,7 @@
 //! are added here, to every response, so that browsers also see error bodies.
 
 pub mod error;
-pub mod response;
+mod response;
 pub mod router;
 
 use std::convert::Infallible;

@@ -7,10 +7,10 @@
 //! `http::error` maps to a status code, and its bodies are its own (`sse::EventStream`), boxed by `http`.
 //! It reaches the server's shared state only through `Context`, which the state implements.
 
-pub mod hub;
-pub mod notify;
-pub mod sse;
-pub mod ws;
+pub(crate) mod hub;
+pub(crate) mod notify;
+pub(crate) mod sse;
+pub(crate) mod ws;
 
 use std::sync::Arc;
 
@@ -23,8 +23,8 @@ use crate::metrics::Metrics;
 use crate::protocol::ProtocolError;
 use crate::store::{Store, StoreError};
 
-pub use hub::{Hub, Interest, Kind};
-pub use notify::spawn_listener;
+pub use hub::{Hub, Interest, Kind, MAX_HINT_TABLES};
+pub use notify::{spawn_listener, LISTENER_NAME};
 
 /// What sockets, streams and the listener need of the server's shared state.
 pub trait Context: Send + Sync + 'static {

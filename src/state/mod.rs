@@ -3,8 +3,8 @@
 //! server's own limits on requests in flight: `per_user` (request slots per user) and `body_budget`
 //! (large bodies in flight, per user and in all).
 
-pub mod body_budget;
-pub mod per_user;
+pub(crate) mod body_budget;
+pub(crate) mod per_user;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;

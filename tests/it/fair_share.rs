@@ -268,7 +268,7 @@ async fn a_push_naming_many_tables_is_one_app_changed_hint() {
         &[("authorization", &auth)],
     )
     .await;
-    let count = mana_sync::realtime::hub::MAX_HINT_TABLES + 44;
+    let count = mana_sync::realtime::MAX_HINT_TABLES + 44;
     let changes: Vec<Value> = (0..count)
         .map(|i| insert(&format!("t{i}"), "r", json!({"n": i})))
         .collect();
