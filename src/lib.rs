@@ -5,9 +5,9 @@
 
 #![forbid(unsafe_code)]
 
-// Layers, highest first; a module names only modules below it (`.ci/layers` checks this):
-// startup → server → http (with state) → realtime → {store, auth, billing} → merge → protocol → clock,
-// with config, metrics, log and the TLS modules as leaves below them.
+// Layers, highest first; a module names only modules below it (`.ci/layers` holds the table and checks it):
+// startup → server → http → state → realtime → {store, auth, billing, devdb} → merge → protocol, with
+// server_tls, config, metrics, log, clock and client_tls as leaves below them.
 pub mod startup;
 
 pub mod server;
