@@ -5,21 +5,29 @@
 
 #![forbid(unsafe_code)]
 
-pub mod app;
-pub mod auth;
-pub mod billing;
-pub mod client_tls;
-pub mod config;
-pub mod devdb;
-pub mod http;
-pub mod hub;
-pub mod log;
-pub mod merge;
-pub mod metrics;
-pub mod notify;
-pub mod protocol;
+// Layers, highest first; a module names only modules below it (`.ci/layers` holds the table and checks it):
+// startup → server → http → state → realtime → {store, auth, billing, devdb} → merge → protocol, with
+// server_tls, config, metrics, log, clock and client_tls as leaves below them.
+pub mod startup;
+
 pub mod server;
 pub mod server_tls;
-pub mod sse;
+
+pub mod http;
+pub mod state;
+
+pub mod realtime;
+
+pub mod auth;
+pub mod billing;
 pub mod store;
-pub mod ws;
+
+pub(crate) mod merge;
+pub mod protocol;
+
+pub mod client_tls;
+pub mod clock;
+pub mod config;
+pub mod devdb;
+pub mod log;
+pub(crate) mod metrics;

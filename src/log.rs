@@ -53,13 +53,9 @@ pub fn event(level: Level, message: &str, fields: &[(&str, serde_json::Value)]) 
         return;
     }
     let mut line = serde_json::Map::new();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
     line.insert(
         "ts".into(),
-        crate::protocol::time::format_cursor(now).into(),
+        crate::clock::format_cursor(crate::clock::now_micros()).into(),
     );
     line.insert("level".into(), level.as_str().into());
     line.insert("msg".into(), message.into());

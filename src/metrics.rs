@@ -9,9 +9,6 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::app::App;
-use crate::hub::Kind;
-
 /// A histogram with fixed upper bounds.
 pub struct Histogram {
     bounds: &'static [f64],
@@ -126,9 +123,48 @@ fn labelled(out: &mut String, name: &str, help: &str, label: &str, samples: &[(&
     }
 }
 
-/// Renders every metric of `app`.
-pub fn render(app: &App) -> String {
-    let metrics = &app.metrics;
+/// What `/metrics` shows besides the counters of `Metrics`: read from the rest of the server by whoever
+/// renders (`Shared::metrics_snapshot`), so that this module names none of it.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub inflight_body_bytes: u64,
+    /// Large bodies refused: over the user's share, over the server's budget.
+    pub body_budget_refusals: (u64, u64),
+    pub http_connections: u64,
+    /// WebSockets, and the users that have one.
+    pub sockets: (u64, u64),
+    /// SSE streams, and the users that have one.
+    pub streams: (u64, u64),
+    /// Users with any real-time connection.
+    pub realtime_users: u64,
+    pub notifications_queued: u64,
+    pub notifications_coalesced: u64,
+    pub notifications_dropped: u64,
+    pub slow_consumers_closed: u64,
+    /// Billing gate outcomes (active, inactive, failed open, from the cache); `None`: the gate is off.
+    pub billing_checks: Option<[u64; 4]>,
+    /// JWKS refreshes: succeeded, failed.
+    pub jwks_refreshes: (u64, u64),
+    pub jwks_keys: u64,
+    pub pool_in_use: u64,
+    pub pool_idle: u64,
+    pub pool_max: u64,
+    pub pool_waiting: u64,
+    pub rows_pruned: u64,
+    /// Log reads answered from memory, from the database.
+    pub log_reads: (u64, u64),
+    /// Token checks answered by the cache, by a signature check.
+    pub token_checks: (u64, u64),
+    pub times_beyond_skew: u64,
+    /// Push groups committed, failed.
+    pub push_groups: (u64, u64),
+    /// Pushes taken into a group: written, bounced.
+    pub grouped_pushes: (u64, u64),
+    pub known_stamps_users: u64,
+}
+
+/// Renders every metric: `metrics`' own and those of `snapshot`.
+pub fn render(metrics: &Metrics, snapshot: &Snapshot) -> String {
     let mut out = String::with_capacity(8 * 1024);
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
 
@@ -169,9 +205,9 @@ pub fn render(app: &App) -> String {
         "mana_sync_inflight_body_bytes",
         "gauge",
         "Bytes of large request bodies being read or worked on (bounded by MAX_INFLIGHT_BODY_BYTES).",
-        app.body_budget.used(),
+        snapshot.inflight_body_bytes,
     );
-    let (over_user, over_server) = app.body_budget.refusals();
+    let (over_user, over_server) = snapshot.body_budget_refusals;
     labelled(
         &mut out,
         "mana_sync_body_budget_refusals_total",
@@ -184,7 +220,7 @@ pub fn render(app: &App) -> String {
         "mana_sync_http_connections",
         "gauge",
         "Open HTTP connections.",
-        app.open_connections(),
+        snapshot.http_connections,
     );
 
     single(
@@ -218,9 +254,9 @@ pub fn render(app: &App) -> String {
         .push_batch_size
         .render(&mut out, "mana_sync_push_batch_size", "");
 
-    let (sockets, socket_users) = app.hub.counts(Some(Kind::Socket));
-    let (streams, stream_users) = app.hub.counts(Some(Kind::Stream));
-    let (_, users) = app.hub.counts(None);
+    let (sockets, socket_users) = snapshot.sockets;
+    let (streams, stream_users) = snapshot.streams;
+    let users = snapshot.realtime_users;
     family(
         &mut out,
         "mana_sync_realtime_connections",
@@ -250,7 +286,6 @@ pub fn render(app: &App) -> String {
         "mana_sync_realtime_users{{kind=\"sse\"}} {stream_users}"
     );
     let _ = writeln!(out, "mana_sync_realtime_users{{kind=\"all\"}} {users}");
-    let hub = &app.hub.stats;
     family(
         &mut out,
         "mana_sync_notifications_total",
@@ -260,24 +295,24 @@ pub fn render(app: &App) -> String {
     let _ = writeln!(
         out,
         "mana_sync_notifications_total{{outcome=\"queued\"}} {}",
-        load(&hub.notifications_queued)
+        snapshot.notifications_queued
     );
     let _ = writeln!(
         out,
         "mana_sync_notifications_total{{outcome=\"coalesced\"}} {}",
-        load(&hub.notifications_coalesced)
+        snapshot.notifications_coalesced
     );
     let _ = writeln!(
         out,
         "mana_sync_notifications_total{{outcome=\"dropped\"}} {}",
-        load(&hub.notifications_dropped)
+        snapshot.notifications_dropped
     );
     single(
         &mut out,
         "mana_sync_slow_consumers_closed_total",
         "counter",
         "Connections closed because they stopped reading.",
-        load(&hub.slow_consumers_closed),
+        snapshot.slow_consumers_closed,
     );
     family(
         &mut out,
@@ -295,19 +330,17 @@ pub fn render(app: &App) -> String {
         "counter",
         "Billing gate outcomes (cache: answered from the cache).",
     );
-    match &app.billing {
-        Some(billing) => {
-            let stats = &billing.stats;
+    match snapshot.billing_checks {
+        Some([active, inactive, failed_open, cache_hits]) => {
             for (outcome, value) in [
-                ("active", &stats.active),
-                ("inactive", &stats.inactive),
-                ("failed_open", &stats.failed_open),
-                ("cache", &stats.cache_hits),
+                ("active", active),
+                ("inactive", inactive),
+                ("failed_open", failed_open),
+                ("cache", cache_hits),
             ] {
                 let _ = writeln!(
                     out,
-                    "mana_sync_billing_checks_total{{outcome=\"{outcome}\"}} {}",
-                    load(value)
+                    "mana_sync_billing_checks_total{{outcome=\"{outcome}\"}} {value}"
                 );
             }
         }
@@ -319,7 +352,7 @@ pub fn render(app: &App) -> String {
         }
     }
 
-    let (refreshed, failed) = app.auth.refresh_stats();
+    let (refreshed, failed) = snapshot.jwks_refreshes;
     family(
         &mut out,
         "mana_sync_jwks_refreshes_total",
@@ -339,10 +372,9 @@ pub fn render(app: &App) -> String {
         "mana_sync_jwks_keys",
         "gauge",
         "Signing keys currently trusted.",
-        app.auth.key_count(),
+        snapshot.jwks_keys,
     );
 
-    let pool = app.store.pool_status();
     family(
         &mut out,
         "mana_sync_db_pool_connections",
@@ -352,33 +384,33 @@ pub fn render(app: &App) -> String {
     let _ = writeln!(
         out,
         "mana_sync_db_pool_connections{{state=\"in_use\"}} {}",
-        pool.in_use
+        snapshot.pool_in_use
     );
     let _ = writeln!(
         out,
         "mana_sync_db_pool_connections{{state=\"idle\"}} {}",
-        pool.idle
+        snapshot.pool_idle
     );
     let _ = writeln!(
         out,
         "mana_sync_db_pool_connections{{state=\"max\"}} {}",
-        pool.max_size
+        snapshot.pool_max
     );
     single(
         &mut out,
         "mana_sync_db_pool_waiting",
         "gauge",
         "Requests waiting for a database connection.",
-        pool.waiting,
+        snapshot.pool_waiting,
     );
     single(
         &mut out,
         "mana_sync_log_rows_pruned_total",
         "counter",
         "Log rows removed by compaction.",
-        load(&app.rows_pruned),
+        snapshot.rows_pruned,
     );
-    let (from_memory, from_database) = app.store.known().stats();
+    let (from_memory, from_database) = snapshot.log_reads;
     labelled(
         &mut out,
         "mana_sync_log_reads_total",
@@ -386,7 +418,7 @@ pub fn render(app: &App) -> String {
         "source",
         &[("memory", from_memory), ("database", from_database)],
     );
-    let (cached, verified) = app.auth.verified_cache_stats();
+    let (cached, verified) = snapshot.token_checks;
     labelled(
         &mut out,
         "mana_sync_token_checks_total",
@@ -399,35 +431,30 @@ pub fn render(app: &App) -> String {
         "mana_sync_changes_beyond_future_skew_total",
         "counter",
         "Pushed changes with a timestamp further ahead than MAX_FUTURE_SKEW_SECS (ordered at that bound).",
-        app.store.times_beyond_skew(),
+        snapshot.times_beyond_skew,
     );
-    let groups = app.store.push_groups();
+    let (committed, failed) = snapshot.push_groups;
+    let (written, bounced) = snapshot.grouped_pushes;
     labelled(
         &mut out,
         "mana_sync_push_groups_total",
         "Transactions that wrote small pushes of several users together, by outcome.",
         "outcome",
-        &[
-            ("committed", load(&groups.committed)),
-            ("failed", load(&groups.failed)),
-        ],
+        &[("committed", committed), ("failed", failed)],
     );
     labelled(
         &mut out,
         "mana_sync_grouped_pushes_total",
         "Pushes taken into a group: answered by it, or handed back to run alone.",
         "outcome",
-        &[
-            ("written", load(&groups.written)),
-            ("bounced", load(&groups.bounced)),
-        ],
+        &[("written", written), ("bounced", bounced)],
     );
     single(
         &mut out,
         "mana_sync_known_stamps_users",
         "gauge",
         "Users whose newest stamp this instance keeps in memory.",
-        app.store.known().len(),
+        snapshot.known_stamps_users,
     );
     out
 }

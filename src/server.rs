@@ -29,38 +29,20 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use parking_lot::Mutex;
-use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::app::{App, ConnectionGuard};
 use crate::config::Config;
 use crate::http::Body;
 use crate::log;
+use crate::realtime::ConnectionSlot;
+use crate::state::Shared;
 
 /// HTTP/2 keep-alive: a PING after this long without frames from the client…
 const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(20);
 /// …which must be answered within this, or the connection is closed (a peer that vanished).
 const HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// A connection's place under `MAX_CONNECTIONS` and in the open-connection count, shared by its
-/// requests; whoever takes it (an upgraded WebSocket) keeps it until it ends.
-#[derive(Clone)]
-pub struct ConnectionSlot(Arc<parking_lot::Mutex<Option<(OwnedSemaphorePermit, ConnectionGuard)>>>);
-
-/// A slot taken over by an upgraded connection.
-pub struct HeldSlot(#[allow(dead_code)] Option<(OwnedSemaphorePermit, ConnectionGuard)>);
-
-impl ConnectionSlot {
-    fn new(permit: OwnedSemaphorePermit, guard: ConnectionGuard) -> ConnectionSlot {
-        ConnectionSlot(Arc::new(parking_lot::Mutex::new(Some((permit, guard)))))
-    }
-
-    /// Takes the slot over (once; later calls get an empty one).
-    pub fn take(&self) -> HeldSlot {
-        HeldSlot(self.0.lock().take())
-    }
-}
 
 /// The connection builder every connection is served with: HTTP/1.1 and HTTP/2, told apart by the preface.
 fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
@@ -82,9 +64,9 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
 
 /// Serves until `shutdown` resolves, then stops accepting and drains in-flight requests for at most the
 /// configured shutdown timeout.
-pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
-    let permits = Arc::new(Semaphore::new(app.config.max_connections));
-    let builder = Arc::new(connection_builder(&app.config));
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
+    let permits = Arc::new(Semaphore::new(shared.config.max_connections));
+    let builder = Arc::new(connection_builder(&shared.config));
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(5);
 
@@ -112,50 +94,56 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         // The connection's slot (and its count in /health) is held from accept, through the TLS handshake,
         // and handed to a WebSocket on upgrade: an upgraded socket keeps counting against MAX_CONNECTIONS
         // until it ends.
-        let slot = ConnectionSlot::new(permit, app.connection_opened());
-        tokio::spawn(connection(app.clone(), builder.clone(), stream, peer, slot));
+        let slot = ConnectionSlot::new((permit, shared.connection_opened()));
+        tokio::spawn(connection(
+            shared.clone(),
+            builder.clone(),
+            stream,
+            peer,
+            slot,
+        ));
     }
 
     drop(listener);
     log::info(
         "shutting down: draining connections",
-        &[("open", app.open_connections().into())],
+        &[("open", shared.open_connections().into())],
     );
     // Connections, upgraded sockets and streams watch this to begin their own graceful close.
-    app.shutdown.send_replace(true);
-    let deadline = tokio::time::Instant::now() + app.config.shutdown_timeout;
-    while (app.open_connections() > 0 || app.hub.counts(None).0 > 0)
+    shared.shutdown.send_replace(true);
+    let deadline = tokio::time::Instant::now() + shared.config.shutdown_timeout;
+    while (shared.open_connections() > 0 || shared.hub.counts(None).0 > 0)
         && tokio::time::Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    match app.open_connections() {
+    match shared.open_connections() {
         0 => log::info("all connections drained", &[]),
         open => log::warn(
             "shutdown timeout reached with connections still open",
             &[("open", open.into())],
         ),
     }
-    app.store.close();
+    shared.store.close();
 }
 
 /// One accepted connection, from the TLS handshake (if any) to its end. The slot is released when this
 /// returns (unless a WebSocket took it over).
 async fn connection(
-    app: Arc<App>,
+    shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: TcpStream,
     peer: SocketAddr,
     slot: ConnectionSlot,
 ) {
-    let mut drain = app.shutdown.subscribe();
-    let Some(tls) = app.tls.clone() else {
-        return serve_http(app, &builder, stream, peer, slot, drain).await;
+    let mut drain = shared.shutdown.subscribe();
+    let Some(tls) = shared.tls.clone() else {
+        return serve_http(shared, &builder, stream, peer, slot, drain).await;
     };
     // A client that connects and says nothing (or shakes hands slowly) gets the header read timeout for
     // the whole handshake; until then it holds its slot like any other connection.
     let handshake = tokio::time::timeout(
-        app.config.header_read_timeout,
+        shared.config.header_read_timeout,
         tls.acceptor().accept(stream),
     );
     let stream = tokio::select! {
@@ -175,12 +163,12 @@ async fn connection(
         },
         _ = drain.changed() => return,
     };
-    serve_http(app, &builder, stream, peer, slot, drain).await
+    serve_http(shared, &builder, stream, peer, slot, drain).await
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on `io` until the client leaves, the connection idles, or the server drains.
 async fn serve_http<I>(
-    app: Arc<App>,
+    shared: Arc<Shared>,
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     peer: SocketAddr,
@@ -191,15 +179,15 @@ async fn serve_http<I>(
 {
     let activity = Arc::new(Activity::default());
     let service = {
-        let app = app.clone();
+        let shared = shared.clone();
         let activity = activity.clone();
         let slot = slot.clone();
         service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-            let app = app.clone();
+            let shared = shared.clone();
             let busy = activity.begin();
             request.extensions_mut().insert(slot.clone());
             async move {
-                let response = crate::http::handle(app, request).await?;
+                let response = crate::http::handle(shared, request).await?;
                 // Busy until the response body is finished: a stream (SSE) keeps its connection in use.
                 Ok::<_, std::convert::Infallible>(response.map(|body| TrackedBody { body, busy }))
             }
@@ -207,8 +195,10 @@ async fn serve_http<I>(
     };
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut connection = std::pin::pin!(connection);
-    let (header_read_timeout, idle_timeout) =
-        (app.config.header_read_timeout, app.config.idle_timeout);
+    let (header_read_timeout, idle_timeout) = (
+        shared.config.header_read_timeout,
+        shared.config.idle_timeout,
+    );
     let result = tokio::select! {
         result = connection.as_mut() => result,
         _ = drain.changed() => {
@@ -337,12 +327,12 @@ pub struct ServerHandle {
 }
 
 impl ServerHandle {
-    /// Binds `addr` (port 0 for any) and serves `app` until `stop` is called or the handle is dropped.
-    pub async fn start(app: Arc<App>, addr: SocketAddr) -> std::io::Result<ServerHandle> {
+    /// Binds `addr` (port 0 for any) and serves `shared` until `stop` is called or the handle is dropped.
+    pub async fn start(shared: Arc<Shared>, addr: SocketAddr) -> std::io::Result<ServerHandle> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, app, async move {
+        let task = tokio::spawn(serve(listener, shared, async move {
             let _ = stopped.await;
         }));
         Ok(ServerHandle {

@@ -11,7 +11,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use mana_sync::app::{self, App};
+use mana_sync::startup;
+use mana_sync::state::Shared;
 use mana_sync::auth::devkeys;
 use mana_sync::config::Config;
 use mana_sync::devdb::{EmbeddedOptions, EmbeddedPostgres};
@@ -212,7 +213,7 @@ impl Keys {
             Duration::from_secs(1800),
             None,
             Some("mana"),
-            mana_sync::auth::unix_now(),
+            mana_sync::clock::unix_now(),
         )
     }
 }
@@ -253,7 +254,7 @@ pub fn server_config(cluster: &Cluster, keys: &Keys) -> Config {
 
 pub struct InProcess {
     pub addr: SocketAddr,
-    pub app: Arc<App>,
+    pub app: Arc<Shared>,
     handle: Option<ServerHandle>,
 }
 
@@ -270,7 +271,7 @@ impl InProcess {
     ) -> Result<InProcess> {
         let mut config = server_config(cluster, keys);
         adjust(&mut config);
-        let app = app::build(config, cluster.app_conn.parse()?)
+        let app = startup::build(config, cluster.app_conn.parse()?)
             .await
             .map_err(|e| err(e.0))?;
         let handle = ServerHandle::start(app.clone(), "127.0.0.1:0".parse().unwrap()).await?;
@@ -317,7 +318,7 @@ impl Child {
         }
         // A port below the ephemeral range (32768-60999 here), so that no client socket of a previous
         // run (thousands in TIME_WAIT) can hold it.
-        let seed = std::process::id() as u64 ^ mana_sync::auth::unix_now() as u64;
+        let seed = std::process::id() as u64 ^ mana_sync::clock::unix_now() as u64;
         let port = (0..2000u64)
             .map(|n| 20_000 + ((seed.wrapping_mul(2_654_435_761) + n * 7919) % 12_000) as u16)
             .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
@@ -537,7 +538,7 @@ impl Results {
         let obj = value.as_object_mut().expect("object");
         obj.insert("scenario".into(), scenario.into());
         obj.insert("kind".into(), kind.into());
-        obj.insert("unix_time".into(), mana_sync::auth::unix_now().into());
+        obj.insert("unix_time".into(), mana_sync::clock::unix_now().into());
         obj.insert("cores".into(), num_cpus().into());
         match std::fs::OpenOptions::new()
             .create(true)

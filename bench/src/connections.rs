@@ -29,7 +29,7 @@ pub async fn run(args: Args, results: &mut Results) -> Result<()> {
 
 async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Result<()> {
     let keys = Keys::create()?;
-    let nonce = mana_sync::auth::unix_now();
+    let nonce = mana_sync::clock::unix_now();
     println!(
         "connections: {} sockets per run from {} source addresses (127.0.0.2..), {} sockets per user, server = child process {}",
         args.sockets, args.sources, args.per_user, server_binary().display()

@@ -31,7 +31,7 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
         bin.display(),
         size
     );
-    let nonce = mana_sync::auth::unix_now();
+    let nonce = mana_sync::clock::unix_now();
     let mut idle_runs = Vec::new();
     let mut load_runs = Vec::new();
     let mut after_runs = Vec::new();

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::Bytes;
-use mana_sync::http::now_micros;
+use mana_sync::clock::now_micros;
 use mana_sync::protocol::time::{format_cursor, parse_rfc3339, Micros};
 use serde_json::{json, Map, Value};
 

@@ -218,7 +218,7 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
     };
     println!("notify: server {mode} on {addr}; {} other users' sockets connected; {} rounds after {} warm-up per run",
         args.others, args.rounds, args.warm_rounds);
-    let nonce = mana_sync::auth::unix_now();
+    let nonce = mana_sync::clock::unix_now();
     let mut per_n: std::collections::BTreeMap<usize, Vec<(Histogram, Histogram)>> =
         Default::default();
     let mut leaked_total = 0;

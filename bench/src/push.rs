@@ -359,7 +359,7 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
     // CPU µs per change (own process, postgres): the one-tx baseline by connections, push by cell.
     let mut one_tx_cpu: BTreeMap<usize, Vec<(f64, f64)>> = BTreeMap::new();
     let mut push_cpu: BTreeMap<(usize, usize, bool), Vec<(f64, f64)>> = BTreeMap::new();
-    let nonce = mana_sync::auth::unix_now();
+    let nonce = mana_sync::clock::unix_now();
 
     for run in 0..args.runs {
         // Baseline b first (it does not depend on the batch size).

@@ -322,7 +322,7 @@ mod tests {
                 audience: Some("mana".into()),
                 ..AuthConfig::default()
             });
-            let real_now = crate::auth::unix_now();
+            let real_now = crate::clock::unix_now();
             let token = mint_token(
                 &kid,
                 &key,

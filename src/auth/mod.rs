@@ -17,11 +17,14 @@ pub mod jwt;
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
+
+use crate::clock::unix_now;
+use crate::protocol::ErrorCode;
 
 pub use devkeys::sign_raw;
 pub use jwt::{decode_header, verify_token, Header, KeySet, Rules};
@@ -56,26 +59,20 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            AuthError::MissingToken => "missing_token",
-            AuthError::Malformed(_) => "malformed_token",
-            AuthError::UnsupportedAlgorithm(_) => "unsupported_algorithm",
-            AuthError::UnknownKey => "unknown_key",
-            AuthError::BadSignature => "bad_signature",
-            AuthError::Expired => "token_expired",
-            AuthError::NotYetValid => "token_not_yet_valid",
-            AuthError::MissingSubject => "missing_subject",
-            AuthError::WrongIssuer => "wrong_issuer",
-            AuthError::WrongAudience => "wrong_audience",
-            AuthError::KeysUnavailable => "keys_unavailable",
+            AuthError::MissingToken => ErrorCode::MissingToken,
+            AuthError::Malformed(_) => ErrorCode::MalformedToken,
+            AuthError::UnsupportedAlgorithm(_) => ErrorCode::UnsupportedAlgorithm,
+            AuthError::UnknownKey => ErrorCode::UnknownKey,
+            AuthError::BadSignature => ErrorCode::BadSignature,
+            AuthError::Expired => ErrorCode::TokenExpired,
+            AuthError::NotYetValid => ErrorCode::TokenNotYetValid,
+            AuthError::MissingSubject => ErrorCode::MissingSubject,
+            AuthError::WrongIssuer => ErrorCode::WrongIssuer,
+            AuthError::WrongAudience => ErrorCode::WrongAudience,
+            AuthError::KeysUnavailable => ErrorCode::KeysUnavailable,
         }
-    }
-
-    /// Whether the failure is on the server's side (no keys) rather than the
-    /// client's, so the HTTP layer can answer 503 instead of 401.
-    pub fn is_server_error(&self) -> bool {
-        matches!(self, AuthError::KeysUnavailable)
     }
 }
 
@@ -124,16 +121,6 @@ pub fn bearer_token(authorization_header: Option<&str>) -> Result<&str, AuthErro
         return Err(AuthError::MissingToken);
     }
     Ok(rest)
-}
-
-/// Seconds since the Unix epoch; a clock before 1970 reads as 0 rather
-/// than panicking, which makes every token look valid-from-the-future
-/// (rejected by `nbf`) instead of crashing the server.
-pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 #[derive(Debug, Clone)]
@@ -194,7 +181,6 @@ struct Inner {
     attempts_done: AtomicU64,
     /// Serialises refreshes: concurrent kid misses share one fetch.
     refresh_lock: tokio::sync::Mutex<()>,
-    ever_loaded: AtomicBool,
     ok: AtomicU64,
     failures: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -228,16 +214,11 @@ impl Authenticator {
                 last_attempt: Mutex::new(None),
                 attempts_done: AtomicU64::new(0),
                 refresh_lock: tokio::sync::Mutex::new(()),
-                ever_loaded: AtomicBool::new(false),
                 ok: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 last_error: Mutex::new(None),
             }),
         }
-    }
-
-    pub fn config(&self) -> &AuthConfig {
-        &self.inner.config
     }
 
     pub fn key_count(&self) -> usize {
@@ -290,7 +271,6 @@ impl Authenticator {
             (loaded, errors) if errors.is_empty() => {
                 let n = loaded.len();
                 self.update_keys(|keys| *keys = loaded);
-                inner.ever_loaded.store(true, Ordering::Relaxed);
                 inner.ok.fetch_add(1, Ordering::Relaxed);
                 *inner.last_error.lock() = None;
                 Ok(n)
@@ -298,7 +278,6 @@ impl Authenticator {
             (loaded, errors) => {
                 if !loaded.is_empty() {
                     self.update_keys(|keys| keys.merge(loaded));
-                    inner.ever_loaded.store(true, Ordering::Relaxed);
                 }
                 let msg = errors.join("; ");
                 inner.failures.fetch_add(1, Ordering::Relaxed);
@@ -471,7 +450,7 @@ mod tests {
     use ed25519_dalek::SigningKey;
     use std::io::{Read as _, Write as _};
     use std::net::{TcpListener, TcpStream};
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
 
     #[test]
     fn bearer_parsing() {
@@ -515,7 +494,7 @@ mod tests {
             AuthError::WrongAudience,
             AuthError::KeysUnavailable,
         ];
-        let codes: Vec<&str> = all.iter().map(AuthError::code).collect();
+        let codes: Vec<ErrorCode> = all.iter().map(AuthError::code).collect();
         assert_eq!(
             codes,
             [
@@ -535,8 +514,6 @@ mod tests {
         for e in &all {
             assert!(!e.to_string().is_empty());
         }
-        assert!(AuthError::KeysUnavailable.is_server_error());
-        assert!(!AuthError::Expired.is_server_error());
     }
 
     // ---- a tiny real HTTP server -------------------------------------

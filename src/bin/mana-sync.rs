@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use mana_sync::auth::devkeys;
 use mana_sync::config::Config;
-use mana_sync::{app, log, server};
+use mana_sync::{log, server, startup};
 
 const USAGE: &str = "\
 mana-sync: sync server for local-first apps
@@ -129,7 +129,7 @@ fn config() -> Result<Config, String> {
 async fn serve() -> Result<(), String> {
     let config = config()?;
     // Unusable certificate files stop the start before a database is started (they are read again when
-    // the app is built: by then they may have been renewed).
+    // the state is built: by then they may have been renewed).
     if let Some(files) = &config.tls {
         mana_sync::server_tls::ServerTls::load(files).map_err(|e| e.to_string())?;
     }
@@ -138,11 +138,11 @@ async fn serve() -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let database = app::open_database(&config)
+    let database = startup::open_database(&config)
         .await
         .map_err(|e| e.to_string())?;
     let result = async {
-        let app = app::build(config, database.config.clone())
+        let shared = startup::build(config, database.config.clone())
             .await
             .map_err(|e| e.to_string())?;
         log::info(
@@ -158,11 +158,16 @@ async fn serve() -> Result<(), String> {
                 ),
                 (
                     "scheme",
-                    if app.tls.is_some() { "https" } else { "http" }.into(),
+                    if shared.tls.is_some() {
+                        "https"
+                    } else {
+                        "http"
+                    }
+                    .into(),
                 ),
             ],
         );
-        server::serve(listener, app, server::shutdown_signal()).await;
+        server::serve(listener, shared, server::shutdown_signal()).await;
         Ok(())
     }
     .await;
@@ -181,7 +186,7 @@ async fn serve() -> Result<(), String> {
 
 async fn migrate() -> Result<(), String> {
     let config = config()?;
-    let database = app::open_database(&config)
+    let database = startup::open_database(&config)
         .await
         .map_err(|e| e.to_string())?;
     let store = mana_sync::store::Store::new(
@@ -198,7 +203,7 @@ async fn migrate() -> Result<(), String> {
             push_groups: (0, 0, 0),
         },
     );
-    let outcome = app::migrate(&store).await.map_err(|e| e.to_string());
+    let outcome = startup::migrate(&store).await.map_err(|e| e.to_string());
     store.close();
     if let Some(embedded) = database.embedded {
         let _ = embedded.stop().await;
@@ -247,7 +252,7 @@ fn token(rest: &[String]) -> Result<(), String> {
             key_path.display()
         )
     })?;
-    let now = mana_sync::auth::unix_now();
+    let now = mana_sync::clock::unix_now();
     let token = devkeys::mint_token(
         &kid,
         &key,

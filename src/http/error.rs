@@ -1,9 +1,11 @@
-//! HTTP errors: the one place where failures become status codes and `{"error","message"}` bodies.
+//! HTTP errors: the one place where failures become status codes and `{"error","message"}` bodies. Each
+//! failure is given its `ErrorCode`, whose table (`protocol::error`) says the status it is answered with.
 
 use hyper::StatusCode;
 
 use crate::auth::AuthError;
-use crate::protocol::ProtocolError;
+use crate::protocol::{ErrorCode, ProtocolError};
+use crate::realtime::Refusal;
 use crate::store::StoreError;
 
 /// An error response. `code` is the stable API clients may branch on; `message` is for people.
@@ -12,7 +14,7 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
-    /// Seconds, for 503 and 429.
+    /// Seconds, for the codes that ask for a retry (`ErrorCode::retry_after`).
     pub retry_after: Option<u32>,
     /// For 405.
     pub allow: Option<&'static str>,
@@ -23,23 +25,16 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    /// An error answered with `code`'s status, and `Retry-After` when the code asks for one.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
-            status,
-            code,
+            status: code.status(),
+            code: code.as_str(),
             message: message.into(),
-            retry_after: None,
+            retry_after: code.retry_after(),
             allow: None,
             close: false,
             detail: None,
-        }
-    }
-
-    /// 429: this user has too much in flight; retry shortly.
-    pub fn too_many_requests(message: impl Into<String>) -> ApiError {
-        ApiError {
-            retry_after: Some(1),
-            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", message)
         }
     }
 
@@ -48,25 +43,9 @@ impl ApiError {
         ApiError {
             close: true,
             ..ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
+                ErrorCode::PayloadTooLarge,
                 format!("request body exceeds the limit of {cap} bytes"),
             )
-        }
-    }
-
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, code, message)
-    }
-
-    pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
-    }
-
-    pub fn unavailable(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            retry_after: Some(1),
-            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
         }
     }
 
@@ -77,38 +56,37 @@ impl ApiError {
 
 impl From<ProtocolError> for ApiError {
     fn from(e: ProtocolError) -> ApiError {
-        ApiError::bad_request(e.code, e.message)
+        ApiError::new(e.code, e.message)
     }
 }
 
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> ApiError {
-        match e {
-            AuthError::KeysUnavailable => ApiError::unavailable(
-                e.code(),
-                format!("{e}; tokens cannot be verified right now"),
-            ),
-            _ => ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()),
-        }
+        let message = match e {
+            AuthError::KeysUnavailable => format!("{e}; tokens cannot be verified right now"),
+            _ => e.to_string(),
+        };
+        ApiError::new(e.code(), message)
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
-            StoreError::Unavailable(_) => ApiError::unavailable(
-                "database_unavailable",
+            StoreError::Unavailable(_) => ApiError::new(
+                ErrorCode::DatabaseUnavailable,
                 "the database is unavailable; retry shortly",
             ),
-            StoreError::Saturated => {
-                ApiError::unavailable("database_saturated", "the server is busy; retry shortly")
-            }
-            StoreError::Contention(_) => ApiError::unavailable(
-                "database_contention",
+            StoreError::Saturated => ApiError::new(
+                ErrorCode::DatabaseSaturated,
+                "the server is busy; retry shortly",
+            ),
+            StoreError::Contention(_) => ApiError::new(
+                ErrorCode::DatabaseContention,
                 "the write collided with another; retry shortly",
             ),
-            StoreError::Rejected(why) => ApiError::bad_request(
-                "invalid_value",
+            StoreError::Rejected(why) => ApiError::new(
+                ErrorCode::InvalidValue,
                 format!(
                     "the database refused a value of this request ({}); nothing was written",
                     why.database_message().unwrap_or("data exception")
@@ -118,11 +96,38 @@ impl From<StoreError> for ApiError {
             StoreError::Internal(why) => ApiError {
                 detail: Some(format!("database error: {why}")),
                 ..ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal_error",
+                    ErrorCode::InternalError,
                     "internal error; it has been logged",
                 )
             },
+        }
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> ApiError {
+        match refusal {
+            Refusal::UpgradeRequired => ApiError::new(
+                ErrorCode::UpgradeRequired,
+                "this endpoint speaks WebSocket only",
+            ),
+            Refusal::InvalidUpgrade(why) => ApiError::new(
+                ErrorCode::InvalidUpgrade,
+                format!("WebSocket handshake failed: {why}"),
+            ),
+            Refusal::TooManyUnauthenticatedSockets => ApiError::new(
+                ErrorCode::TooManyUnauthenticatedSockets,
+                "too many WebSockets are waiting to authenticate; retry shortly",
+            ),
+            Refusal::TooManyStreams => {
+                ApiError::new(ErrorCode::TooManyConnections, "too many streams")
+            }
+            Refusal::InvalidLastEventId => ApiError::new(
+                ErrorCode::InvalidLastEventId,
+                "Last-Event-ID is not a cursor",
+            ),
+            Refusal::Protocol(e) => e.into(),
+            Refusal::Store(e) => e.into(),
         }
     }
 }

@@ -24,7 +24,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::time::{self, Micros};
-use super::{is_identifier, ProtocolError, SUPPORTED_SCHEMA_VERSION};
+use super::{is_identifier, ErrorCode, ProtocolError, SUPPORTED_SCHEMA_VERSION};
 
 /// Longest record id, client id or origin accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 512;
@@ -169,9 +169,11 @@ pub fn parse_changeset_keeping(
             let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
             let json = !object && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok();
             return Err(match json {
-                true => ProtocolError::new("invalid_body", "request body must be a JSON object"),
+                true => {
+                    ProtocolError::new(ErrorCode::InvalidBody, "request body must be a JSON object")
+                }
                 false => ProtocolError::new(
-                    "invalid_json",
+                    ErrorCode::InvalidJson,
                     format!("request body is not valid JSON: {e}"),
                 ),
             });
@@ -182,7 +184,10 @@ pub fn parse_changeset_keeping(
             .map(|raw| serde_json::from_str(raw.get()))
             .transpose()
             .map_err(|e| {
-                ProtocolError::new("invalid_json", format!("{key} is not valid JSON: {e}"))
+                ProtocolError::new(
+                    ErrorCode::InvalidJson,
+                    format!("{key} is not valid JSON: {e}"),
+                )
             })
     };
 
@@ -192,7 +197,7 @@ pub fn parse_changeset_keeping(
         Some(Value::String(s)) => Some(check_plain_text(&s, "clientId")?.to_owned()),
         Some(_) => {
             return Err(ProtocolError::new(
-                "invalid_body",
+                ErrorCode::InvalidBody,
                 "clientId must be a string",
             ))
         }
@@ -203,13 +208,13 @@ pub fn parse_changeset_keeping(
         Some(Value::String(s)) if s.is_empty() => time::EPOCH,
         Some(Value::String(s)) => time::parse_rfc3339(&s).map_err(|e| {
             ProtocolError::new(
-                "invalid_since",
+                ErrorCode::InvalidSince,
                 format!("since {s:?} is not a valid cursor: {e}"),
             )
         })?,
         Some(_) => {
             return Err(ProtocolError::new(
-                "invalid_since",
+                ErrorCode::InvalidSince,
                 "since must be a timestamp string",
             ))
         }
@@ -222,7 +227,7 @@ pub fn parse_changeset_keeping(
         None => Vec::new(),
         Some(raw) if raw.get() == "null" => Vec::new(),
         Some(raw) => serde_json::from_str(raw.get())
-            .map_err(|_| ProtocolError::new("invalid_body", "changes must be an array"))?,
+            .map_err(|_| ProtocolError::new(ErrorCode::InvalidBody, "changes must be an array"))?,
     };
 
     // Every change is validated now, before anything is stored; a large batch keeps only its spans.
@@ -264,7 +269,7 @@ pub fn parse_changeset_keeping(
 fn parse_one(text: &[u8], batch_version: i32, index: usize) -> Result<NewChange, ProtocolError> {
     let change: Value = serde_json::from_slice(text).map_err(|e| {
         ProtocolError::new(
-            "invalid_json",
+            ErrorCode::InvalidJson,
             format!("change {index} is not valid JSON: {e}"),
         )
     })?;
@@ -274,17 +279,17 @@ fn parse_one(text: &[u8], batch_version: i32, index: usize) -> Result<NewChange,
 }
 
 /// Why one change was rejected: an error code (usually `invalid_change`) and a message without the index.
-struct ChangeError(&'static str, String);
+struct ChangeError(ErrorCode, String);
 
 impl From<String> for ChangeError {
     fn from(message: String) -> ChangeError {
-        ChangeError("invalid_change", message)
+        ChangeError(ErrorCode::InvalidChange, message)
     }
 }
 
 impl From<&str> for ChangeError {
     fn from(message: &str) -> ChangeError {
-        ChangeError("invalid_change", message.to_owned())
+        ChangeError(ErrorCode::InvalidChange, message.to_owned())
     }
 }
 
@@ -413,7 +418,7 @@ fn parse_change(change: Value, batch_version: i32) -> Result<NewChange, ChangeEr
         let shown: String = number.chars().take(40).collect();
         let more = if number.len() > 40 { "…" } else { "" };
         return Err(ChangeError(
-            "invalid_number",
+            ErrorCode::InvalidNumber,
             format!("{name} holds the number {shown}{more}, which PostgreSQL cannot store"),
         ));
     }
@@ -525,12 +530,12 @@ fn schema_version(value: Option<&Value>, name: &str) -> Result<Option<i32>, Prot
     };
     match version {
         Some(v) if v > SUPPORTED_SCHEMA_VERSION => Err(ProtocolError::new(
-            "unsupported_schema_version",
+            ErrorCode::UnsupportedSchemaVersion,
             format!("{name} {v} is newer than this server supports ({SUPPORTED_SCHEMA_VERSION})"),
         )),
         Some(v) => Ok(Some(v)),
         None => Err(ProtocolError::new(
-            "invalid_body",
+            ErrorCode::InvalidBody,
             format!("{name} must be an integer"),
         )),
     }
@@ -540,13 +545,13 @@ fn schema_version(value: Option<&Value>, name: &str) -> Result<Option<i32>, Prot
 fn check_plain_text<'a>(text: &'a str, name: &str) -> Result<&'a str, ProtocolError> {
     if text.len() > MAX_ID_BYTES {
         return Err(ProtocolError::new(
-            "invalid_body",
+            ErrorCode::InvalidBody,
             format!("{name} is longer than {MAX_ID_BYTES} bytes"),
         ));
     }
     if text.chars().any(char::is_control) {
         return Err(ProtocolError::new(
-            "invalid_body",
+            ErrorCode::InvalidBody,
             format!("{name} contains control characters"),
         ));
     }

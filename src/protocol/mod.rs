@@ -4,6 +4,7 @@
 //! typed values (push bodies, query strings, cursors) is a pure function of its input.
 
 pub mod changeset;
+pub mod error;
 pub mod query;
 pub mod realtime;
 pub mod time;
@@ -12,6 +13,7 @@ pub mod wire;
 use std::fmt;
 
 pub use changeset::{parse_changeset, Changes, Changeset, NewChange, Op};
+pub use error::ErrorCode;
 pub use query::{parse_pull_query, PullQuery};
 pub use wire::{StoredChange, SyncResponse, WireChange};
 
@@ -21,12 +23,12 @@ pub const SUPPORTED_SCHEMA_VERSION: i32 = 1;
 /// Input a client sent that this server will not accept. `code` is the stable API; `message` is for people.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProtocolError {
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
 impl ProtocolError {
-    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         ProtocolError {
             code,
             message: message.into(),

@@ -1,7 +1,7 @@
 //! Query strings: percent-decoding and the pull parameters.
 
 use super::time::{self, Micros};
-use super::{is_identifier, ProtocolError};
+use super::{is_identifier, ErrorCode, ProtocolError};
 
 /// Decodes an `application/x-www-form-urlencoded` query into (name, value) pairs, in order.
 ///
@@ -32,7 +32,7 @@ fn decode(text: &str) -> Result<String, ProtocolError> {
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
                     .ok_or_else(|| {
                         ProtocolError::new(
-                            "invalid_query",
+                            ErrorCode::InvalidQuery,
                             "malformed percent-encoding in query string",
                         )
                     })?;
@@ -44,7 +44,7 @@ fn decode(text: &str) -> Result<String, ProtocolError> {
         i += 1;
     }
     String::from_utf8(out)
-        .map_err(|_| ProtocolError::new("invalid_query", "query string is not valid UTF-8"))
+        .map_err(|_| ProtocolError::new(ErrorCode::InvalidQuery, "query string is not valid UTF-8"))
 }
 
 /// Parameters of `GET /sync/{appId}/pull`.
@@ -73,13 +73,13 @@ pub fn parse_pull_query(
     let collection = match first("collection") {
         None | Some("") => {
             return Err(ProtocolError::new(
-                "missing_parameter",
+                ErrorCode::MissingParameter,
                 "query parameter collection is required",
             ))
         }
         Some(c) if !is_identifier(c) => {
             return Err(ProtocolError::new(
-                "invalid_collection",
+                ErrorCode::InvalidCollection,
                 "collection must be 1-64 characters of A-Z a-z 0-9 _ . -",
             ))
         }
@@ -88,13 +88,13 @@ pub fn parse_pull_query(
     let since = match first("since") {
         None | Some("") => {
             return Err(ProtocolError::new(
-                "missing_parameter",
+                ErrorCode::MissingParameter,
                 "query parameter since is required",
             ))
         }
         Some(s) => time::parse_rfc3339(s).map_err(|e| {
             ProtocolError::new(
-                "invalid_since",
+                ErrorCode::InvalidSince,
                 format!("since {s:?} is not a valid cursor: {e}"),
             )
         })?,
@@ -104,7 +104,7 @@ pub fn parse_pull_query(
         Some(l) => match l.parse::<u64>() {
             Ok(0) | Err(_) => {
                 return Err(ProtocolError::new(
-                    "invalid_limit",
+                    ErrorCode::InvalidLimit,
                     format!("limit must be a positive integer (at most {max_limit} are returned)"),
                 ))
             }

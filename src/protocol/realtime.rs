@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::query::parse_query;
 use super::time::{self, Micros};
-use super::{is_identifier, ProtocolError};
+use super::{is_identifier, ErrorCode, ProtocolError};
 
 /// Largest client message accepted on a WebSocket, in bytes.
 pub const MAX_CLIENT_MESSAGE_BYTES: usize = 16 * 1024;
@@ -117,13 +117,13 @@ pub fn parse_stream_query(
                 .collect();
             if names.len() > 100 {
                 return Err(ProtocolError::new(
-                    "invalid_query",
+                    ErrorCode::InvalidQuery,
                     format!("{list} lists more than 100 names"),
                 ));
             }
             if let Some(bad) = names.iter().find(|n| !is_identifier(n)) {
                 return Err(ProtocolError::new(
-                    "invalid_query",
+                    ErrorCode::InvalidQuery,
                     format!(
                         "{list} entry {:?} must be 1-64 characters of A-Z a-z 0-9 _ . -",
                         truncate(bad, 80)
@@ -139,7 +139,7 @@ pub fn parse_stream_query(
             None | Some("") => time::EPOCH,
             Some(s) => time::parse_rfc3339(s).map_err(|e| {
                 ProtocolError::new(
-                    "invalid_since",
+                    ErrorCode::InvalidSince,
                     format!("since {:?} is not a valid cursor: {e}", truncate(s, 80)),
                 )
             })?,
@@ -152,7 +152,7 @@ pub fn parse_stream_query(
 pub fn parse_event_id(id: &str) -> Result<Micros, ProtocolError> {
     time::parse_rfc3339(id).map_err(|e| {
         ProtocolError::new(
-            "invalid_last_event_id",
+            ErrorCode::InvalidLastEventId,
             format!("Last-Event-ID {:?} is not a cursor: {e}", truncate(id, 80)),
         )
     })

@@ -17,6 +17,9 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
+/// The one fixed-width form this server writes times in (cursors, log lines) lives with the clock.
+pub use crate::clock::format_cursor;
+
 /// Microseconds since 1970-01-01T00:00:00Z.
 pub type Micros = i64;
 
@@ -119,26 +122,6 @@ pub fn parse_rfc3339(input: &str) -> Result<Micros, TimeError> {
     Ok(seconds * MICROS_PER_SECOND + fraction_micros)
 }
 
-/// Formats a cursor in the one fixed-width form this server emits: `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
-///
-/// Years outside 0001–9999 cannot be written in fixed width; they are clamped, which keeps the string
-/// order intact (PostgreSQL timestamps of real rows never get there).
-pub fn format_cursor(micros: Micros) -> String {
-    const MIN: Micros = -62_135_596_800_000_000; // 0001-01-01T00:00:00Z
-    const MAX: Micros = 253_402_300_799_999_999; // 9999-12-31T23:59:59.999999Z
-    let micros = micros.clamp(MIN, MAX);
-    let (date, time) = split(micros);
-    let (year, month, day) = civil_from_days(date);
-    let fraction = time % MICROS_PER_SECOND;
-    let seconds = time / MICROS_PER_SECOND;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{fraction:06}Z",
-        seconds / 3600,
-        seconds / 60 % 60,
-        seconds % 60
-    )
-}
-
 /// Formats a time the way JavaScript's `toISOString()` does (milliseconds), for server-assigned field
 /// timestamps such as a missing `deletedAt`: clients compare those strings with their own.
 pub fn format_millis(micros: Micros) -> String {
@@ -172,12 +155,6 @@ pub fn assigned(micros: Micros) -> (Micros, String) {
     let second = micros.clamp(Micros::MIN / 2, Micros::MAX / 2);
     let second = second - second.rem_euclid(MICROS_PER_SECOND);
     (second, format_millis(second))
-}
-
-/// Splits into (days since epoch, microseconds into that day), flooring for times before 1970.
-fn split(micros: Micros) -> (i64, i64) {
-    let per_day = SECONDS_PER_DAY * MICROS_PER_SECOND;
-    (micros.div_euclid(per_day), micros.rem_euclid(per_day))
 }
 
 fn digits(b: &[u8], at: usize, count: usize) -> Result<i64, TimeError> {
@@ -223,19 +200,6 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     let doy = (153 * mp + 2) / 5 + day - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 #[cfg(test)]

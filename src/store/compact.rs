@@ -24,7 +24,7 @@ impl Store {
             return Ok(0);
         };
         let cutoff = PgTimestamp(
-            crate::http::now_micros() - retention.as_micros() as Micros - PRUNE_MARGIN_MICROS,
+            crate::clock::now_micros() - retention.as_micros() as Micros - PRUNE_MARGIN_MICROS,
         );
         let mut pruned = 0;
         loop {
@@ -108,6 +108,6 @@ impl Store {
 
     pub(super) fn horizon(&self) -> Option<Micros> {
         self.retention
-            .map(|retention| crate::http::now_micros() - retention.as_micros() as Micros)
+            .map(|retention| crate::clock::now_micros() - retention.as_micros() as Micros)
     }
 }

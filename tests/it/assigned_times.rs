@@ -34,7 +34,7 @@ impl WebClient {
                     .flatten()
                     .find_map(Value::as_str)
                     .map(str::to_owned)
-                    .unwrap_or_else(|| time::format_millis(mana_sync::http::now_micros()));
+                    .unwrap_or_else(|| time::format_millis(mana_sync::clock::now_micros()));
                 for (field, value) in data {
                     self.put(&key, field, value, &at);
                 }
@@ -115,7 +115,7 @@ async fn the_go_servers_seven_step_end_to_end_flow_passes() {
     assert_eq!(seen["data"]["title"], json!("E2E Test Task"));
 
     // 4. Client B updates two fields, dated now in whole seconds, from A's cursor.
-    let now = whole_second(&time::format_cursor(mana_sync::http::now_micros()));
+    let now = whole_second(&time::format_cursor(mana_sync::clock::now_micros()));
     let body = format!(
         r#"{{"clientId":"client-b","since":"{a_cursor}","changes":[{{"table":"tasks","id":"{task}","op":"update","fields":{{"title":{{"value":"Updated by Client B","updatedAt":"{now}"}},"completed":{{"value":true,"updatedAt":"{now}"}}}}}}]}}"#
     );
@@ -269,7 +269,7 @@ async fn a_device_that_was_behind_keeps_the_later_edit() {
         .await;
     assert_eq!(created.status, 200, "{}", created.text);
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    let edited_at = time::format_millis(mana_sync::http::now_micros());
+    let edited_at = time::format_millis(mana_sync::clock::now_micros());
     let edited = server
         .push(
             &user,

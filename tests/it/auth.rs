@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use ed25519_dalek::SigningKey;
-use mana_sync::auth::{devkeys, sign_raw, unix_now};
+use mana_sync::auth::{devkeys, sign_raw};
+use mana_sync::clock::unix_now;
 use serde_json::json;
 
 use crate::support::{self, changeset, insert, keys, token, unique_user, Reply, TestServer, EPOCH};

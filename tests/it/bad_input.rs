@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use futures_util::SinkExt;
-use mana_sync::auth::{devkeys, unix_now};
+use mana_sync::auth::devkeys;
+use mana_sync::clock::unix_now;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 

@@ -189,7 +189,7 @@ fn keygen_writes_once_and_token_mints() {
     let claims = mana_sync::auth::verify_token(
         &token,
         &keys,
-        mana_sync::auth::unix_now(),
+        mana_sync::clock::unix_now(),
         &mana_sync::auth::Rules {
             issuer: None,
             audience: Some("mana"),
@@ -198,7 +198,7 @@ fn keygen_writes_once_and_token_mints() {
     )
     .expect("token verifies");
     assert_eq!(claims.sub, "alice");
-    let lifetime = claims.exp - mana_sync::auth::unix_now();
+    let lifetime = claims.exp - mana_sync::clock::unix_now();
     assert!((800..=900).contains(&lifetime), "15 minutes: {lifetime}");
 
     // --sub is required; a missing key file is an error that says what to do.

@@ -489,7 +489,7 @@ async fn answers_from_memory_hide_nothing_across_instances_and_listener_restarts
                     .query(
                         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
                          WHERE application_name = $1",
-                        &[&mana_sync::notify::LISTENER_NAME],
+                        &[&mana_sync::realtime::LISTENER_NAME],
                     )
                     .await
                     .unwrap();

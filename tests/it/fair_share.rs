@@ -268,7 +268,7 @@ async fn a_push_naming_many_tables_is_one_app_changed_hint() {
         &[("authorization", &auth)],
     )
     .await;
-    let count = mana_sync::hub::MAX_HINT_TABLES + 44;
+    let count = mana_sync::realtime::MAX_HINT_TABLES + 44;
     let changes: Vec<Value> = (0..count)
         .map(|i| insert(&format!("t{i}"), "r", json!({"n": i})))
         .collect();
@@ -421,7 +421,7 @@ async fn a_time_far_in_the_future_cannot_pin_a_field_forever() {
         "the original string is kept"
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let now = mana_sync::protocol::time::format_millis(mana_sync::http::now_micros());
+    let now = mana_sync::protocol::time::format_millis(mana_sync::clock::now_micros());
     let reply = server
         .push(
             &user,

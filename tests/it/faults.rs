@@ -22,7 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use mana_sync::auth::{devkeys, unix_now};
+use mana_sync::auth::devkeys;
+use mana_sync::clock::unix_now;
 use mana_sync::devdb::{EmbeddedOptions, EmbeddedPostgres};
 use serde_json::{json, Value};
 

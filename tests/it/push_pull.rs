@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use mana_sync::http::now_micros;
+use mana_sync::clock::now_micros;
 use mana_sync::protocol::time::format_cursor;
 
 use crate::support::*;

@@ -259,7 +259,7 @@ async fn a_socket_closes_at_token_expiry_unless_it_re_authenticates() {
     let user = unique_user("ws-exp");
     let short = |seconds: i64| {
         token_with(
-            &json!({"sub": user, "aud": "mana", "exp": mana_sync::auth::unix_now() + seconds}),
+            &json!({"sub": user, "aud": "mana", "exp": mana_sync::clock::unix_now() + seconds}),
         )
     };
 
@@ -757,7 +757,7 @@ async fn a_stream_ends_at_token_expiry_with_an_event_that_says_why() {
     for path in ["/sync/todo/stream", "/sync/stream?apps=todo"] {
         let started = std::time::Instant::now();
         let short = token_with(
-            &json!({"sub": user, "aud": "mana", "exp": mana_sync::auth::unix_now() + 2}),
+            &json!({"sub": user, "aud": "mana", "exp": mana_sync::clock::unix_now() + 2}),
         );
         let url = server.url(path);
         let auth = format!("Bearer {short}");

@@ -13,11 +13,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use mana_sync::app::{self, App};
 use mana_sync::auth::devkeys;
 use mana_sync::config::Config;
 use mana_sync::devdb;
 use mana_sync::server::ServerHandle;
+use mana_sync::startup;
+use mana_sync::state::Shared;
 use serde_json::{json, Value};
 
 /// The cursor of a device that has never synced: it gets a snapshot of the merged state (SPEC §6).
@@ -60,7 +61,7 @@ pub fn token(user: &str) -> String {
         Duration::from_secs(900),
         None,
         Some("mana"),
-        mana_sync::auth::unix_now(),
+        mana_sync::clock::unix_now(),
     )
 }
 
@@ -93,7 +94,7 @@ pub fn test_config() -> Config {
 
 pub struct TestServer {
     pub addr: SocketAddr,
-    pub app: Arc<App>,
+    pub app: Arc<Shared>,
     handle: Option<ServerHandle>,
 }
 
@@ -109,7 +110,7 @@ impl TestServer {
             .database_url
             .clone()
             .expect("tests name their database");
-        let app = app::build(config, database.parse().expect("valid connection string"))
+        let app = startup::build(config, database.parse().expect("valid connection string"))
             .await
             .expect("server starts");
         let handle = ServerHandle::start(app.clone(), "127.0.0.1:0".parse().unwrap())

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mana_sync::app;
 use mana_sync::client_tls::{DatabaseConfig, OutboundTls};
 use mana_sync::devdb::{EmbeddedOptions, EmbeddedPostgres};
+use mana_sync::startup;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -196,8 +196,8 @@ async fn start_up_error(conn: &str) -> String {
     let mut config = test_config();
     config.database_url = Some(conn.to_owned());
     let started = Instant::now();
-    let result = match app::open_database(&config).await {
-        Ok(database) => app::build(config, database.config).await.map(drop),
+    let result = match startup::open_database(&config).await {
+        Ok(database) => startup::build(config, database.config).await.map(drop),
         Err(e) => Err(e),
     };
     let error = result.expect_err(conn).to_string();

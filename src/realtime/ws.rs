@@ -9,21 +9,22 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::BodyExt;
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response};
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use hyper_tungstenite::tungstenite::Message;
 use hyper_tungstenite::{HyperWebsocket, HyperWebsocketStream};
 use tokio::time::Instant;
 
-use crate::app::App;
-use crate::auth::{unix_now, Claims};
-use crate::http::{ApiError, Body};
-use crate::hub::{Evicted, Hint, Interest, Kind};
+use super::hub::{Evicted, Hint, Interest, Kind, RegisterError};
+use super::{ConnectionSlot, Context, Refusal};
+use crate::auth::Claims;
+use crate::clock::unix_now;
 use crate::log;
 use crate::protocol::realtime::{
     parse_client_message, ClientMessage, ServerMessage, MAX_CLIENT_MESSAGE_BYTES,
@@ -37,16 +38,12 @@ pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 
 /// Answers the upgrade and starts the session on its own task.
 pub fn upgrade(
-    app: Arc<App>,
+    context: Arc<dyn Context>,
     mut request: Request<Incoming>,
     interest: Interest,
-) -> Result<Response<Body>, ApiError> {
+) -> Result<Response<Full<Bytes>>, Refusal> {
     if !hyper_tungstenite::is_upgrade_request(&request) {
-        return Err(ApiError::new(
-            StatusCode::UPGRADE_REQUIRED,
-            "upgrade_required",
-            "this endpoint speaks WebSocket only",
-        ));
+        return Err(Refusal::UpgradeRequired);
     }
     // Idle sockets are the common case: small buffers (tungstenite's defaults are 128 KiB each, which made
     // an idle socket cost ~138 KiB in BENCHMARKS.md), messages written out at once.
@@ -56,39 +53,29 @@ pub fn upgrade(
     config.read_buffer_size = 4 * 1024;
     config.write_buffer_size = 0;
     config.max_write_buffer_size = 256 * 1024;
-    let (response, websocket) =
-        hyper_tungstenite::upgrade(&mut request, Some(config)).map_err(|e| {
-            ApiError::bad_request(
-                "invalid_upgrade",
-                format!("WebSocket handshake failed: {e}"),
-            )
-        })?;
+    let (response, websocket) = hyper_tungstenite::upgrade(&mut request, Some(config))
+        .map_err(|e| Refusal::InvalidUpgrade(e.to_string()))?;
     // Not yet authenticated sockets have a small global cap of their own (they cost a socket and a task for
     // up to WS_AUTH_TIMEOUT_MS before anyone knows whose they are).
-    let unauthenticated = app
-        .unauthenticated_sockets
+    let unauthenticated = context
+        .unauthenticated_sockets()
         .clone()
         .try_acquire_owned()
-        .map_err(|_| {
-            ApiError::unavailable(
-                "too_many_unauthenticated_sockets",
-                "too many WebSockets are waiting to authenticate; retry shortly",
-            )
-        })?;
+        .map_err(|_| Refusal::TooManyUnauthenticatedSockets)?;
     // The upgraded socket keeps its connection's place under MAX_CONNECTIONS until it ends.
     let slot = request
         .extensions()
-        .get::<crate::server::ConnectionSlot>()
-        .map(crate::server::ConnectionSlot::take);
+        .get::<ConnectionSlot>()
+        .map(ConnectionSlot::take);
     tokio::spawn(async move {
         let _slot = slot;
-        run(app, websocket, interest, unauthenticated).await
+        run(context, websocket, interest, unauthenticated).await
     });
-    Ok(response.map(|body| body.boxed()))
+    Ok(response)
 }
 
 async fn run(
-    app: Arc<App>,
+    context: Arc<dyn Context>,
     websocket: HyperWebsocket,
     interest: Interest,
     unauthenticated: tokio::sync::OwnedSemaphorePermit,
@@ -105,7 +92,7 @@ async fn run(
     };
     let (sink, stream) = socket.split();
     let mut session = Session {
-        app: app.clone(),
+        context,
         sink,
         stream,
         interest,
@@ -118,7 +105,7 @@ async fn run(
 }
 
 struct Session {
-    app: Arc<App>,
+    context: Arc<dyn Context>,
     sink: Sink,
     stream: Stream,
     interest: Interest,
@@ -131,13 +118,13 @@ type Ending = Option<(CloseCode, &'static str)>;
 
 impl Session {
     async fn serve(&mut self) -> Ending {
-        let mut shutdown = self.app.shutdown.subscribe();
+        let mut shutdown = self.context.shutdown();
         if *shutdown.borrow() {
             return Some((CloseCode::Away, "server shutting down"));
         }
 
         // 1. Authentication, within the deadline.
-        let deadline = Instant::now() + self.app.config.ws_auth_timeout;
+        let deadline = Instant::now() + self.context.config().ws_auth_timeout;
         let (claims, client_id) = loop {
             let incoming = tokio::select! {
                 incoming = tokio::time::timeout_at(deadline, self.stream.next()) => incoming,
@@ -162,7 +149,7 @@ impl Session {
             };
             match parse_client_message(&text) {
                 Ok(ClientMessage::Auth { token, client_id }) => {
-                    match self.app.auth.verify(&token).await {
+                    match self.context.auth().verify(&token).await {
                         Ok(claims) => break (claims, client_id),
                         Err(e) => {
                             self.send_error(&format!("authentication failed: {e}"))
@@ -185,14 +172,14 @@ impl Session {
         // 2. Registration.
         self.unauthenticated.take();
         let user = claims.sub.clone();
-        let registration = match self.app.hub.register(
+        let registration = match self.context.hub().register(
             &user,
             self.interest.clone(),
             Kind::Socket,
             client_id,
         ) {
             Ok(registration) => registration,
-            Err(crate::hub::RegisterError::TooManyConnections { limit }) => {
+            Err(RegisterError::TooManyConnections { limit }) => {
                 self.send_error(&format!(
                         "too many real-time connections (WebSockets and streams) for this user (limit {limit})"
                     ))
@@ -212,8 +199,8 @@ impl Session {
         }
 
         // 3. Forwarding until something ends the session.
-        let mut expires = token_deadline(&claims, self.app.config.ws_token_leeway);
-        let mut limiter = RateLimiter::new(self.app.config.ws_messages_per_second);
+        let mut expires = token_deadline(&claims, self.context.config().ws_token_leeway);
+        let mut limiter = RateLimiter::new(self.context.config().ws_messages_per_second);
         loop {
             tokio::select! {
                 hints = registration.subscriber.next_hints() => match hints {
@@ -223,7 +210,7 @@ impl Session {
                                 return self.write_stalled();
                             }
                         }
-                        self.app.metrics.notify_delivery.observe(queued.elapsed().as_secs_f64());
+                        self.context.metrics().notify_delivery.observe(queued.elapsed().as_secs_f64());
                     }
                     Err(Evicted::SlowConsumer) => return Some((CloseCode::Again, "slow consumer: notification queue full")),
                 },
@@ -248,9 +235,9 @@ impl Session {
                                 return self.write_stalled();
                             }
                         }
-                        Ok(ClientMessage::Auth { token, client_id }) => match self.app.auth.verify(&token).await {
+                        Ok(ClientMessage::Auth { token, client_id }) => match self.context.auth().verify(&token).await {
                             Ok(fresh) if fresh.sub == user => {
-                                expires = token_deadline(&fresh, self.app.config.ws_token_leeway);
+                                expires = token_deadline(&fresh, self.context.config().ws_token_leeway);
                                 if client_id.is_some() {
                                     registration.subscriber.set_client_id(client_id);
                                 }
@@ -290,9 +277,12 @@ impl Session {
                     let apps = match &self.interest {
                         Interest::App(app) => vec![app.clone()],
                         Interest::Apps(Some(apps)) => apps.iter().cloned().collect(),
-                        Interest::Apps(None) => {
-                            self.app.store.user_apps(user).await.unwrap_or_default()
-                        }
+                        Interest::Apps(None) => self
+                            .context
+                            .store()
+                            .user_apps(user)
+                            .await
+                            .unwrap_or_default(),
                     };
                     for app in apps {
                         messages.push(self.sync_available(user, &app, None).await);
@@ -313,8 +303,8 @@ impl Session {
         let tables = match tables {
             Some(tables) => tables.into_iter().collect(),
             None => self
-                .app
-                .store
+                .context
+                .store()
                 .app_tables(user, app)
                 .await
                 .unwrap_or_default(),
@@ -329,7 +319,7 @@ impl Session {
     async fn send(&mut self, message: &ServerMessage) -> bool {
         let frame = Message::text(message.to_json());
         matches!(
-            tokio::time::timeout(self.app.config.write_timeout, self.sink.send(frame)).await,
+            tokio::time::timeout(self.context.config().write_timeout, self.sink.send(frame)).await,
             Ok(Ok(()))
         )
     }
@@ -343,7 +333,7 @@ impl Session {
     }
 
     fn write_stalled(&self) -> Ending {
-        self.app.hub.count_slow_consumer();
+        self.context.hub().count_slow_consumer();
         log::debug("closing a WebSocket that stopped reading", &[]);
         // Writing a close frame would block the same way; the socket is dropped instead.
         None

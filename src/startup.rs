@@ -1,5 +1,5 @@
-//! Start-up: from a `Config` to a running `App` (database, schema, auth), and the shared state every
-//! request handler sees.
+//! Start-up: from a `Config` to the running server's shared state (database, schema, auth), and the
+//! background tasks it starts (key refresh, certificate reload, the cross-instance listener, compaction).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,57 +12,14 @@ use crate::billing::{Billing, BillingConfig};
 use crate::client_tls::DatabaseConfig;
 use crate::config::Config;
 use crate::devdb::{EmbeddedOptions, EmbeddedPostgres};
-use crate::hub::Hub;
 use crate::log;
 use crate::metrics::Metrics;
+use crate::realtime::{self, Hub};
+use crate::server_tls::ServerTls;
+use crate::state::body_budget::BodyBudget;
+use crate::state::per_user::InFlight;
+use crate::state::Shared;
 use crate::store::{Migration, Store, StoreError, StoreOptions};
-
-/// Shared state of one server: cheap to reach from every connection through an `Arc`.
-pub struct App {
-    pub config: Config,
-    pub store: Store,
-    pub auth: Authenticator,
-    pub hub: Arc<Hub>,
-    /// Set to `true` when the server starts shutting down; upgraded sockets and streams watch it.
-    pub shutdown: watch::Sender<bool>,
-    /// Tells this instance's own cross-instance hints apart from other instances'.
-    pub instance_id: String,
-    /// Log rows removed by compaction since start.
-    pub rows_pruned: AtomicU64,
-    /// The billing gate; `None` when MANA_CREDITS_URL is unset.
-    pub billing: Option<Billing>,
-    pub metrics: Metrics,
-    /// Permits for requests in flight (SPEC §11: saturation answers 503, it does not queue).
-    pub request_permits: Arc<tokio::sync::Semaphore>,
-    /// WebSockets that have not authenticated yet (at most `WS_MAX_UNAUTHENTICATED`; more get 503).
-    pub unauthenticated_sockets: Arc<tokio::sync::Semaphore>,
-    /// Requests in flight per user (at most `MAX_REQUESTS_PER_USER`; more get 429).
-    pub requests_per_user: Arc<crate::http::per_user::InFlight>,
-    pub body_budget: Arc<crate::http::body_budget::BodyBudget>,
-    /// The certificate clients are served with; `None`: plain HTTP.
-    pub tls: Option<Arc<crate::server_tls::ServerTls>>,
-    open_connections: AtomicUsize,
-}
-
-impl App {
-    pub fn open_connections(&self) -> usize {
-        self.open_connections.load(Ordering::Relaxed)
-    }
-
-    /// Counts an accepted connection until the returned guard is dropped.
-    pub fn connection_opened(self: &Arc<Self>) -> ConnectionGuard {
-        self.open_connections.fetch_add(1, Ordering::Relaxed);
-        ConnectionGuard(self.clone())
-    }
-}
-
-pub struct ConnectionGuard(Arc<App>);
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 /// A failure to start, with a message for the operator.
 #[derive(Debug)]
@@ -120,12 +77,12 @@ pub fn auth_config(config: &Config) -> AuthConfig {
 
 /// Opens the store, applies the schema (retrying for a while if the database is still coming up) and
 /// starts the key refresher.
-pub async fn build(config: Config, database: DatabaseConfig) -> Result<Arc<App>, StartError> {
+pub async fn build(config: Config, database: DatabaseConfig) -> Result<Arc<Shared>, StartError> {
     // First: a certificate that cannot be read stops the start before the database is touched.
     let tls = match &config.tls {
         None => None,
         Some(files) => Some(Arc::new(
-            crate::server_tls::ServerTls::load(files).map_err(|e| StartError(e.to_string()))?,
+            ServerTls::load(files).map_err(|e| StartError(e.to_string()))?,
         )),
     };
     let store = Store::new(
@@ -194,14 +151,11 @@ pub async fn build(config: Config, database: DatabaseConfig) -> Result<Arc<App>,
         config.ws_max_per_user,
     ));
     let request_permits = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests));
-    let requests_per_user = crate::http::per_user::InFlight::new(config.max_requests_per_user);
-    let body_budget = crate::http::body_budget::BodyBudget::new(
-        config.max_inflight_body_bytes,
-        config.max_body_bytes,
-    );
+    let requests_per_user = InFlight::new(config.max_requests_per_user);
+    let body_budget = BodyBudget::new(config.max_inflight_body_bytes, config.max_body_bytes);
     let unauthenticated_sockets =
         Arc::new(tokio::sync::Semaphore::new(config.ws_max_unauthenticated));
-    let app = Arc::new(App {
+    let shared = Arc::new(Shared {
         config,
         store,
         auth,
@@ -218,31 +172,34 @@ pub async fn build(config: Config, database: DatabaseConfig) -> Result<Arc<App>,
         tls,
         open_connections: AtomicUsize::new(0),
     });
-    if let Some(tls) = &app.tls {
-        tls.spawn_reloader(app.config.tls_reload_interval, app.shutdown.subscribe());
+    if let Some(tls) = &shared.tls {
+        tls.spawn_reloader(
+            shared.config.tls_reload_interval,
+            shared.shutdown.subscribe(),
+        );
     }
-    crate::notify::spawn_listener(app.clone());
-    spawn_compactor(app.clone());
-    Ok(app)
+    realtime::spawn_listener(shared.clone());
+    spawn_compactor(shared.clone());
+    Ok(shared)
 }
 
 /// Prunes the log every `compaction_interval` when a retention is configured (SPEC §6).
-fn spawn_compactor(app: Arc<App>) {
-    if app.config.log_retention.is_none() {
+fn spawn_compactor(shared: Arc<Shared>) {
+    if shared.config.log_retention.is_none() {
         return;
     }
     tokio::spawn(async move {
-        let mut shutdown = app.shutdown.subscribe();
-        let mut ticks = tokio::time::interval(app.config.compaction_interval);
+        let mut shutdown = shared.shutdown.subscribe();
+        let mut ticks = tokio::time::interval(shared.config.compaction_interval);
         ticks.tick().await;
         loop {
             tokio::select! {
                 _ = ticks.tick() => {}
                 _ = shutdown.changed() => return,
             }
-            match app.store.compact(1000).await {
+            match shared.store.compact(1000).await {
                 Ok(Some(pruned)) => {
-                    app.rows_pruned.fetch_add(pruned, Ordering::Relaxed);
+                    shared.rows_pruned.fetch_add(pruned, Ordering::Relaxed);
                     log::info("log compaction done", &[("rowsPruned", pruned.into())]);
                 }
                 Ok(None) => log::debug(
@@ -261,13 +218,9 @@ fn instance_id() -> String {
     if let Ok(mut random) = std::fs::File::open("/dev/urandom") {
         let _ = std::io::Read::read_exact(&mut random, &mut bytes);
     }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
     format!(
         "{:016x}{:08x}",
-        u64::from_le_bytes(bytes) ^ nanos as u64,
+        u64::from_le_bytes(bytes) ^ crate::clock::now_micros() as u64,
         std::process::id()
     )
 }

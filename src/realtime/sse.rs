@@ -15,23 +15,21 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{self, Poll};
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderValue};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::app::App;
-use crate::http::{ApiError, Body};
-use crate::hub::{Evicted, Hint, Interest, Kind, Registration};
+use super::hub::{Evicted, Hint, Interest, Kind, Registration};
+use super::{Context, Refusal};
 use crate::log;
 use crate::protocol::realtime::{parse_stream_query, sse_event};
-use crate::protocol::time::{format_cursor, Micros};
-use crate::protocol::WireChange;
+use crate::protocol::time::{self, format_cursor, Micros};
+use crate::protocol::{ErrorCode, WireChange};
 use crate::store::StoreError;
 
 /// Which stream a request opened.
@@ -43,18 +41,16 @@ pub enum Scope {
 }
 
 pub async fn open(
-    app: Arc<App>,
+    context: Arc<dyn Context>,
     request: Request<Incoming>,
     scope: Scope,
     user: String,
     device: Option<String>,
     expires: tokio::time::Instant,
-) -> Result<Response<Body>, ApiError> {
+) -> Result<Response<EventStream>, Refusal> {
     let last_event_id = match request.headers().get("last-event-id") {
         None => None,
-        Some(value) => Some(value.to_str().map_err(|_| {
-            ApiError::bad_request("invalid_last_event_id", "Last-Event-ID is not a cursor")
-        })?),
+        Some(value) => Some(value.to_str().map_err(|_| Refusal::InvalidLastEventId)?),
     };
     let list = match scope {
         Scope::App(_) => "collections",
@@ -76,26 +72,20 @@ pub async fn open(
         Scope::Unified => {
             let apps = match &query.names {
                 Some(apps) => apps.iter().cloned().collect(),
-                None => app.store.user_apps(&user).await?,
+                None => context.store().user_apps(&user).await?,
             };
             let cursors = apps.into_iter().map(|a| (a, query.since)).collect();
             (Interest::Apps(query.names), cursors, None, true)
         }
     };
-    let registration = app
-        .hub
+    let registration = context
+        .hub()
         .register(&user, interest, Kind::Stream, device.clone())
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_connections",
-                "too many streams",
-            )
-        })?;
+        .map_err(|_| Refusal::TooManyStreams)?;
 
     let (sender, receiver) = mpsc::channel::<Bytes>(8);
     let stream = Stream {
-        app: app.clone(),
+        context,
         user,
         device,
         tables,
@@ -107,7 +97,7 @@ pub async fn open(
     };
     tokio::spawn(stream.run(registration));
 
-    let mut response = Response::new(ChannelBody(receiver).boxed());
+    let mut response = Response::new(EventStream(receiver));
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -119,7 +109,7 @@ pub async fn open(
 }
 
 struct Stream {
-    app: Arc<App>,
+    context: Arc<dyn Context>,
     user: String,
     device: Option<String>,
     tables: Option<Vec<String>>,
@@ -143,10 +133,10 @@ enum End {
 
 impl Stream {
     async fn run(mut self, registration: Registration) {
-        let mut shutdown = self.app.shutdown.subscribe();
+        let mut shutdown = self.context.shutdown();
         let all: Vec<String> = self.cursors.keys().cloned().collect();
         let mut result = self.deliver(&all).await;
-        let mut heartbeat = tokio::time::interval(self.app.config.sse_heartbeat);
+        let mut heartbeat = tokio::time::interval(self.context.config().sse_heartbeat);
         heartbeat.tick().await;
         while result.is_ok() {
             result = tokio::select! {
@@ -154,7 +144,7 @@ impl Stream {
                     Ok((hints, queued)) => {
                         let apps = self.apps_for(hints).await;
                         let delivered = self.deliver(&apps).await;
-                        self.app.metrics.notify_delivery.observe(queued.elapsed().as_secs_f64());
+                        self.context.metrics().notify_delivery.observe(queued.elapsed().as_secs_f64());
                         delivered
                     }
                     Err(Evicted::SlowConsumer) => Err(End::Stalled),
@@ -162,7 +152,7 @@ impl Stream {
                 _ = heartbeat.tick() => self.send(sse_event("heartbeat", None, "{}")).await,
                 () = tokio::time::sleep_until(self.expires) => {
                     let why = json!({
-                        "error": "token_expired",
+                        "error": ErrorCode::TokenExpired.as_str(),
                         "message": "the token expired; reconnect with a fresh one and resume from your cursor",
                     });
                     self.send(sse_event("token-expired", None, &why.to_string())).await.and(Err(End::TokenExpired))
@@ -172,7 +162,7 @@ impl Stream {
             };
         }
         match result {
-            Err(End::Stalled) => self.app.hub.count_slow_consumer(),
+            Err(End::Stalled) => self.context.hub().count_slow_consumer(),
             Err(End::Store(e)) => {
                 // The client reconnects with Last-Event-ID (or its cursors) and resumes.
                 log::warn(
@@ -194,8 +184,8 @@ impl Stream {
                 Hint::Resync => {
                     if self.unified {
                         for app in self
-                            .app
-                            .store
+                            .context
+                            .store()
                             .user_apps(&self.user)
                             .await
                             .unwrap_or_default()
@@ -216,13 +206,13 @@ impl Stream {
 
     /// Delivers everything new in `apps`, page by page.
     async fn deliver(&mut self, apps: &[String]) -> Result<(), End> {
-        let limit = self.app.config.pull_page_size;
+        let limit = self.context.config().pull_page_size;
         for app_id in apps {
             loop {
                 let since = self.cursors[app_id];
                 let page = self
-                    .app
-                    .store
+                    .context
+                    .store()
                     .app_changes(
                         &self.user,
                         app_id,
@@ -233,9 +223,8 @@ impl Stream {
                     )
                     .await
                     .map_err(End::Store)?;
-                let synced_until =
-                    crate::protocol::time::parse_rfc3339(&page.synced_until).unwrap_or(since);
-                self.app.metrics.changes_pulled.fetch_add(
+                let synced_until = time::parse_rfc3339(&page.synced_until).unwrap_or(since);
+                self.context.metrics().changes_pulled.fetch_add(
                     page.server_changes.len() as u64,
                     std::sync::atomic::Ordering::Relaxed,
                 );
@@ -280,7 +269,7 @@ impl Stream {
 
     async fn send(&self, event: String) -> Result<(), End> {
         match tokio::time::timeout(
-            self.app.config.write_timeout,
+            self.context.config().write_timeout,
             self.sender.send(Bytes::from(event)),
         )
         .await
@@ -304,16 +293,16 @@ fn group_by_table(changes: Vec<WireChange>) -> Vec<(String, Vec<WireChange>)> {
     groups
 }
 
-/// A response body fed by a channel: each message is one chunk on the wire.
-struct ChannelBody(mpsc::Receiver<Bytes>);
+/// A stream's response body, fed by a channel: each message is one chunk on the wire.
+pub struct EventStream(mpsc::Receiver<Bytes>);
 
-impl hyper::body::Body for ChannelBody {
+impl hyper::body::Body for EventStream {
     type Data = Bytes;
     type Error = Infallible;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
+        cx: &mut task::Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         self.0
             .poll_recv(cx)

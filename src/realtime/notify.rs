@@ -17,10 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
-use tokio_postgres::AsyncMessage;
 
-use crate::app::App;
+use super::hub::MAX_HINT_TABLES;
+use super::Context;
 use crate::log;
 use crate::protocol::time::{self, Micros};
 
@@ -42,7 +41,7 @@ pub fn hint_payload(
 ) -> String {
     let stamp = time::format_cursor(stamp);
     let app_changed = || json!({"i": instance, "u": user, "a": app, "c": client, "s": stamp});
-    if tables.len() > crate::hub::MAX_HINT_TABLES {
+    if tables.len() > MAX_HINT_TABLES {
         return app_changed().to_string();
     }
     let payload = json!({"i": instance, "u": user, "a": app, "t": tables, "c": client, "s": stamp})
@@ -90,15 +89,15 @@ pub fn parse_hint(payload: &str) -> Option<RemoteHint> {
 }
 
 /// Keeps a `LISTEN` connection open for the life of the server, reconnecting with back-off.
-pub fn spawn_listener(app: Arc<App>) -> tokio::task::JoinHandle<()> {
+pub fn spawn_listener(context: Arc<dyn Context>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut shutdown = app.shutdown.subscribe();
+        let mut shutdown = context.shutdown();
         let mut connected_before = false;
         let mut backoff = Duration::from_millis(100);
         loop {
             let mut established = false;
             let error = tokio::select! {
-                error = listen_once(&app, connected_before, &mut established) => error,
+                error = listen_once(&*context, connected_before, &mut established) => error,
                 _ = shutdown.changed() => return,
             };
             log::warn(
@@ -120,70 +119,55 @@ pub fn spawn_listener(app: Arc<App>) -> tokio::task::JoinHandle<()> {
 }
 
 /// One listening connection, until it fails; returns why. Sets `established` once `LISTEN` is in effect.
-async fn listen_once(app: &App, resync: bool, established: &mut bool) -> String {
-    match listen_on_connection(app, resync, established).await {
+async fn listen_once(context: &dyn Context, resync: bool, established: &mut bool) -> String {
+    match listen_on_connection(context, resync, established).await {
         Ok(never) => match never {},
         Err(error) => error,
     }
 }
 
 async fn listen_on_connection(
-    app: &App,
+    context: &dyn Context,
     resync: bool,
     established: &mut bool,
 ) -> Result<std::convert::Infallible, String> {
-    let (client, mut connection) = app
-        .store
-        .connect_dedicated(LISTENER_NAME)
+    let mut listener = context
+        .store()
+        .listener(LISTENER_NAME)
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    let (sender, mut hints) = mpsc::unbounded_channel::<String>();
-    // The connection object must be polled for the client to make progress; it also yields notifications.
-    let pump = tokio::spawn(async move {
-        loop {
-            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(n))) => {
-                    if sender.send(n.payload().to_owned()).is_err() {
-                        return;
-                    }
-                }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => return,
-            }
-        }
-    });
     let result = async {
-        client.batch_execute(&format!("LISTEN {CHANNEL}")).await.map_err(|e| format!("LISTEN: {e}"))?;
+        listener.listen(CHANNEL).await.map_err(|e| format!("LISTEN: {e}"))?;
         // From here on every commit's hint arrives: the store may answer from memory again.
         *established = true;
-        app.store.known().listener_up();
+        context.store().known().listener_up();
         if resync {
             log::info("notification listener reconnected: asking every connection to pull", &[]);
-            app.hub.resync_all();
+            context.hub().resync_all();
         }
         let mut health = tokio::time::interval(Duration::from_secs(15));
         health.tick().await;
         loop {
             tokio::select! {
-                hint = hints.recv() => match hint {
-                    Some(payload) => deliver(app, &payload),
+                hint = listener.next() => match hint {
+                    Some(payload) => deliver(context, &payload),
                     None => return Err("connection closed".to_owned()),
                 },
-                request = app.store.known().catch_up_requested() => {
+                request = context.store().known().catch_up_requested() => {
                     // PostgreSQL sends every notification committed before this query ahead of its answer,
-                    // and the pump queues them in order: once the answer is here they are all in `hints`.
-                    match tokio::time::timeout(Duration::from_secs(5), client.simple_query("")).await {
+                    // and the listener queues them in order: once the answer is here they are all queued.
+                    match tokio::time::timeout(Duration::from_secs(5), listener.round_trip()).await {
                         Ok(Ok(_)) => {}
                         _ => return Err("catch-up round trip failed".to_owned()),
                     }
-                    while let Ok(payload) = hints.try_recv() {
-                        deliver(app, &payload);
+                    while let Some(payload) = listener.try_next() {
+                        deliver(context, &payload);
                     }
-                    app.store.known().caught_up_to(request);
+                    context.store().known().caught_up_to(request);
                 }
                 _ = health.tick() => {
                     // A silently dead connection would never report; ask it something now and then.
-                    match tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1")).await {
+                    match tokio::time::timeout(Duration::from_secs(5), listener.check()).await {
                         Ok(Ok(_)) => {}
                         _ => return Err("health check failed".to_owned()),
                     }
@@ -193,25 +177,25 @@ async fn listen_on_connection(
     }
     .await;
     // Hints may be lost from now until the next LISTEN: the store's memory must not answer meanwhile.
-    app.store.known().listener_down();
-    pump.abort();
+    context.store().known().listener_down();
+    drop(listener);
     result
 }
 
-fn deliver(app: &App, payload: &str) {
+fn deliver(context: &dyn Context, payload: &str) {
     let Some(hint) = parse_hint(payload) else {
         log::warn("ignoring a malformed notification", &[]);
         return;
     };
     // Before any connection hears of the change, so none of them can pull the old "nothing new".
     match hint.stamp {
-        Some(stamp) => app.store.known().observe(&hint.user, stamp),
-        None => app.store.known().forget(&hint.user),
+        Some(stamp) => context.store().known().observe(&hint.user, stamp),
+        None => context.store().known().forget(&hint.user),
     }
-    if hint.instance.as_deref() == Some(app.instance_id.as_str()) {
+    if hint.instance.as_deref() == Some(context.instance_id()) {
         return;
     }
-    app.hub.notify(
+    context.hub().notify(
         &hint.user,
         &hint.app,
         hint.tables.as_ref(),
@@ -246,9 +230,7 @@ mod tests {
         assert!(payload.len() <= MAX_PAYLOAD);
         assert_eq!(parse_hint(&payload).unwrap().tables, None);
         // More tables than a hint may name, however short: "the app changed".
-        let short: BTreeSet<String> = (0..=crate::hub::MAX_HINT_TABLES)
-            .map(|i| format!("t{i}"))
-            .collect();
+        let short: BTreeSet<String> = (0..=MAX_HINT_TABLES).map(|i| format!("t{i}")).collect();
         let payload = hint_payload("inst", "u", "todo", &short, None, stamp);
         assert_eq!(parse_hint(&payload).unwrap().tables, None);
         assert_eq!(parse_hint(&payload).unwrap().stamp, Some(stamp));
