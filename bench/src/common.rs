@@ -46,7 +46,7 @@ impl Cluster {
             .map(|n| PathBuf::from(format!("/tmp/msb-{}-{n}", std::process::id())))
             .find(|p| !p.exists())
             .ok_or_else(|| err("no free /tmp/msb-* directory"))?;
-        let mut options = EmbeddedOptions::new(&dir);
+        let mut options = EmbeddedOptions::from_process_env(&dir);
         options.durable = durable;
         options.max_connections = 300;
         options.extra_settings = vec![

@@ -307,7 +307,7 @@ async fn a_frozen_database_gives_503_after_the_deadline_and_the_server_recovers(
     let _ = std::fs::remove_dir_all(&dir);
     let options = EmbeddedOptions {
         durable: false,
-        ..EmbeddedOptions::new(&dir)
+        ..EmbeddedOptions::from_process_env(&dir)
     };
     let embedded = EmbeddedPostgres::start(options)
         .await

@@ -46,7 +46,7 @@ fn short_dir(tag: &str) -> PathBuf {
 fn private_options(dir: &PathBuf) -> EmbeddedOptions {
     EmbeddedOptions {
         durable: false,
-        ..EmbeddedOptions::new(dir)
+        ..EmbeddedOptions::from_process_env(dir)
     }
 }
 

@@ -466,7 +466,7 @@ async fn database_down_is_503_and_the_server_recovers() {
     let _ = std::fs::remove_dir_all(&dir);
     let options = EmbeddedOptions {
         durable: false,
-        ..EmbeddedOptions::new(&dir)
+        ..EmbeddedOptions::from_process_env(&dir)
     };
     let embedded = EmbeddedPostgres::start(options.clone())
         .await

@@ -486,7 +486,7 @@ async fn restarting_postgresql_makes_an_instance_nudge_its_clients() {
     let _ = std::fs::remove_dir_all(&dir);
     let options = || EmbeddedOptions {
         durable: false,
-        ..EmbeddedOptions::new(&dir)
+        ..EmbeddedOptions::from_process_env(&dir)
     };
     let cluster = EmbeddedPostgres::start(options()).await.unwrap();
     let url = cluster.connection_string();

@@ -129,7 +129,7 @@ async fn tls_cluster(pki: &Pki) -> (EmbeddedPostgres, u16) {
     if let Some((uid, gid)) = postgres_ids() {
         std::os::unix::fs::chown(&hba, Some(uid), Some(gid)).unwrap();
     }
-    let mut options = EmbeddedOptions::new(pki.dir.join("pg"));
+    let mut options = EmbeddedOptions::from_process_env(pki.dir.join("pg"));
     options.durable = false;
     options.max_connections = 50;
     let path = |p: &Path| p.to_str().unwrap().to_owned();
