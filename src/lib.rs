@@ -22,4 +22,6 @@ pub mod server;
 pub mod server_tls;
 pub mod sse;
 pub mod store;
+#[cfg(feature = "test-support")]
+pub mod test_support;
 pub mod ws;

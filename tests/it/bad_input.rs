@@ -18,8 +18,8 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::{
-    self, changeset, count_rows, encode, insert, keys, next_frame, raw_request, send_json, token,
-    unique_user, Received, Reply, TestServer, LOG_START,
+    self, changeset, count_rows, insert, keys, next_frame, percent_encode, raw_request, send_json,
+    token, unique_user, Received, Reply, TestServer, LOG_START,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -873,14 +873,17 @@ fn cases(user: &str) -> Vec<Case> {
             format!(
                 "/sync/{}/pull?collection=tasks&since={}",
                 "a".repeat(65),
-                encode(LOG_START)
+                percent_encode(LOG_START)
             ),
             vec![],
             "invalid_app_id",
         ),
         get(
             "app id: `.` on pull",
-            format!("/sync/./pull?collection=tasks&since={}", encode(LOG_START)),
+            format!(
+                "/sync/./pull?collection=tasks&since={}",
+                percent_encode(LOG_START)
+            ),
             vec![],
             "invalid_app_id",
         ),
@@ -911,24 +914,33 @@ fn cases(user: &str) -> Vec<Case> {
         ),
         pull_query(
             "query: limit=-1",
-            &format!("collection=tasks&since={}&limit=-1", encode(LOG_START)),
+            &format!(
+                "collection=tasks&since={}&limit=-1",
+                percent_encode(LOG_START)
+            ),
             "invalid_limit",
         ),
         pull_query(
             "query: limit=0",
-            &format!("collection=tasks&since={}&limit=0", encode(LOG_START)),
+            &format!(
+                "collection=tasks&since={}&limit=0",
+                percent_encode(LOG_START)
+            ),
             "invalid_limit",
         ),
         pull_query(
             "query: limit=1e3",
-            &format!("collection=tasks&since={}&limit=1e3", encode(LOG_START)),
+            &format!(
+                "collection=tasks&since={}&limit=1e3",
+                percent_encode(LOG_START)
+            ),
             "invalid_limit",
         ),
         pull_query(
             "query: limit beyond u64",
             &format!(
                 "collection=tasks&since={}&limit={}",
-                encode(LOG_START),
+                percent_encode(LOG_START),
                 "9".repeat(30)
             ),
             "invalid_limit",
@@ -950,17 +962,17 @@ fn cases(user: &str) -> Vec<Case> {
         ),
         pull_query(
             "query: collection 'a b'",
-            &format!("collection=a%20b&since={}", encode(LOG_START)),
+            &format!("collection=a%20b&since={}", percent_encode(LOG_START)),
             "invalid_collection",
         ),
         pull_query(
             "query: collection non-ASCII",
-            &format!("collection=%C3%A4&since={}", encode(LOG_START)),
+            &format!("collection=%C3%A4&since={}", percent_encode(LOG_START)),
             "invalid_collection",
         ),
         pull_query(
             "query: collection U+0000",
-            &format!("collection=a%00&since={}", encode(LOG_START)),
+            &format!("collection=a%00&since={}", percent_encode(LOG_START)),
             "invalid_collection",
         ),
         pull_query("query: nothing but '&&&'", "&&&", "missing_parameter"),
@@ -968,7 +980,7 @@ fn cases(user: &str) -> Vec<Case> {
             "pull: X-Client-Id non-ASCII",
             &format!(
                 "/sync/todo/pull?collection=tasks&since={}",
-                encode(LOG_START)
+                percent_encode(LOG_START)
             ),
             "X-Client-Id: ü",
             "invalid_client_id",

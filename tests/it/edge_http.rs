@@ -277,7 +277,7 @@ fn push_of(user: &str, device: &str, id: &str) -> Request<RequestBody> {
 fn pull_path() -> String {
     format!(
         "/sync/todo/pull?collection=tasks&since={}",
-        crate::support::encode(LOG_START)
+        crate::support::percent_encode(LOG_START)
     )
 }
 
@@ -334,7 +334,7 @@ async fn https_serves_push_pull_streams_sockets_and_health_over_h2_and_http1() {
         };
         let stream_path = format!(
             "/sync/todo/stream?since={}",
-            crate::support::encode(LOG_START)
+            crate::support::percent_encode(LOG_START)
         );
         let response = streamer.send(get(&stream_path, Some(&user))).await.unwrap();
         assert_eq!(response.status(), 200);
@@ -437,7 +437,7 @@ async fn an_open_stream_keeps_its_http2_connection_from_idling_out() {
     let mut client = Client::H2(sender);
     let stream_path = format!(
         "/sync/todo/stream?since={}",
-        crate::support::encode(LOG_START)
+        crate::support::percent_encode(LOG_START)
     );
     let response = client.send(get(&stream_path, Some(&user))).await.unwrap();
     assert_eq!(response.status(), 200);

@@ -452,15 +452,10 @@ async fn pages_are_bounded_by_bytes_as_well_as_rows() {
     let server = TestServer::start_with(|c| c.page_max_bytes = 1024 * 1024).await;
     let user = unique_user("big-rows");
     // Hard to compress (PostgreSQL stores large values compressed; the budget counts stored bytes).
-    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
     let mut noise = |n: usize| -> String {
         (0..n)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                char::from(b'!' + (seed % 90) as u8)
-            })
+            .map(|_| char::from(b'!' + rng.below(90) as u8))
             .collect()
     };
     for i in 0..12 {

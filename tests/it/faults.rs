@@ -535,7 +535,7 @@ async fn pull_status(server: &TestServer, token: &str) -> (u16, Value) {
             "GET",
             &format!(
                 "/sync/todo/pull?collection=tasks&since={}",
-                support::encode(LOG_START)
+                support::percent_encode(LOG_START)
             ),
             &[("authorization", &format!("Bearer {token}"))],
             None,

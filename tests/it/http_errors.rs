@@ -8,7 +8,7 @@ use mana_sync::devdb::{EmbeddedOptions, EmbeddedPostgres};
 use serde_json::{json, Value};
 
 use crate::support::{
-    self, changeset, insert, request, token, unique_user, Reply, TestServer, EPOCH,
+    self, changeset, insert, request, token, unique_user, Reply, TestServer, EPOCH, USER_LOCK_CLASS,
 };
 
 const ORIGIN: &str = "https://app.example";
@@ -355,7 +355,7 @@ async fn pull_parameter_errors() {
     let long = format!(
         "/sync/todo/pull?collection={}&since={}",
         "c".repeat(65),
-        support::encode(EPOCH)
+        support::percent_encode(EPOCH)
     );
     get_authed(&server, &user, &long)
         .await
@@ -543,8 +543,10 @@ async fn saturated_pool_is_503_and_nothing_queues_forever() {
     holder.batch_execute("BEGIN").await.unwrap();
     holder
         .execute(
-            "SELECT set_config('app.current_user_id', $1, true), \
-             pg_advisory_xact_lock(1398361667, hashtext($1))",
+            &format!(
+                "SELECT set_config('app.current_user_id', $1, true), \
+                 pg_advisory_xact_lock({USER_LOCK_CLASS}, hashtext($1))"
+            ),
             &[&writer],
         )
         .await
@@ -572,9 +574,11 @@ async fn saturated_pool_is_503_and_nothing_queues_forever() {
     loop {
         let waiting: i64 = observer
             .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-                 AND classid::bigint = 1398361667 \
-                 AND objid::bigint = (hashtext($1)::bigint & 4294967295)",
+                &format!(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                     AND classid::bigint = {USER_LOCK_CLASS} \
+                     AND objid::bigint = (hashtext($1)::bigint & 4294967295)"
+                ),
                 &[&writer],
             )
             .await

@@ -372,7 +372,7 @@ async fn the_request_concurrency_limit_answers_503_and_health_stays_up() {
     // Hold one request in flight: a push waiting for the user's lock, which a transaction here holds.
     let db = app_role().await;
     db.batch_execute("BEGIN").await.unwrap();
-    db.execute("SELECT set_config('app.current_user_id', $1, true), pg_advisory_xact_lock(1398361667, hashtext($1))", &[&user]).await.unwrap();
+    db.execute(&format!("SELECT set_config('app.current_user_id', $1, true), pg_advisory_xact_lock({USER_LOCK_CLASS}, hashtext($1))"), &[&user]).await.unwrap();
     let held = {
         let url = server.url("/sync/todo");
         let auth = format!("Bearer {}", token(&user));

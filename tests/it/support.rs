@@ -18,6 +18,7 @@ use mana_sync::auth::devkeys;
 use mana_sync::config::Config;
 use mana_sync::devdb;
 use mana_sync::server::ServerHandle;
+pub use mana_sync::test_support::{percent_encode, Rng, USER_LOCK_CLASS};
 use serde_json::{json, Value};
 
 /// The cursor of a device that has never synced: it gets a snapshot of the merged state (SPEC §6).
@@ -180,7 +181,7 @@ impl TestServer {
         }
         let mut path = format!(
             "/sync/{app}/pull?collection={collection}&since={}",
-            encode(since)
+            percent_encode(since)
         );
         if let Some(limit) = limit {
             path.push_str(&format!("&limit={limit}"));
@@ -226,19 +227,6 @@ impl Drop for TestServer {
         // A test that panicked before `stop`: the runtime ending aborts the server task.
         let _ = self.handle.take();
     }
-}
-
-/// Percent-encodes a query value.
-pub fn encode(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// An HTTP response as the tests look at it.
@@ -362,14 +350,9 @@ pub async fn app_role() -> tokio_postgres::Client {
     connect(&cluster().conn_string).await
 }
 
+/// A connection (no TLS) whose connection task runs until the client is dropped.
 pub async fn connect(conn_string: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(conn_string, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
+    devdb::connect(conn_string).await.expect("connect")
 }
 
 /// Rows of `user` in `sync_changes`, counted past row-level security.
@@ -393,22 +376,6 @@ pub fn insert(table: &str, id: &str, data: Value) -> Value {
 /// An update change setting `field` to `value` at `at`.
 pub fn update(table: &str, id: &str, field: &str, value: Value, at: &str) -> Value {
     json!({"table": table, "id": id, "op": "update", "fields": {field: {"value": value, "at": at}}})
-}
-
-/// A small deterministic generator (xorshift64), so a failing run can be replayed from its seed.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 pub fn changeset(changes: Vec<Value>) -> Value {
