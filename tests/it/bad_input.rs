@@ -1152,7 +1152,7 @@ async fn a_nine_megabyte_string_value_is_not_bad_input() {
     let reply = server
         .pull(&user, "todo", Some("dev-b"), "notes", LOG_START, None)
         .await;
-    assert_eq!(reply.status, 200);
+    reply.assert_status(200);
     assert_eq!(
         reply.changes()[0]["data"]["body"].as_str().map(str::len),
         Some(big.len())

@@ -614,7 +614,13 @@ async fn large_bodies_in_flight_are_bounded_per_user_and_in_all() {
     };
     let attacker = unique_user("big-bodies");
     let _held_a = slow(attacker.clone(), 150_000).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until(
+        "the first large body is counted",
+        Duration::from_secs(10),
+        || async { server.app.body_budget.used() > 0 },
+    )
+    .await;
+    let counted_a = server.app.body_budget.used();
 
     // The attacker's second large body is over its share.
     let second = raw_request(server.addr, head(&attacker, 150_000), body(150_000)).await;
@@ -623,7 +629,12 @@ async fn large_bodies_in_flight_are_bounded_per_user_and_in_all() {
 
     // Another user's large body fits the server's budget; a third one does not.
     let _held_b = slow(unique_user("big-b"), 150_000).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until(
+        "the second user's large body is counted",
+        Duration::from_secs(10),
+        || async { server.app.body_budget.used() > counted_a },
+    )
+    .await;
     let third_user = unique_user("big-c");
     let third = raw_request(server.addr, head(&third_user, 150_000), body(150_000)).await;
     third.assert_error(503, "overloaded");

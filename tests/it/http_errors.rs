@@ -306,8 +306,19 @@ async fn health_reports_ok() {
 async fn health_reports_users() {
     let server = TestServer::start().await;
     let reply = server.request("GET", "/health", &[], None).await;
-    assert_eq!(reply.status, 200, "{}", reply.text);
-    assert!(reply.body["users"].is_u64(), "{}", reply.text);
+    reply.assert_status(200);
+    assert_eq!(reply.body["users"], json!(0), "{}", reply.text);
+    // Users with real-time connections: two sockets of one user and one of another are two users.
+    let (alice, bob) = (unique_user("health-a"), unique_user("health-b"));
+    let _sockets = [
+        server.authed_socket("/ws", &alice, Some("laptop")).await,
+        server.authed_socket("/ws", &alice, Some("phone")).await,
+        server.authed_socket("/ws", &bob, None).await,
+    ];
+    let reply = server.request("GET", "/health", &[], None).await;
+    reply.assert_status(200);
+    assert_eq!(reply.body["users"], json!(2), "{}", reply.text);
+    assert_eq!(reply.body["connections"], json!(3), "{}", reply.text);
     server.stop().await;
 }
 

@@ -247,6 +247,12 @@ impl Reply {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Asserts the status, printing the body when it is another (which usually says why).
+    #[track_caller]
+    pub fn assert_status(&self, status: u16) {
+        assert_eq!(self.status, status, "{}", self.text);
+    }
+
     /// Asserts a JSON error with this status and code.
     pub fn assert_error(&self, status: u16, code: &str) {
         assert_eq!(self.status, status, "{}", self.text);
@@ -366,6 +372,24 @@ pub async fn count_rows(user: &str) -> i64 {
         .await
         .unwrap()
         .get(0)
+}
+
+/// Waits until `condition` holds, checking every 20 ms; panics naming `what` after `within`. For a test
+/// that waits for something it can observe, instead of sleeping and hoping it has happened. A plain
+/// condition is written `|| async { … }`.
+pub async fn wait_until<F, Fut>(what: &str, within: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// An insert change of `table`/`id` with `data`.
