@@ -6,8 +6,9 @@
 //! panics when an invariant is broken; returning normally means the input is fine (an `Err` from the
 //! library is a fine outcome: hostile input must be rejected, never crash).
 //!
-//! Only `mana_sync` and its own dependencies (serde_json, ed25519-dalek, hyper, base64) are used, so
-//! the file compiles inside the main crate's integration tests without touching its Cargo.toml.
+//! Only `mana_sync` (with its `test-support` feature, on in `fuzz/Cargo.toml` and for `cargo test`) and its
+//! own dependencies (serde_json, ed25519-dalek, hyper, base64) are used, so the file compiles inside the
+//! main crate's integration tests without touching its Cargo.toml.
 
 #![allow(dead_code)] // each fuzz target uses one check
 
@@ -20,6 +21,7 @@ use serde_json::Value;
 use mana_sync::auth::{self, KeySet, Rules};
 use mana_sync::http::router::{self, Route, Routing};
 use mana_sync::protocol::{self, query, time, Op, StoredChange};
+use mana_sync::test_support::percent_encode;
 
 /// The server time used for push bodies and token checks: 2026-11-21T10:05:00Z.
 pub const NOW_UNIX: i64 = 1_795_255_500;
@@ -218,18 +220,6 @@ pub fn check_pull_query(data: &[u8]) {
     if matches!(first("limit"), None | Some("")) {
         assert_eq!(pull.limit, DEFAULT_LIMIT);
     }
-}
-
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-                char::from(b).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------- timestamp

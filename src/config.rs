@@ -15,6 +15,11 @@ pub struct Config {
     /// `None`: run the embedded PostgreSQL under `data_dir` (SPEC §14).
     pub database_url: Option<String>,
     pub data_dir: PathBuf,
+    /// The directories of `PATH`: where the embedded PostgreSQL's binaries are also looked for.
+    pub search_path: Vec<PathBuf>,
+    /// The working directory at start (`from_env`), which a relative `data_dir` of the embedded
+    /// PostgreSQL is resolved against; `None` without a process environment (`from_lookup`).
+    pub working_dir: Option<PathBuf>,
     pub jwks_url: Option<String>,
     pub jwks_file: Option<PathBuf>,
     pub jwt_issuer: Option<String>,
@@ -116,7 +121,9 @@ pub const DEFAULT_JWKS_URL: &str = "http://localhost:3001/api/auth/jwks";
 impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
-        Config::from_lookup(|name| std::env::var(name).ok())
+        let mut config = Config::from_lookup(|name| std::env::var(name).ok())?;
+        config.working_dir = std::env::current_dir().ok();
+        Ok(config)
     }
 
     /// Reads configuration through `lookup`, so tests can supply variables without touching the process.
@@ -168,6 +175,11 @@ impl Config {
             port: parse(&get, "PORT", 3050, "a port number (0-65535)")?,
             database_url,
             data_dir,
+            // Not trimmed: a directory name may end in a space.
+            search_path: lookup("PATH")
+                .map(|path| std::env::split_paths(&path).collect())
+                .unwrap_or_default(),
+            working_dir: None,
             jwks_url,
             jwks_file,
             jwt_issuer: set("JWT_ISSUER"),

@@ -31,3 +31,6 @@ pub mod config;
 pub mod devdb;
 pub mod log;
 pub(crate) mod metrics;
+
+#[cfg(feature = "test-support")]
+pub mod test_support;

@@ -48,7 +48,7 @@ pub async fn open_database(config: &Config) -> Result<Database, StartError> {
                 "DATABASE_URL is unset: starting the embedded PostgreSQL",
                 &[("dataDir", config.data_dir.display().to_string().into())],
             );
-            let embedded = EmbeddedPostgres::start(EmbeddedOptions::new(&config.data_dir))
+            let embedded = EmbeddedPostgres::start(EmbeddedOptions::for_server(config))
                 .await
                 .map_err(|e| StartError(format!("embedded PostgreSQL: {e}")))?;
             (embedded.connection_string(), Some(embedded))

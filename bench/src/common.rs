@@ -17,6 +17,9 @@ use mana_sync::auth::devkeys;
 use mana_sync::config::Config;
 use mana_sync::devdb::{EmbeddedOptions, EmbeddedPostgres};
 use mana_sync::server::ServerHandle;
+/// The helpers tests and benchmarks share (`mana_sync::test_support`), and connecting to a cluster.
+pub use mana_sync::devdb::connect as connect_pg;
+pub use mana_sync::test_support::{percent_encode, Rng, USER_LOCK_CLASS};
 use serde_json::Value;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -47,7 +50,7 @@ impl Cluster {
             .map(|n| PathBuf::from(format!("/tmp/msb-{}-{n}", std::process::id())))
             .find(|p| !p.exists())
             .ok_or_else(|| err("no free /tmp/msb-* directory"))?;
-        let mut options = EmbeddedOptions::new(&dir);
+        let mut options = EmbeddedOptions::from_process_env(&dir);
         options.durable = durable;
         options.max_connections = 300;
         options.extra_settings = vec![
@@ -130,11 +133,11 @@ impl Cluster {
     }
 
     pub async fn su(&self) -> Result<tokio_postgres::Client> {
-        connect_pg(&self.su_conn).await
+        Ok(connect_pg(&self.su_conn).await?)
     }
 
     pub async fn app_role(&self) -> Result<tokio_postgres::Client> {
-        connect_pg(&self.app_conn).await
+        Ok(connect_pg(&self.app_conn).await?)
     }
 
     pub async fn stop(self) {
@@ -171,14 +174,6 @@ impl Cluster {
             eprintln!("{calls:>9} | {total:>9} | {mean:>7} | {query}");
         }
     }
-}
-
-pub async fn connect_pg(conn: &str) -> Result<tokio_postgres::Client> {
-    let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -466,18 +461,6 @@ pub fn synced_until(body: &[u8]) -> Option<String> {
     Some(String::from_utf8_lossy(&body[start..end]).into_owned())
 }
 
-pub fn encode(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 // ---------------------------------------------------------------------------------------------------
 // WebSockets
 
@@ -555,25 +538,6 @@ impl Results {
     pub fn error(&mut self, what: impl std::fmt::Display) {
         self.errors += 1;
         eprintln!("ERROR: {what}");
-    }
-}
-
-/// A small xorshift generator: reproducible random picks without a dependency.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        // xorshift must not start at 0.
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
-    }
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
     }
 }
 

@@ -158,7 +158,7 @@ impl Device {
     async fn empty_pull(&mut self) -> Result<()> {
         let path = format!(
             "https://localhost/sync/todo/pull?collection=tasks&since={}",
-            encode(&self.since)
+            percent_encode(&self.since)
         );
         let request = hyper::Request::get(path)
             .header("authorization", format!("Bearer {}", self.token))

@@ -60,7 +60,7 @@ const EMPTY_PULL: Mix = &[(Kind::Pull, 100)];
 const MIX: Mix = &[(Kind::Pull, 90), (Kind::Push(1), 9), (Kind::Push(20), 1)];
 
 fn pick(mix: Mix, rng: &mut Rng) -> usize {
-    let mut r = rng.below(100);
+    let mut r = rng.index(100);
     for (i, (_, weight)) in mix.iter().enumerate() {
         if r < *weight {
             return i;
@@ -130,7 +130,7 @@ impl Users {
 
     /// One edit of a random record of user `u`: its id and the new value of its title.
     fn edit(&self, u: usize, rng: &mut Rng) -> (String, Value) {
-        let k = rng.below(self.records) + 1; // push::body numbers records from 1
+        let k = rng.index(self.records) + 1; // push::body numbers records from 1
         let id = format!("r-{}-{k}", self.devices[u]);
         (
             id,
@@ -290,13 +290,13 @@ async fn server_side(
             let mut rng = Rng::new(seed + c as u64);
             tokio::time::sleep_until(window.start.into()).await;
             while Instant::now() < window.end {
-                let u = rng.below(users.len());
+                let u = rng.index(users.len());
                 let k = pick(mix, &mut rng);
                 let kind = mix[k].0;
                 let headers = headers(&users, u);
                 let (method, path, headers, body) = match kind {
                     Kind::Pull => {
-                        let since = encode(&format_cursor(users.cursor(u)));
+                        let since = percent_encode(&format_cursor(users.cursor(u)));
                         let path = format!("/sync/{APP}/pull?collection=tasks&since={since}");
                         ("GET", path, &headers[..2], Bytes::new())
                     }
@@ -381,7 +381,7 @@ async fn sql_side(
             let mut rng = Rng::new(seed + c as u64);
             tokio::time::sleep_until(window.start.into()).await;
             while Instant::now() < window.end {
-                let u = rng.below(users.len());
+                let u = rng.index(users.len());
                 let k = pick(mix, &mut rng);
                 let user = &users.names[u];
                 let sent = Instant::now();

@@ -21,8 +21,11 @@ pub struct Args {
 const BASE_UNIX: u64 = 1_735_689_600; // 2025-01-01T00:00:00Z
 
 /// The server's statements (src/store/mod.rs, LOCK_SHARED and PULL_PAGE), verbatim.
-const LOCK_SHARED: &str =
-    "SELECT set_config('app.current_user_id', $1, true), pg_advisory_xact_lock_shared(1398361667, hashtext($1))";
+fn lock_shared() -> String {
+    format!(
+        "SELECT set_config('app.current_user_id', $1, true), pg_advisory_xact_lock_shared({USER_LOCK_CLASS}, hashtext($1))"
+    )
+}
 const PULL_PAGE: &str = concat!(
     "SELECT id::text, table_name, record_id, op, data, field_meta, created_at, schema_version, actor, origin, space_id ",
     "FROM sync_changes WHERE user_id = $1 AND app_id = $2 AND table_name = $3 AND created_at > $4 ",
@@ -113,12 +116,12 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
 
     let mut conn = HttpConn::connect(server.addr, None).await?;
     let mut sql = cluster.app_role().await?;
-    let lock = sql.prepare(LOCK_SHARED).await?;
+    let lock = sql.prepare(&lock_shared()).await?;
     let page = sql.prepare(PULL_PAGE).await?;
     let mut rng = Rng::new(0);
     let mut pick = move || {
-        let u = rng.below(users);
-        let k = rng.below(per_user - 1400);
+        let u = rng.index(users);
+        let k = rng.index(per_user - 1400);
         (u, k)
     };
 
@@ -138,7 +141,7 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
                 if server_phase {
                     let path = format!(
                         "/sync/todo/pull?collection=tasks&since={}&limit=1000",
-                        encode(&cursor_2025(k as i64, 0))
+                        percent_encode(&cursor_2025(k as i64, 0))
                     );
                     let t = Instant::now();
                     let r = conn

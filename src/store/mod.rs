@@ -32,6 +32,8 @@ pub use known::KnownStamps;
 pub use listen::Listener;
 pub use pool::{Pool, PoolStatus, PooledConnection};
 use read::{log_page, page_params, read_page, Page, Tables, CLOCK_ADVANCE};
+#[cfg(feature = "test-support")]
+pub use user_tx::USER_LOCK_CLASS;
 use user_tx::{Lock, UserTx};
 
 /// The schema, applied at start-up.

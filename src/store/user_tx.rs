@@ -25,7 +25,7 @@ macro_rules! user_lock_class {
 }
 pub(super) use user_lock_class;
 /// `user_lock_class!()` as a number ("SYNC" in ASCII).
-pub(super) const USER_LOCK_CLASS: i32 = 0x5359_4E43;
+pub const USER_LOCK_CLASS: i32 = 0x5359_4E43;
 
 /// Waiting for the user's lock (held by another instance or a direct writer) ends after this, with
 /// SQLSTATE 55P03 (contention: 503 + Retry-After). It also bounds every other lock wait of the transaction.

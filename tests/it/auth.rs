@@ -129,7 +129,7 @@ async fn time_claims() {
         &test_header(),
         json!({"sub": user, "iat": now - 900, "nbf": now + 5, "exp": now - 5, "aud": "mana"}),
     );
-    assert_eq!(pull_bearer(&server, &skewed).await.status, 200);
+    pull_bearer(&server, &skewed).await.assert_status(200);
     server.stop().await;
 }
 
@@ -138,7 +138,7 @@ async fn signature_and_algorithm() {
     let server = TestServer::start().await;
     let user = unique_user("auth-sig");
     let good = forge(&test_header(), valid_claims(&user));
-    assert_eq!(pull_bearer(&server, &good).await.status, 200);
+    pull_bearer(&server, &good).await.assert_status(200);
 
     // Change one character near the start of the signature (the last one may only touch padding bits).
     let sig_start = good.rfind('.').unwrap() + 1;
@@ -237,7 +237,7 @@ async fn subject_and_audience() {
         &test_header(),
         json!({"sub": user, "iat": now, "exp": now + 900, "aud": ["other", "mana"]}),
     );
-    assert_eq!(pull_bearer(&server, &aud_list).await.status, 200);
+    pull_bearer(&server, &aud_list).await.assert_status(200);
 
     // An unknown kid from the trusted key.
     let unknown = json!({"alg": "EdDSA", "kid": "no-such-kid", "typ": "JWT"}).to_string();
@@ -277,12 +277,9 @@ async fn issuer_is_checked_when_configured() {
 
     // Without JWT_ISSUER any (or no) issuer passes.
     let server = TestServer::start().await;
-    assert_eq!(
-        pull_bearer(&server, &mint(Some("https://evil.example")))
-            .await
-            .status,
-        200
-    );
+    pull_bearer(&server, &mint(Some("https://evil.example")))
+        .await
+        .assert_status(200);
     server.stop().await;
 }
 
@@ -478,12 +475,9 @@ async fn jwks_key_rotation_is_picked_up_on_unknown_kid() {
     let server = server_on(&endpoint).await;
     let user = unique_user("auth-rotate");
 
-    assert_eq!(
-        pull_bearer(&server, &token_from("k1", &k1, &user))
-            .await
-            .status,
-        200
-    );
+    pull_bearer(&server, &token_from("k1", &k1, &user))
+        .await
+        .assert_status(200);
     // k2 is not published yet.
     assert_401(
         &pull_bearer(&server, &token_from("k2", &k2, &user)).await,
@@ -510,18 +504,12 @@ async fn jwks_key_rotation_is_picked_up_on_unknown_kid() {
 
     // Both keys work now, without further fetches.
     for _ in 0..3 {
-        assert_eq!(
-            pull_bearer(&server, &token_from("k1", &k1, &user))
-                .await
-                .status,
-            200
-        );
-        assert_eq!(
-            pull_bearer(&server, &token_from("k2", &k2, &user))
-                .await
-                .status,
-            200
-        );
+        pull_bearer(&server, &token_from("k1", &k1, &user))
+            .await
+            .assert_status(200);
+        pull_bearer(&server, &token_from("k2", &k2, &user))
+            .await
+            .assert_status(200);
     }
     assert_eq!(endpoint.hits(), before + 1);
     server.stop().await;
@@ -543,12 +531,9 @@ async fn jwks_endpoint_down_keeps_cached_keys() {
 
     // More failing refreshes: a 500, then the endpoint gone altogether.
     assert!(server.app.auth.refresh().await.is_err());
-    assert_eq!(
-        pull_bearer(&server, &token_from("k1", &k1, &user))
-            .await
-            .status,
-        200
-    );
+    pull_bearer(&server, &token_from("k1", &k1, &user))
+        .await
+        .assert_status(200);
     endpoint.close();
     assert!(server.app.auth.refresh().await.is_err());
     let body = changeset(vec![insert("tasks", "t1", json!({"title": "still here"}))]);
@@ -595,12 +580,9 @@ async fn random_kids_do_not_flood_the_jwks_endpoint() {
     let extra = endpoint.hits() - before;
     assert!(extra <= 1, "20 unknown kids caused {extra} JWKS fetches");
     // Valid tokens were never affected.
-    assert_eq!(
-        pull_bearer(&server, &token_from("k1", &k1, &user))
-            .await
-            .status,
-        200
-    );
+    pull_bearer(&server, &token_from("k1", &k1, &user))
+        .await
+        .assert_status(200);
     server.stop().await;
 }
 

@@ -19,8 +19,8 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::{
-    self, changeset, count_rows, encode, insert, keys, next_frame, raw_request, send_json, token,
-    unique_user, Received, Reply, TestServer, LOG_START,
+    self, changeset, count_rows, insert, keys, next_frame, percent_encode, raw_request, send_json,
+    token, unique_user, Received, Reply, TestServer, LOG_START,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -874,14 +874,17 @@ fn cases(user: &str) -> Vec<Case> {
             format!(
                 "/sync/{}/pull?collection=tasks&since={}",
                 "a".repeat(65),
-                encode(LOG_START)
+                percent_encode(LOG_START)
             ),
             vec![],
             "invalid_app_id",
         ),
         get(
             "app id: `.` on pull",
-            format!("/sync/./pull?collection=tasks&since={}", encode(LOG_START)),
+            format!(
+                "/sync/./pull?collection=tasks&since={}",
+                percent_encode(LOG_START)
+            ),
             vec![],
             "invalid_app_id",
         ),
@@ -912,24 +915,33 @@ fn cases(user: &str) -> Vec<Case> {
         ),
         pull_query(
             "query: limit=-1",
-            &format!("collection=tasks&since={}&limit=-1", encode(LOG_START)),
+            &format!(
+                "collection=tasks&since={}&limit=-1",
+                percent_encode(LOG_START)
+            ),
             "invalid_limit",
         ),
         pull_query(
             "query: limit=0",
-            &format!("collection=tasks&since={}&limit=0", encode(LOG_START)),
+            &format!(
+                "collection=tasks&since={}&limit=0",
+                percent_encode(LOG_START)
+            ),
             "invalid_limit",
         ),
         pull_query(
             "query: limit=1e3",
-            &format!("collection=tasks&since={}&limit=1e3", encode(LOG_START)),
+            &format!(
+                "collection=tasks&since={}&limit=1e3",
+                percent_encode(LOG_START)
+            ),
             "invalid_limit",
         ),
         pull_query(
             "query: limit beyond u64",
             &format!(
                 "collection=tasks&since={}&limit={}",
-                encode(LOG_START),
+                percent_encode(LOG_START),
                 "9".repeat(30)
             ),
             "invalid_limit",
@@ -951,17 +963,17 @@ fn cases(user: &str) -> Vec<Case> {
         ),
         pull_query(
             "query: collection 'a b'",
-            &format!("collection=a%20b&since={}", encode(LOG_START)),
+            &format!("collection=a%20b&since={}", percent_encode(LOG_START)),
             "invalid_collection",
         ),
         pull_query(
             "query: collection non-ASCII",
-            &format!("collection=%C3%A4&since={}", encode(LOG_START)),
+            &format!("collection=%C3%A4&since={}", percent_encode(LOG_START)),
             "invalid_collection",
         ),
         pull_query(
             "query: collection U+0000",
-            &format!("collection=a%00&since={}", encode(LOG_START)),
+            &format!("collection=a%00&since={}", percent_encode(LOG_START)),
             "invalid_collection",
         ),
         pull_query("query: nothing but '&&&'", "&&&", "missing_parameter"),
@@ -969,7 +981,7 @@ fn cases(user: &str) -> Vec<Case> {
             "pull: X-Client-Id non-ASCII",
             &format!(
                 "/sync/todo/pull?collection=tasks&since={}",
-                encode(LOG_START)
+                percent_encode(LOG_START)
             ),
             "X-Client-Id: ü",
             "invalid_client_id",
@@ -1141,7 +1153,7 @@ async fn a_nine_megabyte_string_value_is_not_bad_input() {
     let reply = server
         .pull(&user, "todo", Some("dev-b"), "notes", LOG_START, None)
         .await;
-    assert_eq!(reply.status, 200);
+    reply.assert_status(200);
     assert_eq!(
         reply.changes()[0]["data"]["body"].as_str().map(str::len),
         Some(big.len())

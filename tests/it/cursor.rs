@@ -87,18 +87,15 @@ async fn a_transaction_that_began_before_the_cursor_and_wrote_after_it_is_delive
     let server = TestServer::start().await;
     let user = unique_user("early");
     let writer = app_role().await;
-    assert_eq!(
-        server
-            .push(
-                &user,
-                "app",
-                Some("a"),
-                &changeset(vec![insert("t", "before", json!({}))])
-            )
-            .await
-            .status,
-        200
-    );
+    server
+        .push(
+            &user,
+            "app",
+            Some("a"),
+            &changeset(vec![insert("t", "before", json!({}))]),
+        )
+        .await
+        .assert_status(200);
 
     // Today's server stamps rows with the transaction's start time: this row would land behind the cursor.
     begin_as(&writer, &user).await;
@@ -137,7 +134,7 @@ async fn a_transaction_that_began_before_the_cursor_and_wrote_after_it_is_delive
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     writer.batch_execute("COMMIT").await.unwrap();
-    assert_eq!(blocked.await.unwrap().status, 200);
+    blocked.await.unwrap().assert_status(200);
     let (rest, _) = server
         .pull_all(&user, "app", Some("reader"), "t", &cursor, None)
         .await;

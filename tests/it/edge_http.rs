@@ -24,7 +24,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use crate::support::{changeset, insert, token, unique_user, Reply, TestServer, LOG_START};
+use crate::support::{
+    changeset, insert, token, unique_user, wait_until, Reply, TestServer, LOG_START,
+};
 
 const WAIT: Duration = Duration::from_secs(10);
 const H2: &[u8] = b"h2";
@@ -277,7 +279,7 @@ fn push_of(user: &str, device: &str, id: &str) -> Request<RequestBody> {
 fn pull_path() -> String {
     format!(
         "/sync/todo/pull?collection=tasks&since={}",
-        crate::support::encode(LOG_START)
+        crate::support::percent_encode(LOG_START)
     )
 }
 
@@ -334,7 +336,7 @@ async fn https_serves_push_pull_streams_sockets_and_health_over_h2_and_http1() {
         };
         let stream_path = format!(
             "/sync/todo/stream?since={}",
-            crate::support::encode(LOG_START)
+            crate::support::percent_encode(LOG_START)
         );
         let response = streamer.send(get(&stream_path, Some(&user))).await.unwrap();
         assert_eq!(response.status(), 200);
@@ -437,7 +439,7 @@ async fn an_open_stream_keeps_its_http2_connection_from_idling_out() {
     let mut client = Client::H2(sender);
     let stream_path = format!(
         "/sync/todo/stream?since={}",
-        crate::support::encode(LOG_START)
+        crate::support::percent_encode(LOG_START)
     );
     let response = client.send(get(&stream_path, Some(&user))).await.unwrap();
     assert_eq!(response.status(), 200);
@@ -560,7 +562,7 @@ async fn a_certificate_swapped_on_disk_is_served_to_new_connections_without_drop
         .unwrap();
     assert_eq!(leaf_of(&open), first_leaf);
     let mut open = Client::h2(open).await;
-    assert_eq!(open.call(get("/health", None)).await.status, 200);
+    open.call(get("/health", None)).await.assert_status(200);
 
     let (_, second_leaf) = ca.issue(&dir);
     assert_ne!(first_leaf, second_leaf);
@@ -571,7 +573,7 @@ async fn a_certificate_swapped_on_disk_is_served_to_new_connections_without_drop
             .unwrap();
         if leaf_of(&fresh) == second_leaf {
             let mut fresh = Client::h2(fresh).await;
-            assert_eq!(fresh.call(get("/health", None)).await.status, 200);
+            fresh.call(get("/health", None)).await.assert_status(200);
             break;
         }
         assert_eq!(leaf_of(&fresh), first_leaf);
@@ -739,17 +741,17 @@ async fn an_oversized_http2_header_list_is_refused() {
             .body(empty())
             .unwrap()
     };
-    assert_eq!(client.call(padded(2000)).await.status, 200);
-    assert_eq!(client.call(padded(8000)).await.status, 431);
+    client.call(padded(2000)).await.assert_status(200);
+    client.call(padded(8000)).await.assert_status(431);
     // The connection survives: the refusal is per stream.
-    assert_eq!(client.call(padded(10)).await.status, 200);
+    client.call(padded(10)).await.assert_status(200);
     server.stop().await;
 
     // The default (16 KiB) holds too.
     let server = TestServer::start().await;
     let mut client = Client::h2(TcpStream::connect(server.addr).await.unwrap()).await;
-    assert_eq!(client.call(padded(8000)).await.status, 200);
-    assert_eq!(client.call(padded(20_000)).await.status, 431);
+    client.call(padded(8000)).await.assert_status(200);
+    client.call(padded(20_000)).await.assert_status(431);
     server.stop().await;
 }
 
@@ -864,7 +866,10 @@ async fn a_silent_tls_client_is_dropped_at_the_handshake_deadline_and_frees_its_
     .await;
     let started = Instant::now();
     let mut silent = TcpStream::connect(server.addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    wait_until("the silent client is accepted", WAIT, || async {
+        server.app.open_connections() == 1
+    })
+    .await;
     let waiting = tokio::spawn({
         let addr = server.addr;
         let config = ca.client_config(&[H2]);
@@ -890,7 +895,7 @@ async fn a_silent_tls_client_is_dropped_at_the_handshake_deadline_and_frees_its_
         "closed after {closed_after:?}"
     );
     let (reply, served_at) = waiting.await.unwrap();
-    assert_eq!(reply.status, 200);
+    reply.assert_status(200);
     assert!(served_at.duration_since(started) >= Duration::from_millis(700));
     server.stop().await;
     let _ = std::fs::remove_dir_all(dir);
@@ -909,7 +914,7 @@ async fn drain_finishes_http2_streams_in_flight_and_refuses_new_ones() {
             .unwrap();
     let connection = tokio::spawn(connection);
     let mut client = Client::H2(sender);
-    assert_eq!(client.call(get("/health", None)).await.status, 200);
+    client.call(get("/health", None)).await.assert_status(200);
 
     let (body_sender, body) = channel_body();
     let mut stream = client.stream_handle();
@@ -917,7 +922,11 @@ async fn drain_finishes_http2_streams_in_flight_and_refuses_new_ones() {
         let request = push_request(&user, "laptop", body);
         async move { read_reply(stream.send(request).await.unwrap()).await }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let permits = server.app.config.max_concurrent_requests;
+    wait_until("the push is in flight", WAIT, || async {
+        server.app.request_permits.available_permits() < permits
+    })
+    .await;
     let stopping = tokio::spawn(server.stop());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!stopping.is_finished(), "the server waits for the stream");

@@ -307,7 +307,7 @@ async fn a_frozen_database_gives_503_after_the_deadline_and_the_server_recovers(
     let _ = std::fs::remove_dir_all(&dir);
     let options = EmbeddedOptions {
         durable: false,
-        ..EmbeddedOptions::new(&dir)
+        ..EmbeddedOptions::from_process_env(&dir)
     };
     let embedded = EmbeddedPostgres::start(options)
         .await
@@ -452,15 +452,10 @@ async fn pages_are_bounded_by_bytes_as_well_as_rows() {
     let server = TestServer::start_with(|c| c.page_max_bytes = 1024 * 1024).await;
     let user = unique_user("big-rows");
     // Hard to compress (PostgreSQL stores large values compressed; the budget counts stored bytes).
-    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
     let mut noise = |n: usize| -> String {
         (0..n)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                char::from(b'!' + (seed % 90) as u8)
-            })
+            .map(|_| char::from(b'!' + rng.below(90) as u8))
             .collect()
     };
     for i in 0..12 {
@@ -619,7 +614,13 @@ async fn large_bodies_in_flight_are_bounded_per_user_and_in_all() {
     };
     let attacker = unique_user("big-bodies");
     let _held_a = slow(attacker.clone(), 150_000).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until(
+        "the first large body is counted",
+        Duration::from_secs(10),
+        || async { server.app.body_budget.used() > 0 },
+    )
+    .await;
+    let counted_a = server.app.body_budget.used();
 
     // The attacker's second large body is over its share.
     let second = raw_request(server.addr, head(&attacker, 150_000), body(150_000)).await;
@@ -628,7 +629,12 @@ async fn large_bodies_in_flight_are_bounded_per_user_and_in_all() {
 
     // Another user's large body fits the server's budget; a third one does not.
     let _held_b = slow(unique_user("big-b"), 150_000).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until(
+        "the second user's large body is counted",
+        Duration::from_secs(10),
+        || async { server.app.body_budget.used() > counted_a },
+    )
+    .await;
     let third_user = unique_user("big-c");
     let third = raw_request(server.addr, head(&third_user, 150_000), body(150_000)).await;
     third.assert_error(503, "overloaded");

@@ -47,7 +47,7 @@ fn short_dir(tag: &str) -> PathBuf {
 fn private_options(dir: &PathBuf) -> EmbeddedOptions {
     EmbeddedOptions {
         durable: false,
-        ..EmbeddedOptions::new(dir)
+        ..EmbeddedOptions::from_process_env(dir)
     }
 }
 
@@ -536,7 +536,7 @@ async fn pull_status(server: &TestServer, token: &str) -> (u16, Value) {
             "GET",
             &format!(
                 "/sync/todo/pull?collection=tasks&since={}",
-                support::encode(LOG_START)
+                support::percent_encode(LOG_START)
             ),
             &[("authorization", &format!("Bearer {token}"))],
             None,

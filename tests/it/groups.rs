@@ -185,7 +185,7 @@ async fn a_user_whose_lock_is_busy_holds_up_no_one_else_in_the_group() {
     let mut holder = superuser().await;
     let held = holder.transaction().await.unwrap();
     held.execute(
-        "SELECT pg_advisory_xact_lock(1398361667, hashtext($1))",
+        &format!("SELECT pg_advisory_xact_lock({USER_LOCK_CLASS}, hashtext($1))"),
         &[&busy],
     )
     .await

@@ -8,7 +8,7 @@ use mana_sync::devdb::{EmbeddedOptions, EmbeddedPostgres};
 use serde_json::{json, Value};
 
 use crate::support::{
-    self, changeset, insert, request, token, unique_user, Reply, TestServer, EPOCH,
+    self, changeset, insert, request, token, unique_user, Reply, TestServer, EPOCH, USER_LOCK_CLASS,
 };
 
 const ORIGIN: &str = "https://app.example";
@@ -306,8 +306,19 @@ async fn health_reports_ok() {
 async fn health_reports_users() {
     let server = TestServer::start().await;
     let reply = server.request("GET", "/health", &[], None).await;
-    assert_eq!(reply.status, 200, "{}", reply.text);
-    assert!(reply.body["users"].is_u64(), "{}", reply.text);
+    reply.assert_status(200);
+    assert_eq!(reply.body["users"], json!(0), "{}", reply.text);
+    // Users with real-time connections: two sockets of one user and one of another are two users.
+    let (alice, bob) = (unique_user("health-a"), unique_user("health-b"));
+    let _sockets = [
+        server.authed_socket("/ws", &alice, Some("laptop")).await,
+        server.authed_socket("/ws", &alice, Some("phone")).await,
+        server.authed_socket("/ws", &bob, None).await,
+    ];
+    let reply = server.request("GET", "/health", &[], None).await;
+    reply.assert_status(200);
+    assert_eq!(reply.body["users"], json!(2), "{}", reply.text);
+    assert_eq!(reply.body["connections"], json!(3), "{}", reply.text);
     server.stop().await;
 }
 
@@ -355,7 +366,7 @@ async fn pull_parameter_errors() {
     let long = format!(
         "/sync/todo/pull?collection={}&since={}",
         "c".repeat(65),
-        support::encode(EPOCH)
+        support::percent_encode(EPOCH)
     );
     get_authed(&server, &user, &long)
         .await
@@ -466,7 +477,7 @@ async fn database_down_is_503_and_the_server_recovers() {
     let _ = std::fs::remove_dir_all(&dir);
     let options = EmbeddedOptions {
         durable: false,
-        ..EmbeddedOptions::new(&dir)
+        ..EmbeddedOptions::from_process_env(&dir)
     };
     let embedded = EmbeddedPostgres::start(options.clone())
         .await
@@ -543,8 +554,10 @@ async fn saturated_pool_is_503_and_nothing_queues_forever() {
     holder.batch_execute("BEGIN").await.unwrap();
     holder
         .execute(
-            "SELECT set_config('app.current_user_id', $1, true), \
-             pg_advisory_xact_lock(1398361667, hashtext($1))",
+            &format!(
+                "SELECT set_config('app.current_user_id', $1, true), \
+                 pg_advisory_xact_lock({USER_LOCK_CLASS}, hashtext($1))"
+            ),
             &[&writer],
         )
         .await
@@ -572,9 +585,11 @@ async fn saturated_pool_is_503_and_nothing_queues_forever() {
     loop {
         let waiting: i64 = observer
             .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-                 AND classid::bigint = 1398361667 \
-                 AND objid::bigint = (hashtext($1)::bigint & 4294967295)",
+                &format!(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                     AND classid::bigint = {USER_LOCK_CLASS} \
+                     AND objid::bigint = (hashtext($1)::bigint & 4294967295)"
+                ),
                 &[&writer],
             )
             .await

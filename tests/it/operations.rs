@@ -102,13 +102,10 @@ async fn the_billing_gate_allows_active_refuses_inactive_and_fails_open() {
     let inactive = unique_user("lapsed");
     credits.inactive.lock().push(inactive.clone());
 
-    assert_eq!(
-        server
-            .pull(&active, "todo", None, "tasks", LOG_START, None)
-            .await
-            .status,
-        200
-    );
+    server
+        .pull(&active, "todo", None, "tasks", LOG_START, None)
+        .await
+        .assert_status(200);
     assert_eq!(
         credits.service_keys.lock().first().map(String::as_str),
         Some("service-secret")
@@ -158,23 +155,17 @@ async fn the_billing_gate_allows_active_refuses_inactive_and_fails_open() {
     // Outage: allowed, and counted.
     credits.mode.store(1, Ordering::SeqCst);
     let during_outage = unique_user("outage");
-    assert_eq!(
-        server
-            .pull(&during_outage, "todo", None, "tasks", LOG_START, None)
-            .await
-            .status,
-        200
-    );
+    server
+        .pull(&during_outage, "todo", None, "tasks", LOG_START, None)
+        .await
+        .assert_status(200);
     // Hanging: still answered (the outbound call gives up after the 300 ms timeout).
     credits.mode.store(2, Ordering::SeqCst);
     let hanging = unique_user("hanging");
-    assert_eq!(
-        server
-            .pull(&hanging, "todo", None, "tasks", LOG_START, None)
-            .await
-            .status,
-        200
-    );
+    server
+        .pull(&hanging, "todo", None, "tasks", LOG_START, None)
+        .await
+        .assert_status(200);
     let metrics = server.request("GET", "/metrics", &[], None).await.text;
     assert!(
         metrics.contains("mana_sync_billing_checks_total{outcome=\"failed_open\"} 2"),
@@ -201,10 +192,9 @@ async fn concurrent_misses_make_one_request_the_cache_expires_and_stays_bounded(
     // The same through HTTP: 50 concurrent pulls of another cold user.
     let other = unique_user("cold-http");
     let pulls = (0..50).map(|_| server.pull(&other, "todo", None, "tasks", LOG_START, None));
-    assert!(futures_util::future::join_all(pulls)
-        .await
-        .iter()
-        .all(|r| r.status == 200));
+    for reply in futures_util::future::join_all(pulls).await {
+        reply.assert_status(200);
+    }
     assert_eq!(credits.hits(&other), 1);
 
     // The cache expires (TTL 1 s here).
@@ -316,32 +306,33 @@ async fn metrics_follow_the_prometheus_text_format_after_real_traffic() {
     let changes: Vec<Value> = (0..20)
         .map(|i| insert("tasks", &format!("t{i}"), json!({"n": i})))
         .collect();
-    assert_eq!(
-        server
-            .push(&user, "todo", Some("pusher"), &changeset(changes))
-            .await
-            .status,
-        200
-    );
+    server
+        .push(&user, "todo", Some("pusher"), &changeset(changes))
+        .await
+        .assert_status(200);
     assert!(matches!(
         next_frame(&mut socket, Duration::from_secs(10)).await,
         Received::Json(_)
     ));
-    assert_eq!(
-        server
-            .pull(&user, "todo", Some("reader"), "tasks", LOG_START, None)
-            .await
-            .status,
-        200
-    );
+    server
+        .pull(&user, "todo", Some("reader"), "tasks", LOG_START, None)
+        .await
+        .assert_status(200);
     server
         .request("GET", "/nope", &[], None)
         .await
         .assert_error(404, "not_found");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A request is counted once its response is done: wait for the last one.
+    wait_until("the 404 is counted", Duration::from_secs(10), || async {
+        let reply = server.request("GET", "/metrics", &[], None).await;
+        parse_prometheus(&reply.text)
+            .get("mana_sync_http_requests_total{route=\"other\",status=\"404\"}")
+            .is_some_and(|count| *count >= 1.0)
+    })
+    .await;
 
     let reply = server.request("GET", "/metrics", &[], None).await;
-    assert_eq!(reply.status, 200);
+    reply.assert_status(200);
     assert!(reply
         .header("content-type")
         .unwrap()
@@ -372,7 +363,7 @@ async fn the_request_concurrency_limit_answers_503_and_health_stays_up() {
     // Hold one request in flight: a push waiting for the user's lock, which a transaction here holds.
     let db = app_role().await;
     db.batch_execute("BEGIN").await.unwrap();
-    db.execute("SELECT set_config('app.current_user_id', $1, true), pg_advisory_xact_lock(1398361667, hashtext($1))", &[&user]).await.unwrap();
+    db.execute(&format!("SELECT set_config('app.current_user_id', $1, true), pg_advisory_xact_lock({USER_LOCK_CLASS}, hashtext($1))"), &[&user]).await.unwrap();
     let held = {
         let url = server.url("/sync/todo");
         let auth = format!("Bearer {}", token(&user));
@@ -401,20 +392,17 @@ async fn the_request_concurrency_limit_answers_503_and_health_stays_up() {
         .await;
     refused.assert_error(503, "overloaded");
     assert_eq!(refused.header("retry-after"), Some("1"));
-    assert_eq!(
-        server.request("GET", "/health", &[], None).await.status,
-        200,
-        "health is exempt"
-    );
+    // Health is exempt.
+    server
+        .request("GET", "/health", &[], None)
+        .await
+        .assert_status(200);
     db.batch_execute("COMMIT").await.unwrap();
-    assert_eq!(held.await.unwrap().status, 200);
-    assert_eq!(
-        server
-            .pull(&user, "todo", None, "tasks", LOG_START, None)
-            .await
-            .status,
-        200
-    );
+    held.await.unwrap().assert_status(200);
+    server
+        .pull(&user, "todo", None, "tasks", LOG_START, None)
+        .await
+        .assert_status(200);
     server.stop().await;
 }
 
@@ -453,7 +441,7 @@ async fn excess_connections_wait_and_idle_keep_alive_connections_are_closed() {
         0,
         "the server closed the idle keep-alive connection"
     );
-    assert_eq!(second.await.unwrap().status, 200);
+    second.await.unwrap().assert_status(200);
     server.stop().await;
 }
 
@@ -521,7 +509,7 @@ async fn logs_are_json_lines_with_request_ids_and_never_tokens() {
         Some(body.into_bytes()),
     )
     .await;
-    assert_eq!(reply.status, 200);
+    reply.assert_status(200);
     let request_id = reply
         .header("x-request-id")
         .expect("x-request-id")

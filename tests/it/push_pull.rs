@@ -109,10 +109,13 @@ async fn echo_suppression_with_header_and_with_body_client_id() {
     let user = unique_user("echo");
     // Device A names itself only in the body, device B only in the header.
     let from_a = json!({"clientId": "device-a", "since": LOG_START, "changes": [insert("notes", "n1", json!({"t": "a"}))]});
-    assert_eq!(server.push(&user, "notes", None, &from_a).await.status, 200);
+    server
+        .push(&user, "notes", None, &from_a)
+        .await
+        .assert_status(200);
     let from_b = changeset(vec![insert("notes", "n2", json!({"t": "b"}))]);
     let reply_b = server.push(&user, "notes", Some("device-b"), &from_b).await;
-    assert_eq!(reply_b.status, 200);
+    reply_b.assert_status(200);
     let ids = |reply: &Reply| {
         reply
             .changes()
@@ -177,10 +180,10 @@ async fn timestamps_come_back_byte_for_byte_and_missing_values_as_null() {
         {"table": "t", "id": "r", "op": "update", "fields": fields},
         {"table": "t", "id": "r", "op": "delete", "deletedAt": "2026-11-21T11:00:00+00:00"},
     ]});
-    assert_eq!(
-        server.push(&user, "app", Some("a"), &body).await.status,
-        200
-    );
+    server
+        .push(&user, "app", Some("a"), &body)
+        .await
+        .assert_status(200);
     let pulled = server
         .pull(&user, "app", Some("b"), "t", LOG_START, None)
         .await;
@@ -216,10 +219,10 @@ async fn a_delete_without_deleted_at_still_carries_one() {
     let server = TestServer::start().await;
     let user = unique_user("del");
     let body = changeset(vec![json!({"table": "t", "id": "gone", "op": "delete"})]);
-    assert_eq!(
-        server.push(&user, "app", Some("a"), &body).await.status,
-        200
-    );
+    server
+        .push(&user, "app", Some("a"), &body)
+        .await
+        .assert_status(200);
     let pulled = server
         .pull(&user, "app", Some("b"), "t", LOG_START, None)
         .await;
@@ -336,13 +339,10 @@ async fn twenty_five_hundred_changes_in_one_batch_come_back_across_pages_exactly
     let changes: Vec<Value> = (0..2500)
         .map(|i| insert("items", &format!("i{i:04}"), json!({"n": i})))
         .collect();
-    assert_eq!(
-        server
-            .push(&user, "app", Some("a"), &changeset(changes))
-            .await
-            .status,
-        200
-    );
+    server
+        .push(&user, "app", Some("a"), &changeset(changes))
+        .await
+        .assert_status(200);
 
     let mut cursor = LOG_START.to_owned();
     let mut seen = Vec::new();
@@ -351,7 +351,7 @@ async fn twenty_five_hundred_changes_in_one_batch_come_back_across_pages_exactly
         let reply = server
             .pull(&user, "app", Some("b"), "items", &cursor, None)
             .await;
-        assert_eq!(reply.status, 200);
+        reply.assert_status(200);
         pages += 1;
         let next = reply.body["syncedUntil"].as_str().unwrap().to_owned();
         assert_eq!(next.len(), 27, "fixed-width cursor: {next}");
@@ -402,13 +402,10 @@ async fn six_thousand_foreign_rows_behind_a_push_from_the_epoch_are_all_reachabl
                 )
             })
             .collect();
-        assert_eq!(
-            server
-                .push(&user, "app", Some("writer"), &changeset(changes))
-                .await
-                .status,
-            200
-        );
+        server
+            .push(&user, "app", Some("writer"), &changeset(changes))
+            .await
+            .assert_status(200);
     }
     // A new device pushes one change from the epoch and follows hasMore with more pushes. From the epoch
     // it gets the snapshot (one entry per record, its own records included: a re-bootstrapping device
@@ -445,7 +442,7 @@ async fn synced_until_is_never_the_epoch_and_never_behind_since() {
     let server = TestServer::start().await;
     let user = unique_user("fresh");
     let reply = server.pull(&user, "app", Some("a"), "t", EPOCH, None).await;
-    assert_eq!(reply.status, 200);
+    reply.assert_status(200);
     let cursor = reply.body["syncedUntil"].as_str().unwrap();
     assert!(cursor > "1970-01-01T00:00:00.000000Z", "{cursor}");
     assert!(

@@ -31,13 +31,10 @@ async fn unified_and_legacy_sockets_hear_about_other_devices_pushes() {
         insert("tasks", "t1", json!({})),
         insert("lists", "l1", json!({})),
     ]);
-    assert_eq!(
-        server
-            .push(&user, "todo", Some("laptop"), &push)
-            .await
-            .status,
-        200
-    );
+    server
+        .push(&user, "todo", Some("laptop"), &push)
+        .await
+        .assert_status(200);
     assert_eq!(
         next_frame(&mut unified, WAIT).await,
         sync_available("todo", &["lists", "tasks"])
@@ -49,13 +46,10 @@ async fn unified_and_legacy_sockets_hear_about_other_devices_pushes() {
 
     // Another app: the unified socket hears it (with its appId), the legacy todo socket does not.
     let push = changeset(vec![insert("events", "e1", json!({}))]);
-    assert_eq!(
-        server
-            .push(&user, "calendar", Some("laptop"), &push)
-            .await
-            .status,
-        200
-    );
+    server
+        .push(&user, "calendar", Some("laptop"), &push)
+        .await
+        .assert_status(200);
     assert_eq!(
         next_frame(&mut unified, WAIT).await,
         sync_available("calendar", &["events"])
@@ -72,13 +66,10 @@ async fn unified_and_legacy_sockets_hear_about_other_devices_pushes() {
         .authed_socket("/ws", &unique_user("ws-other"), None)
         .await;
     let push = changeset(vec![insert("tasks", "t2", json!({}))]);
-    assert_eq!(
-        server
-            .push(&user, "todo", Some("phone"), &push)
-            .await
-            .status,
-        200
-    );
+    server
+        .push(&user, "todo", Some("phone"), &push)
+        .await
+        .assert_status(200);
     assert_eq!(
         next_frame(&mut legacy, WAIT).await,
         sync_available("todo", &["tasks"])
@@ -352,18 +343,15 @@ async fn a_slow_consumer_is_closed_while_other_users_keep_receiving() {
         .load(std::sync::atomic::Ordering::Relaxed);
     let mut closed = false;
     for round in 0..300 {
-        assert_eq!(
-            server
-                .push(
-                    &slow_user,
-                    &format!("app{}", round % 80),
-                    None,
-                    &changeset(wide.clone())
-                )
-                .await
-                .status,
-            200
-        );
+        server
+            .push(
+                &slow_user,
+                &format!("app{}", round % 80),
+                None,
+                &changeset(wide.clone()),
+            )
+            .await
+            .assert_status(200);
         if server
             .app
             .hub
@@ -390,18 +378,15 @@ async fn a_slow_consumer_is_closed_while_other_users_keep_receiving() {
         "only the fast user's socket remains"
     );
 
-    assert_eq!(
-        server
-            .push(
-                &fast_user,
-                "todo",
-                Some("x"),
-                &changeset(vec![insert("tasks", "t", json!({}))])
-            )
-            .await
-            .status,
-        200
-    );
+    server
+        .push(
+            &fast_user,
+            "todo",
+            Some("x"),
+            &changeset(vec![insert("tasks", "t", json!({}))]),
+        )
+        .await
+        .assert_status(200);
     assert_eq!(
         next_frame(&mut fast, WAIT).await,
         sync_available("todo", &["tasks"])
@@ -419,34 +404,28 @@ async fn a_push_on_one_instance_reaches_a_socket_on_another() {
     let mut on_b = b.authed_socket("/ws", &user, Some("phone")).await;
     // Give B's listener time to be LISTENing (it starts with the server).
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        a.push(
-            &user,
-            "todo",
-            Some("laptop"),
-            &changeset(vec![insert("tasks", "t", json!({}))])
-        )
-        .await
-        .status,
-        200
-    );
+    a.push(
+        &user,
+        "todo",
+        Some("laptop"),
+        &changeset(vec![insert("tasks", "t", json!({}))]),
+    )
+    .await
+    .assert_status(200);
     assert_eq!(
         next_frame(&mut on_b, WAIT).await,
         sync_available("todo", &["tasks"])
     );
 
     // The originating device is not notified on the other instance either.
-    assert_eq!(
-        a.push(
-            &user,
-            "todo",
-            Some("phone"),
-            &changeset(vec![insert("tasks", "u", json!({}))])
-        )
-        .await
-        .status,
-        200
-    );
+    a.push(
+        &user,
+        "todo",
+        Some("phone"),
+        &changeset(vec![insert("tasks", "u", json!({}))]),
+    )
+    .await
+    .assert_status(200);
     assert_eq!(
         next_frame(&mut on_b, Duration::from_millis(500)).await,
         Received::Nothing
@@ -486,7 +465,7 @@ async fn restarting_postgresql_makes_an_instance_nudge_its_clients() {
     let _ = std::fs::remove_dir_all(&dir);
     let options = || EmbeddedOptions {
         durable: false,
-        ..EmbeddedOptions::new(&dir)
+        ..EmbeddedOptions::from_process_env(&dir)
     };
     let cluster = EmbeddedPostgres::start(options()).await.unwrap();
     let url = cluster.connection_string();
@@ -496,18 +475,15 @@ async fn restarting_postgresql_makes_an_instance_nudge_its_clients() {
     })
     .await;
     let user = unique_user("nudge");
-    assert_eq!(
-        server
-            .push(
-                &user,
-                "todo",
-                Some("a"),
-                &changeset(vec![insert("tasks", "t", json!({}))])
-            )
-            .await
-            .status,
-        200
-    );
+    server
+        .push(
+            &user,
+            "todo",
+            Some("a"),
+            &changeset(vec![insert("tasks", "t", json!({}))]),
+        )
+        .await
+        .assert_status(200);
     let mut unified = server.authed_socket("/ws", &user, None).await;
     let mut legacy = server.authed_socket("/ws/todo", &user, None).await;
     assert_eq!(
@@ -554,25 +530,19 @@ async fn an_app_stream_delivers_a_backlog_of_2500_complete_and_in_order_then_liv
     let changes: Vec<Value> = (0..2500)
         .map(|i| insert("tasks", &format!("t{i:04}"), json!({"n": i})))
         .collect();
-    assert_eq!(
-        server
-            .push(&user, "todo", Some("laptop"), &changeset(changes))
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        server
-            .push(
-                &user,
-                "todo",
-                Some("laptop"),
-                &changeset(vec![insert("other", "o", json!({}))])
-            )
-            .await
-            .status,
-        200
-    );
+    server
+        .push(&user, "todo", Some("laptop"), &changeset(changes))
+        .await
+        .assert_status(200);
+    server
+        .push(
+            &user,
+            "todo",
+            Some("laptop"),
+            &changeset(vec![insert("other", "o", json!({}))]),
+        )
+        .await
+        .assert_status(200);
 
     let auth = bearer(&user);
     let mut stream = SseClient::open(
@@ -617,35 +587,29 @@ async fn an_app_stream_delivers_a_backlog_of_2500_complete_and_in_order_then_liv
     assert!(ids.len() <= 2500 + 2 * 3, "{} entries", ids.len());
 
     // Live: another device pushes; the stream delivers it.
-    assert_eq!(
-        server
-            .push(
-                &user,
-                "todo",
-                Some("laptop"),
-                &changeset(vec![insert("tasks", "live", json!({}))])
-            )
-            .await
-            .status,
-        200
-    );
+    server
+        .push(
+            &user,
+            "todo",
+            Some("laptop"),
+            &changeset(vec![insert("tasks", "live", json!({}))]),
+        )
+        .await
+        .assert_status(200);
     let event = stream.next_change(WAIT).await.expect("live event");
     assert_eq!(event.data["changes"][0]["id"], json!("live"));
     assert_eq!(event.data["hasMore"], json!(false));
     assert!(event.data["syncedUntil"].as_str().unwrap().ends_with('Z'));
     // The stream's own device is not echoed.
-    assert_eq!(
-        server
-            .push(
-                &user,
-                "todo",
-                Some("phone"),
-                &changeset(vec![insert("tasks", "own", json!({}))])
-            )
-            .await
-            .status,
-        200
-    );
+    server
+        .push(
+            &user,
+            "todo",
+            Some("phone"),
+            &changeset(vec![insert("tasks", "own", json!({}))]),
+        )
+        .await
+        .assert_status(200);
     assert!(stream
         .next_change(Duration::from_millis(500))
         .await
@@ -668,13 +632,10 @@ async fn the_unified_stream_covers_many_apps_and_resumes_from_last_event_id_with
         let changes = (0..n)
             .map(|i| insert("items", &format!("{app}-{i}"), json!({})))
             .collect();
-        assert_eq!(
-            server
-                .push(&user, app, Some("laptop"), &changeset(changes))
-                .await
-                .status,
-            200
-        );
+        server
+            .push(&user, app, Some("laptop"), &changeset(changes))
+            .await
+            .assert_status(200);
     }
     let auth = bearer(&user);
     let url = server.url("/sync/stream?apps=todo,calendar");
@@ -710,18 +671,15 @@ async fn the_unified_stream_covers_many_apps_and_resumes_from_last_event_id_with
     drop(stream);
 
     // Changes made while disconnected arrive after resuming from the last id, and nothing before is lost.
-    assert_eq!(
-        server
-            .push(
-                &user,
-                "calendar",
-                Some("laptop"),
-                &changeset(vec![insert("items", "while-away", json!({}))])
-            )
-            .await
-            .status,
-        200
-    );
+    server
+        .push(
+            &user,
+            "calendar",
+            Some("laptop"),
+            &changeset(vec![insert("items", "while-away", json!({}))]),
+        )
+        .await
+        .assert_status(200);
     let last_id = last_id.unwrap();
     let mut resumed = SseClient::open(
         &url,

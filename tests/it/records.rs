@@ -73,21 +73,15 @@ async fn a_losing_push_is_reported_as_a_conflict_and_never_relayed() {
     let server = TestServer::start().await;
     let user = unique_user("conflict");
     let create = json!({"table": "tasks", "id": "t", "op": "insert", "data": {"title": "a", "done": false, "createdAt": at(0, 0)}});
-    assert_eq!(
-        server
-            .push(&user, "todo", Some("A"), &changeset(vec![create]))
-            .await
-            .status,
-        200
-    );
+    server
+        .push(&user, "todo", Some("A"), &changeset(vec![create]))
+        .await
+        .assert_status(200);
     let newer = update("tasks", "t", "title", json!("from A"), &at(10, 0));
-    assert_eq!(
-        server
-            .push(&user, "todo", Some("A"), &changeset(vec![newer]))
-            .await
-            .status,
-        200
-    );
+    server
+        .push(&user, "todo", Some("A"), &changeset(vec![newer]))
+        .await
+        .assert_status(200);
 
     // B edited offline earlier (its clock says 10:05) and pushes late: title loses, done wins.
     let stale = json!({"table": "tasks", "id": "t", "op": "update", "fields": {
@@ -145,7 +139,7 @@ async fn a_losing_push_is_reported_as_a_conflict_and_never_relayed() {
             &json!({"since": LOG_START, "changes": [stale]}),
         )
         .await;
-    assert_eq!(again.status, 200);
+    again.assert_status(200);
     assert_eq!(count_rows(&user).await, rows);
     server.stop().await;
 }
@@ -241,13 +235,10 @@ async fn a_new_device_after_10000_updates_gets_about_100_entries_and_the_same_st
     let server = TestServer::start().await;
     let user = unique_user("bootstrap");
     let create: Vec<Value> = (0..100).map(|r| json!({"table": "notes", "id": format!("n{r:03}"), "op": "insert", "data": {"body": "", "createdAt": at(0, 0)}})).collect();
-    assert_eq!(
-        server
-            .push(&user, "app", Some("writer"), &changeset(create))
-            .await
-            .status,
-        200
-    );
+    server
+        .push(&user, "app", Some("writer"), &changeset(create))
+        .await
+        .assert_status(200);
     for round in 0..10u32 {
         let changes: Vec<Value> = (0..1000u32)
             .map(|i| {
@@ -267,13 +258,10 @@ async fn a_new_device_after_10000_updates_gets_about_100_entries_and_the_same_st
                 )
             })
             .collect();
-        assert_eq!(
-            server
-                .push(&user, "app", Some("writer"), &changeset(changes))
-                .await
-                .status,
-            200
-        );
+        server
+            .push(&user, "app", Some("writer"), &changeset(changes))
+            .await
+            .assert_status(200);
     }
     let (history, _) = server
         .pull_all(&user, "app", Some("old"), "notes", LOG_START, None)
@@ -314,13 +302,10 @@ async fn a_new_device_after_10000_updates_gets_about_100_entries_and_the_same_st
         json!("late"),
         "2026-11-21T12:00:00.000Z",
     );
-    assert_eq!(
-        server
-            .push(&user, "app", Some("writer"), &changeset(vec![late]))
-            .await
-            .status,
-        200
-    );
+    server
+        .push(&user, "app", Some("writer"), &changeset(vec![late]))
+        .await
+        .assert_status(200);
     let (rest, _) = server
         .pull_all(&user, "app", Some("new"), "notes", &cursor, None)
         .await;
@@ -336,13 +321,10 @@ async fn compaction_prunes_old_rows_and_a_stale_client_still_converges() {
             .await;
     let user = unique_user("compact");
     let create: Vec<Value> = (0..5).map(|r| json!({"table": "t", "id": format!("r{r}"), "op": "insert", "data": {"v": 0, "createdAt": at(0, 0)}})).collect();
-    assert_eq!(
-        server
-            .push(&user, "app", Some("writer"), &changeset(create))
-            .await
-            .status,
-        200
-    );
+    server
+        .push(&user, "app", Some("writer"), &changeset(create))
+        .await
+        .assert_status(200);
     let (first, stale_cursor) = server
         .pull_all(&user, "app", Some("stale"), "t", LOG_START, None)
         .await;
@@ -353,13 +335,10 @@ async fn compaction_prunes_old_rows_and_a_stale_client_still_converges() {
         .map(|r| update("t", &format!("r{r}"), "v", json!(r + 1), &at(1, r)))
         .collect();
     changes.push(json!({"table": "t", "id": "r4", "op": "delete", "deletedAt": at(2, 0)}));
-    assert_eq!(
-        server
-            .push(&user, "app", Some("writer"), &changeset(changes))
-            .await
-            .status,
-        200
-    );
+    server
+        .push(&user, "app", Some("writer"), &changeset(changes))
+        .await
+        .assert_status(200);
 
     // Two days pass for the whole history: the rows and the stale device's cursor alike.
     let admin = superuser().await;
@@ -404,18 +383,15 @@ async fn compaction_prunes_old_rows_and_a_stale_client_still_converges() {
 
     // A second pass finds nothing, and writing goes on as before.
     assert_eq!(server.app.store.compact(4).await.unwrap(), Some(0));
-    assert_eq!(
-        server
-            .push(
-                &user,
-                "app",
-                Some("writer"),
-                &changeset(vec![update("t", "r0", "v", json!(9), &at(3, 0))])
-            )
-            .await
-            .status,
-        200
-    );
+    server
+        .push(
+            &user,
+            "app",
+            Some("writer"),
+            &changeset(vec![update("t", "r0", "v", json!(9), &at(3, 0))]),
+        )
+        .await
+        .assert_status(200);
     server.stop().await;
 }
 

@@ -14,13 +14,10 @@ async fn a_user_can_never_read_or_write_another_users_rows_even_without_a_user_f
         let changes = (0..n)
             .map(|i| insert("t", &format!("{user}-{i}"), json!({"secret": user})))
             .collect();
-        assert_eq!(
-            server
-                .push(user, "app", Some("same-device"), &changeset(changes))
-                .await
-                .status,
-            200
-        );
+        server
+            .push(user, "app", Some("same-device"), &changeset(changes))
+            .await
+            .assert_status(200);
     }
     // Over HTTP: same app, same collection, same device id: only one's own rows.
     let reply = server

@@ -19,6 +19,7 @@ use mana_sync::devdb;
 use mana_sync::server::ServerHandle;
 use mana_sync::startup;
 use mana_sync::state::Shared;
+pub use mana_sync::test_support::{percent_encode, Rng, USER_LOCK_CLASS};
 use serde_json::{json, Value};
 
 /// The cursor of a device that has never synced: it gets a snapshot of the merged state (SPEC §6).
@@ -181,7 +182,7 @@ impl TestServer {
         }
         let mut path = format!(
             "/sync/{app}/pull?collection={collection}&since={}",
-            encode(since)
+            percent_encode(since)
         );
         if let Some(limit) = limit {
             path.push_str(&format!("&limit={limit}"));
@@ -229,19 +230,6 @@ impl Drop for TestServer {
     }
 }
 
-/// Percent-encodes a query value.
-pub fn encode(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// An HTTP response as the tests look at it.
 #[derive(Debug, Clone)]
 pub struct Reply {
@@ -258,6 +246,12 @@ impl Reply {
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
+    }
+
+    /// Asserts the status, printing the body when it is another (which usually says why).
+    #[track_caller]
+    pub fn assert_status(&self, status: u16) {
+        assert_eq!(self.status, status, "{}", self.text);
     }
 
     /// Asserts a JSON error with this status and code.
@@ -363,14 +357,9 @@ pub async fn app_role() -> tokio_postgres::Client {
     connect(&cluster().conn_string).await
 }
 
+/// A connection (no TLS) whose connection task runs until the client is dropped.
 pub async fn connect(conn_string: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(conn_string, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
+    devdb::connect(conn_string).await.expect("connect")
 }
 
 /// Rows of `user` in `sync_changes`, counted past row-level security.
@@ -386,6 +375,24 @@ pub async fn count_rows(user: &str) -> i64 {
         .get(0)
 }
 
+/// Waits until `condition` holds, checking every 20 ms; panics naming `what` after `within`. For a test
+/// that waits for something it can observe, instead of sleeping and hoping it has happened. A plain
+/// condition is written `|| async { … }`.
+pub async fn wait_until<F, Fut>(what: &str, within: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// An insert change of `table`/`id` with `data`.
 pub fn insert(table: &str, id: &str, data: Value) -> Value {
     json!({"table": table, "id": id, "op": "insert", "data": data})
@@ -394,22 +401,6 @@ pub fn insert(table: &str, id: &str, data: Value) -> Value {
 /// An update change setting `field` to `value` at `at`.
 pub fn update(table: &str, id: &str, field: &str, value: Value, at: &str) -> Value {
     json!({"table": table, "id": id, "op": "update", "fields": {field: {"value": value, "at": at}}})
-}
-
-/// A small deterministic generator (xorshift64), so a failing run can be replayed from its seed.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 pub fn changeset(changes: Vec<Value>) -> Value {

@@ -129,7 +129,7 @@ async fn tls_cluster(pki: &Pki) -> (EmbeddedPostgres, u16) {
     if let Some((uid, gid)) = postgres_ids() {
         std::os::unix::fs::chown(&hba, Some(uid), Some(gid)).unwrap();
     }
-    let mut options = EmbeddedOptions::new(pki.dir.join("pg"));
+    let mut options = EmbeddedOptions::from_process_env(pki.dir.join("pg"));
     options.durable = false;
     options.max_connections = 50;
     let path = |p: &Path| p.to_str().unwrap().to_owned();
@@ -148,13 +148,7 @@ async fn tls_cluster(pki: &Pki) -> (EmbeddedPostgres, u16) {
         .create_database("sslonly")
         .await
         .expect("database sslonly");
-    let (admin, connection) = tokio_postgres::connect(
-        &server.superuser_connection_string("postgres"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
+    let admin = crate::support::connect(&server.superuser_connection_string("postgres")).await;
     admin
         .batch_execute("SET password_encryption = 'scram-sha-256'; CREATE ROLE mana_pw LOGIN PASSWORD 'secret pw'")
         .await
@@ -426,13 +420,7 @@ async fn the_server_syncs_over_verify_full_and_every_connection_it_opens_uses_tl
     assert!(pulled.text.contains("over TLS"), "{}", pulled.text);
 
     // Our sessions as PostgreSQL sees them: the pool's and the notification listener's, all over TLS.
-    let (admin, connection) = tokio_postgres::connect(
-        &cluster.superuser_connection_string("postgres"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
+    let admin = crate::support::connect(&cluster.superuser_connection_string("postgres")).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let sessions = loop {
         let rows = admin
