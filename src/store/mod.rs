@@ -6,6 +6,7 @@
 //! form for a push, the shared form for a read. Together with the stamping trigger in `schema.sql` that is
 //! what makes the cursor guarantee hold (see ARCHITECTURE.md, "The cursor").
 
+mod chunks;
 mod compact;
 mod error;
 mod fair;
@@ -18,6 +19,7 @@ mod read;
 pub mod records;
 mod timestamp;
 mod user_tx;
+mod write;
 
 use std::time::Duration;
 

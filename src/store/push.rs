@@ -12,21 +12,21 @@
 //! Rare cases cost extra round trips inside the same transaction: log rows other programs wrote that are not
 //! folded yet, a snapshot `since`, a page that memory wrongly predicted empty, a cursor ahead of the clock.
 
-use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
 
-use serde_json::{Map, Value};
-use tokio_postgres::types::{Json, ToSql};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
+use super::chunks::{chunk_ranges, keys_of, parse_chunk, split_page, Chunks, LogRow};
 use super::group::{self, Hint};
 use super::records::{self, Batch, ReadMode};
 use super::timestamp::PgTimestamp;
 use super::user_tx::{Lock, UserTx};
+use super::write::{WriteColumns, NOTIFY, WRITE};
 use super::{read_page, Cause, Page, PooledConnection, Store, StoreError, Tables, CLOCK_ADVANCE};
 use crate::protocol::time::{self, Micros};
-use crate::protocol::{Changeset, NewChange, SyncResponse, WireChange};
+use crate::protocol::{Changeset, SyncResponse, WireChange};
 
 /// The user's clock and fold state (no row for a user never seen) and the database's time.
 const PUSH_STATE: &str = concat!(
@@ -44,37 +44,6 @@ const CLOCK_AND_RECORDS: &str = concat!(
 );
 /// Where `records::LOAD`'s columns begin in `CLOCK_AND_RECORDS`.
 const RECORDS_FROM: usize = 3;
-/// Step 3: the log rows (stamped by us), the record states (each pointing at its newest log row, each
-/// taking a new snapshot position from `sync_records_seq`: one `nextval` per changed record), the clock
-/// and the hint to other instances, in one statement. $1 user, $2 app, $3 device, $4–$13 log columns,
-/// $14–$23 record columns, $24 the new clock, $25 the hint (NULL: none). The hint is a CTE the result
-/// joins (an unreferenced one would not run); PostgreSQL delivers it at commit.
-const WRITE: &str = concat!(
-    "WITH logged AS (",
-    "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, field_meta, client_id, ",
-    "schema_version, actor, origin, space_id, created_at) ",
-    "SELECT $2, t, r, $1, o, d, f, $3, v, a, g, s, c FROM unnest($4::text[], $5::text[], $6::text[], ",
-    "$7::jsonb[], $8::jsonb[], $9::int4[], $10::jsonb[], $11::text[], $12::text[], $13::timestamptz[]) ",
-    "AS u(t, r, o, d, f, v, a, g, s, c) RETURNING id, created_at), ",
-    "recorded AS (",
-    "INSERT INTO sync_records AS rec (user_id, app_id, table_name, record_id, state, deleted, updated_at, ",
-    "event_id, actor, origin, space_id, schema_version, seq) ",
-    "SELECT $1, $2, x.t, x.r, x.s, x.d, x.u, coalesce(l.id, x.e::uuid), x.a, x.o, x.sp, x.v, ",
-    "nextval('sync_records_seq') ",
-    "FROM unnest($14::text[], $15::text[], $16::jsonb[], $17::bool[], $18::timestamptz[], $19::text[], ",
-    "$20::jsonb[], $21::text[], $22::text[], $23::int4[]) AS x(t, r, s, d, u, e, a, o, sp, v) ",
-    "LEFT JOIN logged l ON l.created_at = x.u ",
-    super::records::record_conflict!(),
-    "), ",
-    "clocked AS (",
-    "INSERT INTO sync_user_clock AS clock (user_id, last_at, folded_at) VALUES ($1, $24, $24) ",
-    super::records::clock_conflict!(),
-    "), ",
-    "hinted AS (SELECT pg_notify('mana_sync_changes', $25::text) WHERE $25::text IS NOT NULL) ",
-    "SELECT id::text, created_at FROM logged, (SELECT count(*) FROM hinted) AS h"
-);
-const NOTIFY: &str = "SELECT pg_notify('mana_sync_changes', $1)";
-
 /// The user's clock as step 1 read it under the exclusive lock.
 struct ClockState {
     /// `None` for a user the clock has never seen.
@@ -97,105 +66,6 @@ impl ClockState {
             db_now: row.try_get::<_, PgTimestamp>(2)?.0,
         })
     }
-}
-
-/// What merging a batch leaves to write and to answer.
-/// The chunks of one push as it works through them, and what merging them leaves to answer.
-struct Chunks<'c> {
-    changeset: &'c Changeset,
-    /// Chunk 0, parsed (and its records loaded) for step 1.
-    first: Option<Cow<'c, [NewChange]>>,
-    /// The records the batch touches, kept only when the page has entries to answer with merged state.
-    touched: Option<BTreeSet<(String, String)>>,
-    conflicts: Vec<serde_json::Value>,
-    /// Records where a pushed field lost: answered with their whole merged state.
-    lost: BTreeSet<(String, String)>,
-    /// Changes with a time beyond the future-skew bound.
-    beyond_skew: u64,
-}
-
-/// A log row and its stamp (an insert that won everywhere is the pushed change itself).
-type LogRow<'c> = (Cow<'c, NewChange>, Micros);
-
-impl<'c> Chunks<'c> {
-    /// The changes of `range`, with their records' states loaded into `batch` (the states earlier chunks
-    /// wrote included; chunk 0's were loaded in step 1).
-    async fn open(
-        &mut self,
-        client: &tokio_postgres::Client,
-        range: &Range<usize>,
-        batch: &mut Batch,
-        (user, app, future_skew): (&str, &str, Micros),
-    ) -> Result<Cow<'c, [NewChange]>, StoreError> {
-        let changes = match self.first.take() {
-            Some(changes) => changes,
-            None => {
-                let changes = parse_chunk(self.changeset, range)?;
-                *batch = Batch::load(client, user, keys_of(app, &changes), future_skew).await?;
-                changes
-            }
-        };
-        if let Some(touched) = &mut self.touched {
-            touched.extend(
-                changes
-                    .iter()
-                    .map(|c| (c.table.clone(), c.record_id.clone())),
-            );
-        }
-        Ok(changes)
-    }
-
-    /// Merges `changes` into the record states, change `i` stamped `first_stamp + i`; returns the log rows
-    /// (only what won goes to the log, so stamps of log rows may leave gaps, and stay strictly increasing)
-    /// and keeps the conflicts.
-    fn merge<'d>(
-        &mut self,
-        batch: &mut Batch,
-        (app, device): (&str, &str),
-        changes: &'d [NewChange],
-        first_stamp: Micros,
-    ) -> Vec<LogRow<'d>> {
-        let mut log_rows = Vec::new();
-        for (change, stamp) in changes.iter().zip(first_stamp..) {
-            let (winners, losers) = batch.apply(app, change, device, stamp);
-            let state = batch
-                .state(app, &change.table, &change.record_id)
-                .expect("applied above");
-            if let Some(row) = records::winning_row(change, &winners, state) {
-                batch.stamped(app, &change.table, &change.record_id, None, stamp);
-                log_rows.push((row, stamp));
-            }
-            for conflict in losers {
-                self.conflicts.push(records::conflict_json(
-                    &change.table,
-                    &change.record_id,
-                    &conflict,
-                ));
-                self.lost
-                    .insert((change.table.clone(), change.record_id.clone()));
-            }
-        }
-        self.beyond_skew += batch.beyond_skew();
-        log_rows
-    }
-}
-
-/// The ranges of a batch's chunks (one, empty, for an empty batch).
-fn chunk_ranges(count: usize) -> Vec<Range<usize>> {
-    (0..count.max(1))
-        .step_by(CHUNK)
-        .map(|start| start..(start + CHUNK).min(count))
-        .collect()
-}
-
-/// Changes `range` of the push, parsed (they were validated before the transaction began).
-fn parse_chunk<'c>(
-    changeset: &'c Changeset,
-    range: &Range<usize>,
-) -> Result<Cow<'c, [NewChange]>, StoreError> {
-    changeset.changes.slice(range.clone()).map_err(|e| {
-        StoreError::Internal(Cause::new(format!("a validated change did not parse: {e}")))
-    })
 }
 
 impl Store {
@@ -340,14 +210,7 @@ impl PushTx<'_> {
             clock, mut batch, ..
         } = loaded;
         let first_stamp = clock.first_stamp();
-        let mut work = Chunks {
-            changeset,
-            first: Some(first),
-            touched: (!page.changes.is_empty()).then(BTreeSet::new),
-            conflicts: Vec::new(),
-            lost: BTreeSet::new(),
-            beyond_skew: 0,
-        };
+        let mut work = Chunks::new(changeset, first, !page.changes.is_empty());
         let (earlier, last) = chunks.split_at(chunks.len() - 1);
         let last = &last[0];
         let written = self
@@ -530,13 +393,7 @@ impl PushTx<'_> {
         let touched = work.touched.take();
         let (mut server_changes, refreshed) =
             split_page(touched, page, std::mem::take(&mut work.lost));
-        let refresh_keys: Vec<(String, String, String)> = match refresh {
-            Refresh::FromBatch => Vec::new(),
-            Refresh::ReadBack => refreshed
-                .iter()
-                .map(|(table, id)| (self.app.to_owned(), table.clone(), id.clone()))
-                .collect(),
-        };
+        let refresh_keys = refresh.keys(self.app, &refreshed);
         let wrote_last = !finish.log_rows.is_empty();
         let columns = WriteColumns::of(
             &finish.log_rows,
@@ -606,6 +463,23 @@ enum Refresh {
     ReadBack,
 }
 
+impl Refresh {
+    /// The record keys to read back before `COMMIT` (none when the batch has them).
+    fn keys(
+        self,
+        app: &str,
+        refreshed: &BTreeSet<(String, String)>,
+    ) -> Vec<(String, String, String)> {
+        match self {
+            Refresh::FromBatch => Vec::new(),
+            Refresh::ReadBack => refreshed
+                .iter()
+                .map(|(table, id)| (app.to_owned(), table.clone(), id.clone()))
+                .collect(),
+        }
+    }
+}
+
 /// The batch with the event ids of the log rows just written (`WRITE` returns id and stamp per row).
 fn with_event_ids(mut batch: Batch, written: &[Row]) -> Result<Batch, StoreError> {
     let events: HashMap<Micros, String> = written
@@ -645,138 +519,6 @@ impl<'r> Finish<'r> {
             // A cursor this response hands out must be behind every later write: a `since` from
             // elsewhere that is ahead of the clock moves the clock.
             advance: clock_after.is_none_or(|c| c < since),
-        }
-    }
-}
-
-/// Changes merged and written per statement (and parsed at once, `protocol::changeset::CHUNK`).
-const CHUNK: usize = crate::protocol::changeset::CHUNK;
-
-/// The distinct record keys of `changes`, for loading their states.
-fn keys_of(app: &str, changes: &[NewChange]) -> Vec<(String, String, String)> {
-    changes
-        .iter()
-        .map(|c| (app.to_owned(), c.table.clone(), c.record_id.clone()))
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect()
-}
-
-/// The columns of one write statement: log rows (borrowed from the merge) and changed records (borrowed
-/// from the batch), and the clock to advance to.
-struct WriteColumns<'r, 'b> {
-    log: LogColumns<'r>,
-    stamps: Vec<PgTimestamp>,
-    records: records::RecordColumns<'b>,
-    clock: PgTimestamp,
-}
-
-impl<'r, 'b> WriteColumns<'r, 'b> {
-    fn of(
-        rows: &'r [(Cow<'_, NewChange>, Micros)],
-        batch: &'b Batch,
-        clock: Micros,
-    ) -> WriteColumns<'r, 'b> {
-        WriteColumns {
-            log: LogColumns::of(rows),
-            stamps: rows.iter().map(|(_, at)| PgTimestamp(*at)).collect(),
-            records: batch.changed_columns(),
-            clock: PgTimestamp(clock),
-        }
-    }
-
-    /// `WRITE`'s parameters, in order.
-    fn params<'a>(
-        &'a self,
-        user: &'a &str,
-        app: &'a &str,
-        device: &'a &str,
-        hint: &'a Option<String>,
-    ) -> [&'a (dyn ToSql + Sync); 25] {
-        let (log, records) = (&self.log, &self.records);
-        [
-            user,
-            app,
-            device,
-            &log.tables,
-            &log.record_ids,
-            &log.ops,
-            &log.data,
-            &log.field_meta,
-            &log.schema_versions,
-            &log.actors,
-            &log.origins,
-            &log.space_ids,
-            &self.stamps,
-            &records.tables,
-            &records.ids,
-            &records.states,
-            &records.deleted,
-            &records.updated,
-            &records.events,
-            &records.actors,
-            &records.origins,
-            &records.spaces,
-            &records.versions,
-            &self.clock,
-            hint,
-        ]
-    }
-}
-
-/// Never hand the pushing device a value older than the one the server now holds: a page entry for a
-/// record this batch touched (read before the merge) and every record where a pushed field lost are
-/// answered with the record's whole merged state instead. That also lets a device converge whose cursor is
-/// already past the change that beat it. Returns the page without those entries, and the records to answer
-/// with their merged state.
-fn split_page(
-    touched: Option<BTreeSet<(String, String)>>,
-    page: Vec<WireChange>,
-    lost: BTreeSet<(String, String)>,
-) -> (Vec<WireChange>, BTreeSet<(String, String)>) {
-    let mut refreshed = lost;
-    let Some(touched) = touched else {
-        return (page, refreshed);
-    };
-    let mut kept: Vec<WireChange> = Vec::with_capacity(page.len());
-    for change in page {
-        let key = (change.table.clone(), change.id.clone());
-        if touched.contains(&key) {
-            refreshed.insert(key);
-        } else {
-            kept.push(change);
-        }
-    }
-    (kept, refreshed)
-}
-
-/// The log rows as one array per column, the shape `unnest` turns back into rows; borrowed from the rows,
-/// whose JSON is serialised straight into the statement's parameters.
-struct LogColumns<'r> {
-    tables: Vec<&'r str>,
-    record_ids: Vec<&'r str>,
-    ops: Vec<&'static str>,
-    data: Vec<Json<&'r Map<String, Value>>>,
-    field_meta: Vec<Json<&'r Map<String, Value>>>,
-    schema_versions: Vec<i32>,
-    actors: Vec<Option<&'r Value>>,
-    origins: Vec<Option<&'r str>>,
-    space_ids: Vec<Option<&'r str>>,
-}
-
-impl<'r> LogColumns<'r> {
-    fn of(rows: &'r [(Cow<'_, NewChange>, Micros)]) -> LogColumns<'r> {
-        let changes = || rows.iter().map(|(change, _)| change.as_ref());
-        LogColumns {
-            tables: changes().map(|c| c.table.as_str()).collect(),
-            record_ids: changes().map(|c| c.record_id.as_str()).collect(),
-            ops: changes().map(|c| c.op.as_str()).collect(),
-            data: changes().map(|c| Json(&c.data)).collect(),
-            field_meta: changes().map(|c| Json(&c.field_meta)).collect(),
-            schema_versions: changes().map(|c| c.schema_version).collect(),
-            actors: changes().map(|c| c.actor.as_ref()).collect(),
-            origins: changes().map(|c| c.origin.as_deref()).collect(),
-            space_ids: changes().map(|c| c.space_id.as_deref()).collect(),
         }
     }
 }

@@ -31,13 +31,16 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use tokio::sync::{oneshot, Semaphore};
-use tokio_postgres::types::{Json, ToSql};
+use tokio_postgres::types::ToSql;
+
+mod write;
 
 use super::records::{self, Batch};
 use super::timestamp::PgTimestamp;
 use super::{Cause, Store, StoreError};
 use crate::protocol::time::{self, Micros};
 use crate::protocol::{NewChange, SyncResponse};
+use write::{write_params, GroupClocks, GroupLog, GroupRecords, WRITE_GROUP};
 
 /// Pushes with at most this many changes may join a group; larger ones gain little and would hold the
 /// group's other pushes up.
@@ -73,36 +76,6 @@ const CLOCKS_AND_RECORDS: &str = concat!(
 );
 /// Where `records::LOAD`'s columns begin in `CLOCKS_AND_RECORDS`.
 const RECORDS_FROM: usize = 5;
-/// Step 3 for the whole group: `push::WRITE` with a user per row, a clock per user and a hint per user.
-const WRITE_GROUP: &str = concat!(
-    "WITH logged AS (",
-    "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, field_meta, client_id, ",
-    "schema_version, actor, origin, space_id, created_at) ",
-    "SELECT p, t, r, w, o, d, f, c, v, a, g, s, at FROM unnest($1::text[], $2::text[], $3::text[], ",
-    "$4::text[], $5::text[], $6::text[], $7::jsonb[], $8::jsonb[], $9::int4[], $10::jsonb[], $11::text[], ",
-    "$12::text[], $13::timestamptz[]) AS u(w, p, c, t, r, o, d, f, v, a, g, s, at) ",
-    "RETURNING id, user_id, created_at), ",
-    "recorded AS (",
-    "INSERT INTO sync_records AS rec (user_id, app_id, table_name, record_id, state, deleted, updated_at, ",
-    "event_id, actor, origin, space_id, schema_version, seq) ",
-    "SELECT x.w, x.p, x.t, x.r, x.s, x.d, x.u, coalesce(l.id, x.e::uuid), x.a, x.o, x.sp, x.v, ",
-    "nextval('sync_records_seq') ",
-    "FROM unnest($14::text[], $15::text[], $16::text[], $17::text[], $18::jsonb[], $19::bool[], ",
-    "$20::timestamptz[], $21::text[], $22::jsonb[], $23::text[], $24::text[], $25::int4[]) ",
-    "AS x(w, p, t, r, s, d, u, e, a, o, sp, v) ",
-    "LEFT JOIN logged l ON l.user_id = x.w AND l.created_at = x.u ",
-    super::records::record_conflict!(),
-    "), ",
-    "clocked AS (",
-    "INSERT INTO sync_user_clock AS clock (user_id, last_at, folded_at) ",
-    "SELECT w, at, at FROM unnest($26::text[], $27::timestamptz[]) AS k(w, at) ",
-    super::records::clock_conflict!(),
-    "), ",
-    "hinted AS (SELECT pg_notify('mana_sync_changes', h) FROM unnest($28::text[]) AS h) ",
-    "SELECT (SELECT count(*) FROM logged), (SELECT count(*) FROM hinted)"
-);
-
-/// One push waiting for (or in) a group.
 pub struct Member {
     id: u64,
     pub user: String,
@@ -355,29 +328,17 @@ async fn group_tx(
     members: &[Member],
     future_skew: Micros,
 ) -> Result<Vec<Outcome>, StoreError> {
-    let users: Vec<&str> = members.iter().map(|m| m.user.as_str()).collect();
-    let users_literal = array_literal(&users);
-    let mut keys: Vec<[&str; 4]> = members
-        .iter()
-        .flat_map(|m| {
-            m.changes
-                .iter()
-                .map(|c| [m.user.as_str(), m.app.as_str(), &c.table, &c.record_id])
-        })
-        .collect();
-    keys.sort_unstable();
-    keys.dedup();
-    let column = |i: usize| keys.iter().map(|k| k[i]).collect::<Vec<&str>>();
-    let (key_users, key_apps, key_tables, key_ids) = (column(0), column(1), column(2), column(3));
-
     // Step 1: lock and load, one flush.
+    let users: Vec<&str> = members.iter().map(|m| m.user.as_str()).collect();
+    let keys = RecordKeys::of(members);
     let lock = connection.prepare(LOCK_GROUP).await?;
     let load = connection.prepare(CLOCKS_AND_RECORDS).await?;
     let write = connection.prepare(WRITE_GROUP).await?;
     let client = &connection.client;
+    let users_literal = array_literal(&users);
     let lock_params: [&(dyn ToSql + Sync); 2] = [&users_literal, &users];
     let load_params: [&(dyn ToSql + Sync); 5] =
-        [&users, &key_users, &key_apps, &key_tables, &key_ids];
+        [&users, &keys.users, &keys.apps, &keys.tables, &keys.ids];
     let (_, locked, rows) = tokio::try_join!(
         biased;
         client.batch_execute("BEGIN"),
@@ -385,9 +346,72 @@ async fn group_tx(
         client.query(&load, &load_params),
     )?;
     let locked: Vec<bool> = locked.try_get(3)?;
-    let mut clocks: Vec<Option<Clock>> = members.iter().map(|_| None).collect();
+    let (clocks, mut record_rows) = split_loaded(&rows, &users)?;
+
+    // Step 2: merge each push alone.
+    let mut merged: Vec<Option<Merged>> = Vec::with_capacity(members.len());
+    for ((member, clock), locked) in members.iter().zip(clocks).zip(locked) {
+        let clock =
+            clock.ok_or_else(|| StoreError::Internal(Cause::new("no clock for a member")))?;
+        if !locked {
+            merged.push(None);
+            continue;
+        }
+        let loaded = record_rows.remove(member.user.as_str()).unwrap_or_default();
+        let batch = Batch::from_columns(loaded, RECORDS_FROM, future_skew)?;
+        merged.push(merge_member(member, &clock, batch));
+    }
+
+    // Step 3: write and commit, one flush.
+    write_and_commit(client, &write, members, &merged).await?;
+    Ok(outcomes(members, merged))
+}
+
+/// The distinct records the group's pushes touch, one array per column for `CLOCKS_AND_RECORDS`.
+struct RecordKeys<'m> {
+    users: Vec<&'m str>,
+    apps: Vec<&'m str>,
+    tables: Vec<&'m str>,
+    ids: Vec<&'m str>,
+}
+
+impl<'m> RecordKeys<'m> {
+    fn of(members: &'m [Member]) -> RecordKeys<'m> {
+        let mut keys: Vec<[&str; 4]> = members
+            .iter()
+            .flat_map(|m| {
+                m.changes
+                    .iter()
+                    .map(|c| [m.user.as_str(), m.app.as_str(), &c.table, &c.record_id])
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let column = |i: usize| keys.iter().map(|k| k[i]).collect::<Vec<&str>>();
+        RecordKeys {
+            users: column(0),
+            apps: column(1),
+            tables: column(2),
+            ids: column(3),
+        }
+    }
+}
+
+/// `CLOCKS_AND_RECORDS`'s rows: each member's clock (by position), and each user's record rows.
+#[allow(clippy::type_complexity)]
+fn split_loaded<'r>(
+    rows: &'r [tokio_postgres::Row],
+    users: &[&'r str],
+) -> Result<
+    (
+        Vec<Option<Clock>>,
+        HashMap<&'r str, Vec<&'r tokio_postgres::Row>>,
+    ),
+    StoreError,
+> {
+    let mut clocks: Vec<Option<Clock>> = users.iter().map(|_| None).collect();
     let mut record_rows: HashMap<&str, Vec<&tokio_postgres::Row>> = HashMap::new();
-    for row in &rows {
+    for row in rows {
         match row.try_get::<_, Option<i64>>(0)? {
             Some(position) => {
                 let slot = clocks
@@ -408,26 +432,21 @@ async fn group_tx(
             }
         }
     }
+    Ok((clocks, record_rows))
+}
 
-    // Step 2: merge each push alone.
-    let mut merged: Vec<Option<Merged>> = Vec::with_capacity(members.len());
-    for ((member, clock), locked) in members.iter().zip(clocks).zip(locked) {
-        let clock =
-            clock.ok_or_else(|| StoreError::Internal(Cause::new("no clock for a member")))?;
-        if !locked {
-            merged.push(None);
-            continue;
-        }
-        let loaded = record_rows.remove(member.user.as_str()).unwrap_or_default();
-        let batch = Batch::from_columns(loaded, RECORDS_FROM, future_skew)?;
-        merged.push(merge_member(member, &clock, batch));
-    }
-
-    // Step 3: write and commit, one flush.
+/// Step 3: every merged push's log rows, record states, clock and hint in one statement, and `COMMIT`,
+/// in one flush (just `COMMIT` when nothing won anywhere).
+async fn write_and_commit(
+    client: &tokio_postgres::Client,
+    write: &tokio_postgres::Statement,
+    members: &[Member],
+    merged: &[Option<Merged<'_>>],
+) -> Result<(), StoreError> {
     let mut log = GroupLog::default();
     let mut records = GroupRecords::default();
     let mut clocks = GroupClocks::default();
-    for (member, merged) in members.iter().zip(&merged) {
+    for (member, merged) in members.iter().zip(merged) {
         let Some(merged) = merged else { continue };
         if merged.rows.is_empty() {
             continue;
@@ -442,18 +461,22 @@ async fn group_tx(
             clocks.hints.push(hint(merged.clock));
         }
     }
-    if !clocks.users.is_empty() {
-        let params = write_params(&log, &records, &clocks);
-        let (_, _) = tokio::try_join!(
-            biased;
-            client.query_one(&write, &params),
-            client.batch_execute("COMMIT"),
-        )?;
-    } else {
+    if clocks.users.is_empty() {
         client.batch_execute("COMMIT").await?;
+        return Ok(());
     }
+    let params = write_params(&log, &records, &clocks);
+    tokio::try_join!(
+        biased;
+        client.query_one(write, &params),
+        client.batch_execute("COMMIT"),
+    )?;
+    Ok(())
+}
 
-    Ok(members
+/// Each member's answer: written (no page: memory knew `since` current, and the clock agreed), or bounced.
+fn outcomes(members: &[Member], merged: Vec<Option<Merged<'_>>>) -> Vec<Outcome> {
+    members
         .iter()
         .zip(merged)
         .map(|(member, merged)| match merged {
@@ -469,7 +492,7 @@ async fn group_tx(
                 Outcome::Done(response, merged.clock.max(member.since), merged.beyond_skew)
             }
         })
-        .collect())
+        .collect()
 }
 
 /// Merges one push as `Store::push` would alone; `None` when it must run alone (see the module's doc).
@@ -524,120 +547,6 @@ fn array_literal(items: &[&str]) -> String {
     }
     out.push('}');
     out
-}
-
-/// The group's log rows, column by column.
-#[derive(Default)]
-struct GroupLog<'m> {
-    users: Vec<&'m str>,
-    apps: Vec<&'m str>,
-    devices: Vec<&'m str>,
-    tables: Vec<&'m str>,
-    ids: Vec<&'m str>,
-    ops: Vec<&'static str>,
-    data: Vec<Json<&'m serde_json::Map<String, serde_json::Value>>>,
-    field_meta: Vec<Json<&'m serde_json::Map<String, serde_json::Value>>>,
-    versions: Vec<i32>,
-    actors: Vec<Option<&'m serde_json::Value>>,
-    origins: Vec<Option<&'m str>>,
-    spaces: Vec<Option<&'m str>>,
-    stamps: Vec<PgTimestamp>,
-}
-
-impl<'m> GroupLog<'m> {
-    fn push(&mut self, member: &'m Member, change: &'m NewChange, stamp: Micros) {
-        // (`change` is the log row: the pushed change, or what of it won.)
-        self.users.push(&member.user);
-        self.apps.push(&member.app);
-        self.devices.push(&member.device);
-        self.tables.push(&change.table);
-        self.ids.push(&change.record_id);
-        self.ops.push(change.op.as_str());
-        self.data.push(Json(&change.data));
-        self.field_meta.push(Json(&change.field_meta));
-        self.versions.push(change.schema_version);
-        self.actors.push(change.actor.as_ref());
-        self.origins.push(change.origin.as_deref());
-        self.spaces.push(change.space_id.as_deref());
-        self.stamps.push(PgTimestamp(stamp));
-    }
-}
-
-/// The group's record states, column by column (`records::RecordColumns` of every push, one after the
-/// other, with each row's user and app).
-#[derive(Default)]
-struct GroupRecords<'b> {
-    users: Vec<&'b str>,
-    apps: Vec<&'b str>,
-    columns: records::RecordColumns<'b>,
-}
-
-impl<'b> GroupRecords<'b> {
-    fn extend(&mut self, member: &'b Member, columns: records::RecordColumns<'b>) {
-        let rows = columns.tables.len();
-        self.users
-            .extend(std::iter::repeat_n(member.user.as_str(), rows));
-        self.apps
-            .extend(std::iter::repeat_n(member.app.as_str(), rows));
-        let all = &mut self.columns;
-        all.tables.extend(columns.tables);
-        all.ids.extend(columns.ids);
-        all.states.extend(columns.states);
-        all.deleted.extend(columns.deleted);
-        all.updated.extend(columns.updated);
-        all.events.extend(columns.events);
-        all.actors.extend(columns.actors);
-        all.origins.extend(columns.origins);
-        all.spaces.extend(columns.spaces);
-        all.versions.extend(columns.versions);
-    }
-}
-
-/// The clock each writing push advances its user's to, and its hint.
-#[derive(Default)]
-struct GroupClocks<'m> {
-    users: Vec<&'m str>,
-    stamps: Vec<PgTimestamp>,
-    hints: Vec<String>,
-}
-
-/// `WRITE_GROUP`'s parameters, in order.
-fn write_params<'a>(
-    log: &'a GroupLog<'a>,
-    records: &'a GroupRecords<'a>,
-    clocks: &'a GroupClocks<'a>,
-) -> [&'a (dyn ToSql + Sync); 28] {
-    let r = &records.columns;
-    [
-        &log.users,
-        &log.apps,
-        &log.devices,
-        &log.tables,
-        &log.ids,
-        &log.ops,
-        &log.data,
-        &log.field_meta,
-        &log.versions,
-        &log.actors,
-        &log.origins,
-        &log.spaces,
-        &log.stamps,
-        &records.users,
-        &records.apps,
-        &r.tables,
-        &r.ids,
-        &r.states,
-        &r.deleted,
-        &r.updated,
-        &r.events,
-        &r.actors,
-        &r.origins,
-        &r.spaces,
-        &r.versions,
-        &clocks.users,
-        &clocks.stamps,
-        &clocks.hints,
-    ]
 }
 
 #[cfg(test)]
