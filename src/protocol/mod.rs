@@ -15,7 +15,7 @@ use std::fmt;
 pub use changeset::{parse_changeset, Changes, Changeset, NewChange, Op};
 pub use error::ErrorCode;
 pub use query::{parse_pull_query, PullQuery};
-pub use wire::{StoredChange, SyncResponse, WireChange};
+pub use wire::{Conflict, StoredChange, SyncResponse, WireChange};
 
 /// The newest `schemaVersion` this server understands.
 pub const SUPPORTED_SCHEMA_VERSION: i32 = 1;

@@ -54,11 +54,24 @@ pub struct WireChange {
     pub schema_version: i32,
 }
 
+/// A field of a pushed change that lost the merge to a value the server holds with a later time.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Conflict {
+    pub table: String,
+    pub id: String,
+    pub field: String,
+    pub client_value: Value,
+    pub client_timestamp: String,
+    pub server_value: Value,
+    pub server_timestamp: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SyncResponse {
     pub server_changes: Vec<WireChange>,
-    pub conflicts: Vec<Value>,
+    pub conflicts: Vec<Conflict>,
     pub synced_until: String,
     pub has_more: bool,
 }

@@ -7,7 +7,7 @@ use std::ops::Range;
 use super::records::{self, Batch};
 use super::{Cause, StoreError};
 use crate::protocol::time::Micros;
-use crate::protocol::{Changeset, NewChange, WireChange};
+use crate::protocol::{Changeset, Conflict, NewChange, WireChange};
 
 /// What merging a batch leaves to write and to answer.
 /// The chunks of one push as it works through them, and what merging them leaves to answer.
@@ -17,7 +17,7 @@ pub(super) struct Chunks<'c> {
     pub(super) first: Option<Cow<'c, [NewChange]>>,
     /// The records the batch touches, kept only when the page has entries to answer with merged state.
     pub(super) touched: Option<BTreeSet<(String, String)>>,
-    pub(super) conflicts: Vec<serde_json::Value>,
+    pub(super) conflicts: Vec<Conflict>,
     /// Records where a pushed field lost: answered with their whole merged state.
     pub(super) lost: BTreeSet<(String, String)>,
     /// Changes with a time beyond the future-skew bound.
@@ -93,10 +93,10 @@ impl<'c> Chunks<'c> {
                 log_rows.push((row, stamp));
             }
             for conflict in losers {
-                self.conflicts.push(records::conflict_json(
+                self.conflicts.push(records::conflict(
                     &change.table,
                     &change.record_id,
-                    &conflict,
+                    conflict,
                 ));
                 self.lost
                     .insert((change.table.clone(), change.record_id.clone()));

@@ -33,7 +33,7 @@ use super::timestamp::PgTimestamp;
 use super::{Cause, StoreError};
 use crate::merge::{self, ChangeKind, IncomingChange, RecordState};
 use crate::protocol::time::{self, Micros};
-use crate::protocol::{NewChange, Op, WireChange};
+use crate::protocol::{Conflict, NewChange, Op, WireChange};
 
 mod fold;
 mod snapshot;
@@ -442,12 +442,16 @@ pub struct RecordColumns<'b> {
 }
 
 /// A conflict as the push response reports it.
-pub fn conflict_json(table: &str, id: &str, conflict: &merge::FieldConflict) -> Value {
-    json!({
-        "table": table, "id": id, "field": conflict.field,
-        "clientValue": conflict.client_value, "clientTimestamp": conflict.client_at,
-        "serverValue": conflict.server_value, "serverTimestamp": conflict.server_at,
-    })
+pub fn conflict(table: &str, id: &str, conflict: merge::FieldConflict) -> Conflict {
+    Conflict {
+        table: table.to_owned(),
+        id: id.to_owned(),
+        field: conflict.field,
+        client_value: conflict.client_value,
+        client_timestamp: conflict.client_at,
+        server_value: conflict.server_value,
+        server_timestamp: conflict.server_at,
+    }
 }
 
 /// A snapshot entry: an `update` with both `data` (the whole record) and `fields` (every field with the
