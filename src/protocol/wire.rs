@@ -72,8 +72,17 @@ pub struct Conflict {
 pub struct SyncResponse {
     pub server_changes: Vec<WireChange>,
     pub conflicts: Vec<Conflict>,
-    pub synced_until: String,
+    /// The cursor to continue from, written in the fixed-width cursor form only when serialised.
+    #[serde(serialize_with = "serialize_cursor")]
+    pub synced_until: Micros,
     pub has_more: bool,
+}
+
+fn serialize_cursor<S: serde::Serializer>(
+    cursor: &Micros,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&time::format_cursor(*cursor))
 }
 
 impl StoredChange {

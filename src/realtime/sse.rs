@@ -223,7 +223,7 @@ impl Stream {
                     )
                     .await
                     .map_err(End::Store)?;
-                let synced_until = time::parse_rfc3339(&page.synced_until).unwrap_or(since);
+                let synced_until = page.synced_until;
                 self.context.metrics().changes_pulled.fetch_add(
                     page.server_changes.len() as u64,
                     std::sync::atomic::Ordering::Relaxed,
@@ -232,7 +232,7 @@ impl Stream {
                 let count = groups.len();
                 for (index, (table, changes)) in groups.into_iter().enumerate() {
                     let mut data = json!({
-                        "table": table, "changes": changes, "syncedUntil": page.synced_until, "hasMore": page.has_more,
+                        "table": table, "changes": changes, "syncedUntil": time::format_cursor(page.synced_until), "hasMore": page.has_more,
                     });
                     let id = if self.unified {
                         data["appId"] = json!(app_id);

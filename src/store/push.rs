@@ -251,7 +251,7 @@ impl PushTx<'_> {
         let response = SyncResponse {
             server_changes,
             conflicts: work.conflicts,
-            synced_until: time::format_cursor(synced_until),
+            synced_until,
             has_more: page.next.is_some(),
         };
         Ok((response, clock_now, work.beyond_skew))

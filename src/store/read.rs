@@ -149,7 +149,7 @@ impl Store {
                 return Ok(SyncResponse {
                     server_changes: Vec::new(),
                     conflicts: Vec::new(),
-                    synced_until: time::format_cursor(since),
+                    synced_until: since,
                     has_more: false,
                 });
             }
@@ -198,7 +198,7 @@ impl Store {
             .await?;
         self.known.learn(user, ticket, clock);
         Ok(SyncResponse {
-            synced_until: time::format_cursor(page.next.unwrap_or(clock.max(since))),
+            synced_until: page.next.unwrap_or(clock.max(since)),
             has_more: page.next.is_some(),
             server_changes: page.changes,
             conflicts: Vec::new(),

@@ -486,7 +486,7 @@ fn outcomes(members: &[Member], merged: Vec<Option<Merged<'_>>>) -> Vec<Outcome>
                 let response = SyncResponse {
                     server_changes: Vec::new(),
                     conflicts: Vec::new(),
-                    synced_until: time::format_cursor(synced_until),
+                    synced_until,
                     has_more: false,
                 };
                 Outcome::Done(response, merged.clock.max(member.since), merged.beyond_skew)
