@@ -17,19 +17,24 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::config::Host;
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 use tokio_postgres::Socket;
+
+mod database_url;
+mod verify;
+
+pub use database_url::{
+    split_ssl_settings, DatabaseConfig, DatabaseUrlError, RootCert, SslMode, SslSettings,
+};
 
 /// The one crypto provider of this crate (ring; never aws-lc-rs, which needs cmake and a C toolchain).
 pub fn crypto_provider() -> Arc<CryptoProvider> {
@@ -121,252 +126,6 @@ impl fmt::Debug for OutboundTls {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// PostgreSQL: the connection string
-// ---------------------------------------------------------------------------------------------------------
-
-/// libpq's `sslmode` values (`allow` is not offered: tokio-postgres cannot try plain text first).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
-    /// No TLS.
-    Disable,
-    /// TLS if the server offers it (libpq's default). Not verified unless `sslrootcert` is given.
-    Prefer,
-    /// TLS or no connection. Not verified unless `sslrootcert` is given (then as `verify-ca`).
-    Require,
-    /// TLS, and the server's certificate must chain to `sslrootcert`.
-    VerifyCa,
-    /// As `verify-ca`, and the certificate must name the host connected to.
-    VerifyFull,
-}
-
-impl SslMode {
-    fn parse(value: &str) -> Result<SslMode, String> {
-        Ok(match value {
-            "disable" => SslMode::Disable,
-            "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            "verify-ca" => SslMode::VerifyCa,
-            "verify-full" => SslMode::VerifyFull,
-            "allow" => {
-                return Err(
-                    "sslmode=allow is not supported: use prefer (TLS when offered) or disable".into(),
-                )
-            }
-            other => {
-                return Err(format!(
-                    "sslmode={other:?} is not valid: expected disable, prefer, require, verify-ca or verify-full"
-                ))
-            }
-        })
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SslMode::Disable => "disable",
-            SslMode::Prefer => "prefer",
-            SslMode::Require => "require",
-            SslMode::VerifyCa => "verify-ca",
-            SslMode::VerifyFull => "verify-full",
-        }
-    }
-}
-
-/// `sslrootcert`: a file of CA certificates, or `system` (libpq 16): the built-in web roots.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RootCert {
-    File(PathBuf),
-    System,
-}
-
-/// What a connection string says about TLS, as written.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SslSettings {
-    pub mode: Option<SslMode>,
-    pub root_cert: Option<RootCert>,
-}
-
-/// Takes `sslmode` and `sslrootcert` out of a connection string (URL or key=value form); returns the rest,
-/// for tokio-postgres, and what they said. Later occurrences win, as in libpq.
-pub fn split_ssl_settings(conn: &str) -> Result<(String, SslSettings), String> {
-    let mut settings = SslSettings::default();
-    let mut take = |key: &str, value: String| -> Result<bool, String> {
-        match key {
-            "sslmode" => settings.mode = Some(SslMode::parse(&value)?),
-            "sslrootcert" if value.is_empty() => settings.root_cert = None,
-            "sslrootcert" if value == "system" => settings.root_cert = Some(RootCert::System),
-            "sslrootcert" => settings.root_cert = Some(RootCert::File(PathBuf::from(value))),
-            _ => return Ok(false),
-        }
-        Ok(true)
-    };
-    let rest = if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
-        split_url(conn, &mut take)?
-    } else {
-        split_key_values(conn, &mut take)?
-    };
-    Ok((rest, settings))
-}
-
-/// URL form: parameters after the first `?` that follows the credentials (tokio-postgres reads the
-/// credentials up to the first `@`), `&`-separated, percent-encoded.
-fn split_url(
-    conn: &str,
-    take: &mut impl FnMut(&str, String) -> Result<bool, String>,
-) -> Result<String, String> {
-    let after_credentials = conn.find('@').map_or(0, |at| at + 1);
-    let Some(question) = conn[after_credentials..]
-        .find('?')
-        .map(|q| q + after_credentials)
-    else {
-        return Ok(conn.to_owned());
-    };
-    let mut kept = Vec::new();
-    for parameter in conn[question + 1..].split('&') {
-        let (key, value) = parameter.split_once('=').unwrap_or((parameter, ""));
-        if !take(&percent_decode(key)?, percent_decode(value)?)? {
-            kept.push(parameter);
-        }
-    }
-    let mut rest = conn[..question].to_owned();
-    if !kept.is_empty() {
-        rest.push('?');
-        rest.push_str(&kept.join("&"));
-    }
-    Ok(rest)
-}
-
-fn percent_decode(text: &str) -> Result<String, String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = text
-                .get(i + 1..i + 3)
-                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-                .ok_or_else(|| format!("bad percent-encoding in {text:?}"))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| format!("{text:?} is not UTF-8 once decoded"))
-}
-
-/// key=value form (libpq's rules): whitespace-separated `key = value`; a value is either single-quoted or
-/// runs to the next whitespace; a backslash escapes the next character in both. The pairs that stay are
-/// passed on exactly as written.
-fn split_key_values(
-    conn: &str,
-    take: &mut impl FnMut(&str, String) -> Result<bool, String>,
-) -> Result<String, String> {
-    let bytes = conn.as_bytes();
-    let mut kept = Vec::new();
-    let mut i = 0;
-    let skip_spaces = |mut i: usize| {
-        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        i
-    };
-    loop {
-        i = skip_spaces(i);
-        if i == bytes.len() {
-            break;
-        }
-        let start = i;
-        while i < bytes.len() && bytes[i] != b'=' && !bytes[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        let key = &conn[start..i];
-        i = skip_spaces(i);
-        if bytes.get(i) != Some(&b'=') {
-            return Err(format!(
-                "missing \"=\" after {key:?} in the connection string"
-            ));
-        }
-        i = skip_spaces(i + 1);
-        let mut value = Vec::new();
-        if bytes.get(i) == Some(&b'\'') {
-            i += 1;
-            loop {
-                match bytes.get(i) {
-                    None => return Err(format!("unterminated quoted value of {key:?}")),
-                    Some(b'\'') => {
-                        i += 1;
-                        break;
-                    }
-                    Some(b'\\') if i + 1 < bytes.len() => {
-                        value.push(bytes[i + 1]);
-                        i += 2;
-                    }
-                    Some(&b) => {
-                        value.push(b);
-                        i += 1;
-                    }
-                }
-            }
-        } else {
-            while i < bytes.len() && !bytes[i].is_ascii_whitespace() {
-                if bytes[i] == b'\\' && i + 1 < bytes.len() {
-                    i += 1;
-                }
-                value.push(bytes[i]);
-                i += 1;
-            }
-        }
-        let value =
-            String::from_utf8(value).map_err(|_| format!("the value of {key:?} is not UTF-8"))?;
-        if !take(key, value)? {
-            kept.push(&conn[start..i]);
-        }
-    }
-    Ok(kept.join(" "))
-}
-
-/// `DATABASE_URL` understood: tokio-postgres' configuration and the TLS to connect with.
-#[derive(Clone, Debug)]
-pub struct DatabaseConfig {
-    pub postgres: tokio_postgres::Config,
-    pub tls: PgTls,
-}
-
-/// A connection string that cannot be used (bad syntax, bad `sslmode`, unreadable `sslrootcert`, …).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DatabaseUrlError(pub String);
-
-impl fmt::Display for DatabaseUrlError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl StdError for DatabaseUrlError {}
-
-impl FromStr for DatabaseConfig {
-    type Err = DatabaseUrlError;
-
-    /// Parses the connection string and loads `sslrootcert` (so an unreadable file stops start-up).
-    fn from_str(conn: &str) -> Result<DatabaseConfig, DatabaseUrlError> {
-        let (rest, settings) = split_ssl_settings(conn).map_err(DatabaseUrlError)?;
-        let mut postgres: tokio_postgres::Config = rest.parse().map_err(|e| {
-            DatabaseUrlError(format!("not a valid PostgreSQL connection string: {e}"))
-        })?;
-        let tls = PgTls::new(&settings, postgres.get_hosts()).map_err(DatabaseUrlError)?;
-        postgres.ssl_mode(match tls.mode {
-            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
-            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
-                tokio_postgres::config::SslMode::Require
-            }
-        });
-        Ok(DatabaseConfig { postgres, tls })
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------------
 // PostgreSQL: the connector
 // ---------------------------------------------------------------------------------------------------------
 
@@ -403,20 +162,7 @@ impl PgTls {
     }
 
     fn new(settings: &SslSettings, hosts: &[Host]) -> Result<PgTls, String> {
-        let system = settings.root_cert == Some(RootCert::System);
-        let mode = match settings.mode {
-            // libpq 16: `sslrootcert=system` makes `verify-full` the default and refuses anything weaker,
-            // since public roots vouch for names, not for a particular server.
-            None if system => SslMode::VerifyFull,
-            None => SslMode::Prefer,
-            Some(mode) if system && mode != SslMode::VerifyFull => {
-                return Err(format!(
-                    "sslmode={} cannot be used with sslrootcert=system: use sslmode=verify-full",
-                    mode.as_str()
-                ))
-            }
-            Some(mode) => mode,
-        };
+        let mode = effective_mode(settings)?;
         // As libpq: TLS is never used over a Unix socket (PostgreSQL refuses it there anyway).
         #[cfg(unix)]
         let unix = |host: &Host| matches!(host, Host::Unix(_));
@@ -435,47 +181,8 @@ impl PgTls {
         }
 
         let provider = crypto_provider();
-        let roots = match &settings.root_cert {
-            None => None,
-            Some(RootCert::System) => {
-                let mut roots = RootCertStore::empty();
-                roots.add_parsable_certificates(
-                    webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().cloned(),
-                );
-                Some(Arc::new(roots))
-            }
-            Some(RootCert::File(path)) => {
-                let mut roots = RootCertStore::empty();
-                roots.add_parsable_certificates(
-                    read_ca_certificates(path).map_err(|e| format!("sslrootcert: {e}"))?,
-                );
-                Some(Arc::new(roots))
-            }
-        };
-        let verifier: Arc<dyn ServerCertVerifier> = match (mode, roots) {
-            // libpq: without a root certificate, prefer and require encrypt without verifying; with one
-            // they verify the chain, as verify-ca does.
-            (SslMode::Prefer | SslMode::Require, None) => Arc::new(Unverified(provider.clone())),
-            (SslMode::Prefer | SslMode::Require | SslMode::VerifyCa, Some(roots)) => {
-                Arc::new(ChainOnly {
-                    roots,
-                    provider: provider.clone(),
-                })
-            }
-            (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
-                return Err(format!(
-                "sslmode={} needs sslrootcert: a file of CA certificates (PEM), or system for the \
-                     built-in web roots",
-                mode.as_str()
-            ))
-            }
-            (SslMode::VerifyFull, Some(roots)) => {
-                rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-                    .build()
-                    .map_err(|e| format!("sslrootcert: {e}"))?
-            }
-            (SslMode::Disable, _) => unreachable!("handled above"),
-        };
+        let roots = root_store(settings.root_cert.as_ref())?;
+        let verifier = verify::verifier(mode, roots, provider.clone())?;
         let config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS: {e}"))?
@@ -487,6 +194,41 @@ impl PgTls {
             config: Some(Arc::new(config)),
         })
     }
+}
+
+/// The mode `settings` ask for, with libpq's defaults.
+fn effective_mode(settings: &SslSettings) -> Result<SslMode, String> {
+    let system = settings.root_cert == Some(RootCert::System);
+    match settings.mode {
+        // libpq 16: `sslrootcert=system` makes `verify-full` the default and refuses anything weaker,
+        // since public roots vouch for names, not for a particular server.
+        None if system => Ok(SslMode::VerifyFull),
+        None => Ok(SslMode::Prefer),
+        Some(mode) if system && mode != SslMode::VerifyFull => Err(format!(
+            "sslmode={} cannot be used with sslrootcert=system: use sslmode=verify-full",
+            mode.as_str()
+        )),
+        Some(mode) => Ok(mode),
+    }
+}
+
+/// The trust anchors `sslrootcert` names, if any.
+fn root_store(root_cert: Option<&RootCert>) -> Result<Option<Arc<RootCertStore>>, String> {
+    let mut roots = RootCertStore::empty();
+    match root_cert {
+        None => return Ok(None),
+        Some(RootCert::System) => {
+            roots.add_parsable_certificates(
+                webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().cloned(),
+            );
+        }
+        Some(RootCert::File(path)) => {
+            roots.add_parsable_certificates(
+                read_ca_certificates(path).map_err(|e| format!("sslrootcert: {e}"))?,
+            );
+        }
+    }
+    Ok(Some(Arc::new(roots)))
 }
 
 /// The server's TLS was refused: its certificate failed verification, or the handshake itself failed
@@ -685,109 +427,6 @@ impl AsyncWrite for PgTlsStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
-/// `prefer`/`require` without a root certificate (libpq's meaning): encrypted, but any certificate is
-/// accepted, so an active attacker can sit in the middle. The handshake's signatures are still checked.
-#[derive(Debug)]
-struct Unverified(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca` (and `prefer`/`require` with a root certificate): the certificate must chain to one of
-/// `roots` and be valid now; the name in it is not checked.
-#[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let certificate = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &certificate,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Unverified(self.provider.clone()).verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Unverified(self.provider.clone()).verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 
