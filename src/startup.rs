@@ -79,12 +79,52 @@ pub fn auth_config(config: &Config) -> AuthConfig {
 /// starts the key refresher.
 pub async fn build(config: Config, database: DatabaseConfig) -> Result<Arc<Shared>, StartError> {
     // First: a certificate that cannot be read stops the start before the database is touched.
-    let tls = match &config.tls {
-        None => None,
-        Some(files) => Some(Arc::new(
+    let tls = load_server_tls(&config)?;
+    let store = open_store(&config, database).await?;
+    let billing = billing(&config);
+    let auth = start_auth(&config).await;
+    let hub = Arc::new(Hub::new(
+        config.notify_queue_capacity,
+        config.ws_max_per_user,
+    ));
+    let request_permits = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests));
+    let requests_per_user = InFlight::new(config.max_requests_per_user);
+    let body_budget = BodyBudget::new(config.max_inflight_body_bytes, config.max_body_bytes);
+    let unauthenticated_sockets =
+        Arc::new(tokio::sync::Semaphore::new(config.ws_max_unauthenticated));
+    let shared = Arc::new(Shared {
+        config,
+        store,
+        auth,
+        hub,
+        shutdown: watch::channel(false).0,
+        instance_id: instance_id(),
+        rows_pruned: AtomicU64::new(0),
+        billing,
+        metrics: Metrics::default(),
+        request_permits,
+        requests_per_user,
+        body_budget,
+        unauthenticated_sockets,
+        tls,
+        open_connections: AtomicUsize::new(0),
+    });
+    spawn_background_tasks(&shared);
+    Ok(shared)
+}
+
+/// The certificate we serve, when `TLS_CERT_FILE`/`TLS_KEY_FILE` are set.
+fn load_server_tls(config: &Config) -> Result<Option<Arc<ServerTls>>, StartError> {
+    match &config.tls {
+        None => Ok(None),
+        Some(files) => Ok(Some(Arc::new(
             ServerTls::load(files).map_err(|e| StartError(e.to_string()))?,
-        )),
-    };
+        ))),
+    }
+}
+
+/// The store, with the schema applied; warns when the role is not bound by row-level security.
+async fn open_store(config: &Config, database: DatabaseConfig) -> Result<Store, StartError> {
     let store = Store::new(
         database,
         &StoreOptions {
@@ -116,24 +156,29 @@ pub async fn build(config: Config, database: DatabaseConfig) -> Result<Arc<Share
             &[("error", e.to_string().into())],
         ),
     }
-    let billing = match &config.mana_credits_url {
-        Some(url) => {
-            log::info("billing gate on", &[("url", url.as_str().into())]);
-            Some(Billing::new(BillingConfig {
-                url: url.clone(),
-                service_key: config.mana_service_key.clone(),
-                cache_ttl: config.billing_cache_ttl,
-                timeout: config.billing_timeout,
-                max_cached_users: config.billing_cache_max_users,
-                tls: config.outbound_tls.clone(),
-            }))
-        }
-        None => {
-            log::info("billing gate off: MANA_CREDITS_URL is unset", &[]);
-            None
-        }
+    Ok(store)
+}
+
+/// The billing gate, when `MANA_CREDITS_URL` is set.
+fn billing(config: &Config) -> Option<Billing> {
+    let Some(url) = &config.mana_credits_url else {
+        log::info("billing gate off: MANA_CREDITS_URL is unset", &[]);
+        return None;
     };
-    let auth = Authenticator::new(auth_config(&config));
+    log::info("billing gate on", &[("url", url.as_str().into())]);
+    Some(Billing::new(BillingConfig {
+        url: url.clone(),
+        service_key: config.mana_service_key.clone(),
+        cache_ttl: config.billing_cache_ttl,
+        timeout: config.billing_timeout,
+        max_cached_users: config.billing_cache_max_users,
+        tls: config.outbound_tls.clone(),
+    }))
+}
+
+/// The authenticator with its first keys loaded (or a warning why not) and its refresher started.
+async fn start_auth(config: &Config) -> Authenticator {
+    let auth = Authenticator::new(auth_config(config));
     match auth.refresh().await {
         Ok(keys) => log::info("signing keys loaded", &[("keys", keys.into())]),
         Err(e) if auth.key_count() > 0 => log::warn(
@@ -146,32 +191,11 @@ pub async fn build(config: Config, database: DatabaseConfig) -> Result<Arc<Share
         ),
     }
     auth.spawn_refresher();
-    let hub = Arc::new(Hub::new(
-        config.notify_queue_capacity,
-        config.ws_max_per_user,
-    ));
-    let request_permits = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests));
-    let requests_per_user = InFlight::new(config.max_requests_per_user);
-    let body_budget = BodyBudget::new(config.max_inflight_body_bytes, config.max_body_bytes);
-    let unauthenticated_sockets =
-        Arc::new(tokio::sync::Semaphore::new(config.ws_max_unauthenticated));
-    let shared = Arc::new(Shared {
-        config,
-        store,
-        auth,
-        hub,
-        shutdown: watch::channel(false).0,
-        instance_id: instance_id(),
-        rows_pruned: AtomicU64::new(0),
-        billing,
-        metrics: Metrics::default(),
-        request_permits,
-        requests_per_user,
-        body_budget,
-        unauthenticated_sockets,
-        tls,
-        open_connections: AtomicUsize::new(0),
-    });
+    auth
+}
+
+/// Certificate reload, the cross-instance listener and compaction.
+fn spawn_background_tasks(shared: &Arc<Shared>) {
     if let Some(tls) = &shared.tls {
         tls.spawn_reloader(
             shared.config.tls_reload_interval,
@@ -180,7 +204,6 @@ pub async fn build(config: Config, database: DatabaseConfig) -> Result<Arc<Share
     }
     realtime::spawn_listener(shared.clone());
     spawn_compactor(shared.clone());
-    Ok(shared)
 }
 
 /// Prunes the log every `compaction_interval` when a retention is configured (SPEC §6).

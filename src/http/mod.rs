@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 
 use crate::protocol::ErrorCode;
 use crate::realtime::{sse, Interest};
@@ -44,43 +44,12 @@ pub async fn handle(
     let routing = router::route(&method, &path);
     let route = router::label(&routing);
 
-    // Health and metrics stay answerable when the server is saturated: that is when they matter.
-    let exempt = matches!(route, "health" | "metrics");
-    let permit = if exempt {
-        None
-    } else {
-        shared.request_permits.clone().try_acquire_owned().ok()
-    };
-    let outcome = if exempt || permit.is_some() {
-        dispatch(&shared, routing, request).await
-    } else {
-        shared.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
-        Err(ApiError::new(
-            ErrorCode::Overloaded,
-            "the server is handling too many requests; retry shortly",
-        ))
-    };
-    drop(permit);
+    let outcome = dispatch_with_permit(&shared, route, routing, request).await;
     let mut response = match outcome {
         Ok(response) => response,
         Err(error) => {
             if error.status.is_server_error() {
-                let mut fields = vec![
-                    ("requestId", request_id.as_str().into()),
-                    ("method", method.as_str().into()),
-                    ("path", path.as_str().into()),
-                    ("status", error.status.as_u16().into()),
-                    ("error", error.code.into()),
-                ];
-                if let Some(detail) = &error.detail {
-                    // For a database error: PostgreSQL's message and SQLSTATE (never values or tokens).
-                    fields.push(("detail", detail.as_str().into()));
-                }
-                if error.status == StatusCode::INTERNAL_SERVER_ERROR {
-                    crate::log::error("request failed", &fields);
-                } else {
-                    crate::log::warn("request failed", &fields);
-                }
+                log_failure(&error, &request_id, &method, &path);
             }
             error_response(&error)
         }
@@ -98,22 +67,80 @@ pub async fn handle(
         .metrics
         .request(route, response.status().as_u16(), elapsed);
     if crate::log::enabled(crate::log::Level::Debug) {
-        crate::log::debug(
-            "request",
-            &[
-                ("requestId", request_id.as_str().into()),
-                ("method", method.as_str().into()),
-                ("route", route.into()),
-                ("status", response.status().as_u16().into()),
-                ("micros", (elapsed.as_micros() as u64).into()),
-            ],
-        );
+        log_request(&request_id, &method, route, response.status(), elapsed);
     }
     Ok(response)
 }
 
 /// Request ids: this instance's id and a sequence number.
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Dispatches the request while holding one of the request permits, or refuses it as overloaded.
+async fn dispatch_with_permit(
+    shared: &Arc<Shared>,
+    route: &str,
+    routing: Routing,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    // Health and metrics stay answerable when the server is saturated: that is when they matter.
+    let exempt = matches!(route, "health" | "metrics");
+    let permit = if exempt {
+        None
+    } else {
+        shared.request_permits.clone().try_acquire_owned().ok()
+    };
+    let outcome = if exempt || permit.is_some() {
+        dispatch(shared, routing, request).await
+    } else {
+        shared.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
+        Err(ApiError::new(
+            ErrorCode::Overloaded,
+            "the server is handling too many requests; retry shortly",
+        ))
+    };
+    drop(permit);
+    outcome
+}
+
+/// Logs a request answered with a 5xx status: an error for 500, a warning otherwise.
+fn log_failure(error: &ApiError, request_id: &str, method: &Method, path: &str) {
+    let mut fields = vec![
+        ("requestId", request_id.into()),
+        ("method", method.as_str().into()),
+        ("path", path.into()),
+        ("status", error.status.as_u16().into()),
+        ("error", error.code.into()),
+    ];
+    if let Some(detail) = &error.detail {
+        // For a database error: PostgreSQL's message and SQLSTATE (never values or tokens).
+        fields.push(("detail", detail.as_str().into()));
+    }
+    if error.status == StatusCode::INTERNAL_SERVER_ERROR {
+        crate::log::error("request failed", &fields);
+    } else {
+        crate::log::warn("request failed", &fields);
+    }
+}
+
+/// The debug line of every request.
+fn log_request(
+    request_id: &str,
+    method: &Method,
+    route: &str,
+    status: StatusCode,
+    elapsed: std::time::Duration,
+) {
+    crate::log::debug(
+        "request",
+        &[
+            ("requestId", request_id.into()),
+            ("method", method.as_str().into()),
+            ("route", route.into()),
+            ("status", status.as_u16().into()),
+            ("micros", (elapsed.as_micros() as u64).into()),
+        ],
+    );
+}
 
 async fn dispatch(
     shared: &Arc<Shared>,

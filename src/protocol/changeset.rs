@@ -17,14 +17,19 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::ops::Range;
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+mod storable;
+
 use super::time::{self, Micros};
 use super::{is_identifier, ErrorCode, ProtocolError, SUPPORTED_SCHEMA_VERSION};
+use storable::check_storable;
+pub use storable::storable_number;
 
 /// Longest record id, client id or origin accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 512;
@@ -159,70 +164,12 @@ pub fn parse_changeset_keeping(
     body: Bytes,
     keep_parsed: usize,
 ) -> Result<Changeset, ProtocolError> {
-    // The top level with its values left as slices of the body: no tree of the whole push.
-    let root: BTreeMap<String, &RawValue> = match serde_json::from_slice(&body) {
-        Ok(root) => root,
-        Err(e) => {
-            // Any object reads as that map, so an object that did not is not JSON. Anything else is
-            // refused either way; only the message differs. (Skipping a value does not check the UTF-8
-            // of its strings, hence the object test first.)
-            let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-            let json = !object && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok();
-            return Err(match json {
-                true => {
-                    ProtocolError::new(ErrorCode::InvalidBody, "request body must be a JSON object")
-                }
-                false => ProtocolError::new(
-                    ErrorCode::InvalidJson,
-                    format!("request body is not valid JSON: {e}"),
-                ),
-            });
-        }
-    };
-    let value = |key: &str| -> Result<Option<Value>, ProtocolError> {
-        root.get(key)
-            .map(|raw| serde_json::from_str(raw.get()))
-            .transpose()
-            .map_err(|e| {
-                ProtocolError::new(
-                    ErrorCode::InvalidJson,
-                    format!("{key} is not valid JSON: {e}"),
-                )
-            })
-    };
-
-    let client_id = match value("clientId")? {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.is_empty() => None,
-        Some(Value::String(s)) => Some(check_plain_text(&s, "clientId")?.to_owned()),
-        Some(_) => {
-            return Err(ProtocolError::new(
-                ErrorCode::InvalidBody,
-                "clientId must be a string",
-            ))
-        }
-    };
-
-    let since = match value("since")? {
-        None | Some(Value::Null) => time::EPOCH,
-        Some(Value::String(s)) if s.is_empty() => time::EPOCH,
-        Some(Value::String(s)) => time::parse_rfc3339(&s).map_err(|e| {
-            ProtocolError::new(
-                ErrorCode::InvalidSince,
-                format!("since {s:?} is not a valid cursor: {e}"),
-            )
-        })?,
-        Some(_) => {
-            return Err(ProtocolError::new(
-                ErrorCode::InvalidSince,
-                "since must be a timestamp string",
-            ))
-        }
-    };
-
+    let root = parse_root(&body)?;
+    let value = |key: &str| top_level_value(&root, key);
+    let client_id = parse_client_id(value("clientId")?.as_ref())?;
+    let since = parse_since(value("since")?.as_ref())?;
     let batch_version =
         schema_version(value("schemaVersion")?.as_ref(), "schemaVersion")?.unwrap_or(1);
-
     let raw_changes: Vec<&RawValue> = match root.get("changes") {
         None => Vec::new(),
         Some(raw) if raw.get() == "null" => Vec::new(),
@@ -232,6 +179,93 @@ pub fn parse_changeset_keeping(
 
     // Every change is validated now, before anything is stored; a large batch keeps only its spans.
     let keep = raw_changes.len() <= keep_parsed;
+    let (parsed, spans, tables) = validate_changes(&body, &raw_changes, batch_version, keep)?;
+    let changes = match keep {
+        true => Changes::Parsed(parsed),
+        false => Changes::Spans {
+            body,
+            spans,
+            batch_version,
+        },
+    };
+    Ok(Changeset {
+        client_id,
+        since,
+        changes,
+        tables,
+    })
+}
+
+/// The top level with its values left as slices of the body: no tree of the whole push.
+fn parse_root(body: &[u8]) -> Result<BTreeMap<String, &RawValue>, ProtocolError> {
+    serde_json::from_slice(body).map_err(|e| {
+        // Any object reads as that map, so an object that did not is not JSON. Anything else is
+        // refused either way; only the message differs. (Skipping a value does not check the UTF-8
+        // of its strings, hence the object test first.)
+        let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        let json = !object && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok();
+        match json {
+            true => {
+                ProtocolError::new(ErrorCode::InvalidBody, "request body must be a JSON object")
+            }
+            false => ProtocolError::new(
+                ErrorCode::InvalidJson,
+                format!("request body is not valid JSON: {e}"),
+            ),
+        }
+    })
+}
+
+/// One top-level value of the body, parsed.
+fn top_level_value(
+    root: &BTreeMap<String, &RawValue>,
+    key: &str,
+) -> Result<Option<Value>, ProtocolError> {
+    root.get(key)
+        .map(|raw| serde_json::from_str(raw.get()))
+        .transpose()
+        .map_err(|e| {
+            ProtocolError::new(
+                ErrorCode::InvalidJson,
+                format!("{key} is not valid JSON: {e}"),
+            )
+        })
+}
+
+/// `clientId`: none when absent, null or empty.
+fn parse_client_id(value: Option<&Value>) -> Result<Option<String>, ProtocolError> {
+    let client_id = optional_string(value, "clientId", "a string")
+        .map_err(|message| ProtocolError::new(ErrorCode::InvalidBody, message))?;
+    match client_id {
+        None | Some("") => Ok(None),
+        Some(id) => Ok(Some(check_plain_text(id, "clientId")?.to_owned())),
+    }
+}
+
+/// `since`: the epoch when absent, null or empty.
+fn parse_since(value: Option<&Value>) -> Result<Micros, ProtocolError> {
+    let since = optional_string(value, "since", "a timestamp string")
+        .map_err(|message| ProtocolError::new(ErrorCode::InvalidSince, message))?;
+    match since {
+        None | Some("") => Ok(time::EPOCH),
+        Some(s) => time::parse_rfc3339(s).map_err(|e| {
+            ProtocolError::new(
+                ErrorCode::InvalidSince,
+                format!("since {s:?} is not a valid cursor: {e}"),
+            )
+        }),
+    }
+}
+
+/// The changes parsed (when `keep`) or their spans in `body` (when not), and the tables they name.
+type Validated = (Vec<NewChange>, Vec<Range<usize>>, BTreeSet<String>);
+
+fn validate_changes(
+    body: &[u8],
+    raw_changes: &[&RawValue],
+    batch_version: i32,
+    keep: bool,
+) -> Result<Validated, ProtocolError> {
     let mut parsed = Vec::with_capacity(if keep { raw_changes.len() } else { 0 });
     let mut spans = Vec::with_capacity(if keep { 0 } else { raw_changes.len() });
     let mut tables = BTreeSet::new();
@@ -249,20 +283,7 @@ pub fn parse_changeset_keeping(
             spans.push(start..start + text.len());
         }
     }
-    let changes = match keep {
-        true => Changes::Parsed(parsed),
-        false => Changes::Spans {
-            body,
-            spans,
-            batch_version,
-        },
-    };
-    Ok(Changeset {
-        client_id,
-        since,
-        changes,
-        tables,
-    })
+    Ok((parsed, spans, tables))
 }
 
 /// One change, from its JSON text; errors name it by `index`.
@@ -303,160 +324,38 @@ fn parse_change(change: Value, batch_version: i32) -> Result<NewChange, ChangeEr
     let Value::Object(mut change) = change else {
         return Err("must be a JSON object".into());
     };
-
-    let table = match change.get("table") {
-        Some(Value::String(t)) if is_identifier(t) => t.clone(),
-        Some(Value::String(_)) => {
-            return Err("table must be 1-64 characters of A-Z a-z 0-9 _ . -".into())
-        }
-        None | Some(Value::Null) => return Err("table is missing".into()),
-        Some(_) => return Err("table must be a string".into()),
-    };
-    let record_id = match change.get("id") {
-        Some(Value::String(id)) if id.is_empty() => return Err("id must not be empty".into()),
-        Some(Value::String(id)) if id.len() > MAX_ID_BYTES => {
-            return Err(format!("id is longer than {MAX_ID_BYTES} bytes").into())
-        }
-        Some(Value::String(id)) => check_plain_text(id, "id")?.to_owned(),
-        None | Some(Value::Null) => return Err("id is missing".into()),
-        Some(_) => return Err("id must be a string".into()),
-    };
-    let op = match change.get("op") {
-        Some(Value::String(op)) => Op::parse(op)
-            .ok_or_else(|| format!("op {op:?} is not one of insert, update, delete"))?,
-        None | Some(Value::Null) => return Err("op is missing".into()),
-        Some(_) => return Err("op must be a string".into()),
-    };
-
-    let data = match change.remove("data") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(data)) => Some(data),
-        Some(_) => return Err("data must be an object".into()),
-    };
-    let fields = match change.remove("fields") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(fields)) => Some(parse_fields(fields)?),
-        Some(_) => return Err("fields must be an object".into()),
-    };
-    let deleted_at = match change.get("deletedAt") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(at)) => {
-            time::parse_rfc3339(at)
-                .map_err(|e| format!("deletedAt {at:?} is not a timestamp: {e}"))?;
-            Some(at.clone())
-        }
-        Some(_) => return Err("deletedAt must be a timestamp string".into()),
-    };
-
-    let space_id = match change.get("spaceId") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => return Err("spaceId must be a string".into()),
+    let table = required_string(change.get("table"), "table")?;
+    if !is_identifier(table) {
+        return Err("table must be 1-64 characters of A-Z a-z 0-9 _ . -".into());
     }
-    .or_else(|| {
-        data.as_ref()
-            .and_then(|d| d.get("spaceId"))
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-    })
-    .or_else(|| {
-        let fields = fields.as_ref()?;
-        let entry = fields.iter().find(|entry| entry.name == "spaceId")?;
-        entry.value.as_str().map(str::to_owned)
-    });
-    let actor = match change.remove("actor") {
-        None | Some(Value::Null) => None,
-        Some(actor) => Some(actor),
-    };
-    let origin = match change.get("origin") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(o)) if o.len() <= MAX_ID_BYTES => Some(o.clone()),
-        Some(Value::String(_)) => {
-            return Err(format!("origin is longer than {MAX_ID_BYTES} bytes").into())
-        }
-        Some(_) => return Err("origin must be a string".into()),
-    };
+    let table = table.to_owned();
+    let record_id = parse_record_id(change.get("id"))?;
+    let op = required_string(change.get("op"), "op")?;
+    let op =
+        Op::parse(op).ok_or_else(|| format!("op {op:?} is not one of insert, update, delete"))?;
+    let data = optional_object(change.remove("data"), "data")?;
+    let fields = optional_object(change.remove("fields"), "fields")?;
+    let fields = fields.map(parse_fields).transpose()?;
+    let deleted_at = optional_timestamp(change.get("deletedAt"), "deletedAt")?.map(str::to_owned);
+    let space_id = optional_string(change.get("spaceId"), "spaceId", "a string")?
+        .map(str::to_owned)
+        .or_else(|| space_id_of(data.as_ref(), fields.as_deref()));
+    let actor = change.remove("actor").filter(|actor| !actor.is_null());
+    let origin = optional_string(change.get("origin"), "origin", "a string")?;
+    if origin.is_some_and(|origin| origin.len() > MAX_ID_BYTES) {
+        return Err(format!("origin is longer than {MAX_ID_BYTES} bytes").into());
+    }
+    let origin = origin.map(str::to_owned);
     let schema_version =
         schema_version(change.get("schemaVersion"), "schemaVersion")?.unwrap_or(batch_version);
-
-    // PostgreSQL's JSONB and TEXT cannot hold U+0000; reject it here rather than fail inside the transaction.
-    let nul_in = [
-        ("data", data.as_ref().is_some_and(map_has_nul)),
-        ("actor", actor.as_ref().is_some_and(value_has_nul)),
-        (
-            "fields",
-            fields
-                .iter()
-                .flatten()
-                .any(|f| f.name.contains('\0') || value_has_nul(&f.value)),
-        ),
-        (
-            "spaceId",
-            space_id.as_deref().is_some_and(|t| t.contains('\0')),
-        ),
-        (
-            "origin",
-            origin.as_deref().is_some_and(|t| t.contains('\0')),
-        ),
-    ];
-    if let Some((name, _)) = nul_in.iter().find(|(_, found)| *found) {
-        return Err(format!("{name} contains the character U+0000, which cannot be stored").into());
-    }
-    // Nor can it hold every number JSON can write: reject those here too, naming the change.
-    let unstorable = [
-        ("data", data.as_ref().and_then(map_unstorable_number)),
-        ("actor", actor.as_ref().and_then(unstorable_number)),
-        (
-            "fields",
-            fields
-                .iter()
-                .flatten()
-                .find_map(|f| unstorable_number(&f.value)),
-        ),
-    ];
-    if let Some((name, Some(number))) = unstorable.iter().find(|(_, found)| found.is_some()) {
-        let shown: String = number.chars().take(40).collect();
-        let more = if number.len() > 40 { "…" } else { "" };
-        return Err(ChangeError(
-            ErrorCode::InvalidNumber,
-            format!("{name} holds the number {shown}{more}, which PostgreSQL cannot store"),
-        ));
-    }
-
-    let (data, field_meta) = match op {
-        Op::Insert => match (data, fields) {
-            (Some(data), fields) => (data, fields.map(field_times).unwrap_or_default()),
-            (None, Some(fields)) => split_fields(fields),
-            (None, None) => return Err("an insert needs data".into()),
-        },
-        Op::Update => match (fields, data) {
-            (Some(fields), _) if !fields.is_empty() => split_fields(fields),
-            (_, Some(data)) if !data.is_empty() => (data, Map::new()),
-            _ => return Err("an update needs fields".into()),
-        },
-        Op::Delete => {
-            let (mut data, mut field_meta) = fields.map(split_fields).unwrap_or_default();
-            let deleted_at = deleted_at.or_else(|| {
-                // A client that marks deletion only as a field still gets a top-level deletedAt.
-                let at = data.get("deletedAt").and_then(Value::as_str)?;
-                time::parse_rfc3339(at).ok().map(|_| at.to_owned())
-            });
-            match deleted_at {
-                Some(deleted_at) => {
-                    data.insert("deletedAt".into(), Value::String(deleted_at.clone()));
-                    field_meta.insert("deletedAt".into(), Value::String(deleted_at));
-                }
-                // Without a valid one (none, or a field value that is not a time), the server assigns
-                // one when it stores the delete: a delete never carries a deletedAt that is not a time.
-                None => {
-                    data.remove("deletedAt");
-                    field_meta.remove("deletedAt");
-                }
-            }
-            (data, field_meta)
-        }
-    };
-
+    check_storable(
+        data.as_ref(),
+        actor.as_ref(),
+        fields.as_deref(),
+        space_id.as_deref(),
+        origin.as_deref(),
+    )?;
+    let (data, field_meta) = documents(op, data, fields, deleted_at)?;
     Ok(NewChange {
         table,
         record_id,
@@ -468,6 +367,118 @@ fn parse_change(change: Value, batch_version: i32) -> Result<NewChange, ChangeEr
         origin,
         schema_version,
     })
+}
+
+/// A string that must be there: absent and null are "missing".
+fn required_string<'a>(value: Option<&'a Value>, name: &str) -> Result<&'a str, String> {
+    match value {
+        Some(Value::String(text)) => Ok(text),
+        None | Some(Value::Null) => Err(format!("{name} is missing")),
+        Some(_) => Err(format!("{name} must be a string")),
+    }
+}
+
+/// A string that may be absent or null; anything else is refused as not being `kind`.
+fn optional_string<'a>(
+    value: Option<&'a Value>,
+    name: impl fmt::Display,
+    kind: &str,
+) -> Result<Option<&'a str>, String> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text)),
+        Some(_) => Err(format!("{name} must be {kind}")),
+    }
+}
+
+/// An RFC 3339 timestamp string that may be absent or null.
+fn optional_timestamp(
+    value: Option<&Value>,
+    name: impl fmt::Display,
+) -> Result<Option<&str>, String> {
+    let Some(at) = optional_string(value, &name, "a timestamp string")? else {
+        return Ok(None);
+    };
+    time::parse_rfc3339(at).map_err(|e| format!("{name} {at:?} is not a timestamp: {e}"))?;
+    Ok(Some(at))
+}
+
+/// An object that may be absent or null.
+fn optional_object(value: Option<Value>, name: &str) -> Result<Option<Map<String, Value>>, String> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(map)) => Ok(Some(map)),
+        Some(_) => Err(format!("{name} must be an object")),
+    }
+}
+
+fn parse_record_id(value: Option<&Value>) -> Result<String, ChangeError> {
+    let id = required_string(value, "id")?;
+    if id.is_empty() {
+        return Err("id must not be empty".into());
+    }
+    if id.len() > MAX_ID_BYTES {
+        return Err(format!("id is longer than {MAX_ID_BYTES} bytes").into());
+    }
+    Ok(check_plain_text(id, "id")?.to_owned())
+}
+
+/// A change without a `spaceId` of its own takes the one its data or fields carry.
+fn space_id_of(data: Option<&Map<String, Value>>, fields: Option<&[FieldEntry]>) -> Option<String> {
+    data.and_then(|d| d.get("spaceId"))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .or_else(|| {
+            let entry = fields?.iter().find(|entry| entry.name == "spaceId")?;
+            entry.value.as_str().map(str::to_owned)
+        })
+}
+
+/// A change's stored `data` (values) and `field_meta` (the `at` of each field) documents.
+type Documents = (Map<String, Value>, Map<String, Value>);
+
+/// The stored documents of a change, by its op.
+fn documents(
+    op: Op,
+    data: Option<Map<String, Value>>,
+    fields: Option<Vec<FieldEntry>>,
+    deleted_at: Option<String>,
+) -> Result<Documents, ChangeError> {
+    match op {
+        Op::Insert => match (data, fields) {
+            (Some(data), fields) => Ok((data, fields.map(field_times).unwrap_or_default())),
+            (None, Some(fields)) => Ok(split_fields(fields)),
+            (None, None) => Err("an insert needs data".into()),
+        },
+        Op::Update => match (fields, data) {
+            (Some(fields), _) if !fields.is_empty() => Ok(split_fields(fields)),
+            (_, Some(data)) if !data.is_empty() => Ok((data, Map::new())),
+            _ => Err("an update needs fields".into()),
+        },
+        Op::Delete => Ok(delete_documents(fields, deleted_at)),
+    }
+}
+
+fn delete_documents(fields: Option<Vec<FieldEntry>>, deleted_at: Option<String>) -> Documents {
+    let (mut data, mut field_meta) = fields.map(split_fields).unwrap_or_default();
+    let deleted_at = deleted_at.or_else(|| {
+        // A client that marks deletion only as a field still gets a top-level deletedAt.
+        let at = data.get("deletedAt").and_then(Value::as_str)?;
+        time::parse_rfc3339(at).ok().map(|_| at.to_owned())
+    });
+    match deleted_at {
+        Some(deleted_at) => {
+            data.insert("deletedAt".into(), Value::String(deleted_at.clone()));
+            field_meta.insert("deletedAt".into(), Value::String(deleted_at));
+        }
+        // Without a valid one (none, or a field value that is not a time), the server assigns
+        // one when it stores the delete: a delete never carries a deletedAt that is not a time.
+        None => {
+            data.remove("deletedAt");
+            field_meta.remove("deletedAt");
+        }
+    }
+    (data, field_meta)
 }
 
 /// One entry of `fields`: the value (`null` when the client sent none, i.e. set the field to undefined)
@@ -487,26 +498,18 @@ fn parse_fields(fields: Map<String, Value>) -> Result<Vec<FieldEntry>, String> {
         };
         let value = entry.remove("value").unwrap_or(Value::Null);
         // `at` wins over the older clients' `updatedAt` when both are present.
-        let at = match entry
+        let at = entry
             .get("at")
             .filter(|v| !v.is_null())
-            .or_else(|| entry.get("updatedAt"))
-        {
-            None | Some(Value::Null) => None,
-            Some(Value::String(at)) => {
-                time::parse_rfc3339(at)
-                    .map_err(|e| format!("fields.{name}.at {at:?} is not a timestamp: {e}"))?;
-                Some(at.clone())
-            }
-            Some(_) => return Err(format!("fields.{name}.at must be a timestamp string")),
-        };
+            .or_else(|| entry.get("updatedAt"));
+        let at = optional_timestamp(at, format_args!("fields.{name}.at"))?.map(str::to_owned);
         parsed.push(FieldEntry { name, value, at });
     }
     Ok(parsed)
 }
 
 /// Splits field entries into the stored `data` (values) and `field_meta` (timestamps) documents.
-fn split_fields(fields: Vec<FieldEntry>) -> (Map<String, Value>, Map<String, Value>) {
+fn split_fields(fields: Vec<FieldEntry>) -> Documents {
     let mut values = Map::new();
     let mut times = Map::new();
     for FieldEntry { name, value, at } in fields {
@@ -556,67 +559,4 @@ fn check_plain_text<'a>(text: &'a str, name: &str) -> Result<&'a str, ProtocolEr
         ));
     }
     Ok(text)
-}
-
-fn value_has_nul(value: &Value) -> bool {
-    match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(value_has_nul),
-        Value::Object(map) => map_has_nul(map),
-        _ => false,
-    }
-}
-
-/// The first number in `value` that PostgreSQL's `numeric` (the number type of `jsonb`) refuses.
-fn unstorable_number(value: &Value) -> Option<&str> {
-    match value {
-        Value::Number(number) => {
-            let text = number.as_str();
-            (!storable_number(text)).then_some(text)
-        }
-        Value::Array(items) => items.iter().find_map(unstorable_number),
-        Value::Object(map) => map_unstorable_number(map),
-        _ => None,
-    }
-}
-
-fn map_unstorable_number(map: &Map<String, Value>) -> Option<&str> {
-    map.values().find_map(unstorable_number)
-}
-
-/// PostgreSQL's `numeric` input (`set_var_from_str`): an exponent of at most ±1000, at most 131,072
-/// digits before the decimal point and 16,383 after it, once the exponent is applied.
-pub fn storable_number(text: &str) -> bool {
-    const MAX_EXPONENT: i64 = 1000;
-    const MAX_BEFORE_POINT: i64 = 131_072;
-    const MAX_AFTER_POINT: i64 = 16_383;
-    let unsigned = text.strip_prefix('-').unwrap_or(text);
-    let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
-        Some(at) => (&unsigned[..at], &unsigned[at + 1..]),
-        None => (unsigned, "0"),
-    };
-    let exponent: i64 = match exponent.strip_prefix('+').unwrap_or(exponent).parse() {
-        Ok(exponent) if (-MAX_EXPONENT..=MAX_EXPONENT).contains(&exponent) => exponent,
-        _ => return false,
-    };
-    let (integer, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    let integer = integer.trim_start_matches('0');
-    // Leading zeros of the fraction do not count before the point; trailing ones do count after it.
-    let before = if integer.is_empty() {
-        let significant = fraction.trim_start_matches('0');
-        if significant.is_empty() {
-            0 // zero
-        } else {
-            exponent - (fraction.len() - significant.len()) as i64
-        }
-    } else {
-        integer.len() as i64 + exponent
-    };
-    let after = fraction.len() as i64 - exponent;
-    before <= MAX_BEFORE_POINT && after <= MAX_AFTER_POINT
-}
-
-fn map_has_nul(map: &Map<String, Value>) -> bool {
-    map.iter()
-        .any(|(k, v)| k.contains('\0') || value_has_nul(v))
 }

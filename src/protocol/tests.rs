@@ -101,115 +101,111 @@ fn missing_since_is_the_epoch_and_missing_changes_is_empty() {
     );
 }
 
+/// Bad changes (each sent as change 2 of three) and a part of the `invalid_change` message each gets.
+fn bad_changes() -> Vec<(Value, &'static str)> {
+    vec![
+        (
+            json!({"table": "t", "id": "1", "op": "upsert"}),
+            "change 2: op \"upsert\"",
+        ),
+        (
+            json!({"id": "1", "op": "insert", "data": {}}),
+            "change 2: table is missing",
+        ),
+        (
+            json!({"table": "t", "op": "insert", "data": {}}),
+            "id is missing",
+        ),
+        (
+            json!({"table": "t", "id": "", "op": "insert", "data": {}}),
+            "id must not be empty",
+        ),
+        (
+            json!({"table": "t", "id": 5, "op": "insert", "data": {}}),
+            "id must be a string",
+        ),
+        (
+            json!({"table": "t;drop", "id": "1", "op": "insert", "data": {}}),
+            "table must be",
+        ),
+        (
+            json!({"table": "t", "id": "1", "op": "insert"}),
+            "insert needs data",
+        ),
+        (
+            json!({"table": "t", "id": "1", "op": "update"}),
+            "update needs fields",
+        ),
+        (
+            json!({"table": "t", "id": "1", "op": "update", "fields": {"a": null}}),
+            "fields.a must be an object",
+        ),
+        (
+            json!({"table": "t", "id": "1", "op": "update", "fields": {"a": {"value": 1, "at": "yesterday"}}}),
+            "fields.a.at",
+        ),
+        (
+            json!({"table": "t", "id": "1", "op": "update", "fields": {"a": {"value": 1, "at": 5}}}),
+            "fields.a.at",
+        ),
+        (
+            json!({"table": "t", "id": "1", "op": "delete", "deletedAt": "soon"}),
+            "deletedAt",
+        ),
+        (
+            json!({"table": "t", "id": "1", "op": "insert", "data": []}),
+            "data must be an object",
+        ),
+        (
+            json!({"table": "t", "id": "1", "op": "insert", "data": {"a": "x\u{0}y"}}),
+            "U+0000",
+        ),
+        (json!("nope"), "change 2: must be a JSON object"),
+    ]
+}
+
+/// Bad bodies, the error code and a part of the message each gets.
+fn bad_bodies() -> Vec<(Value, &'static str, &'static str)> {
+    vec![
+        (
+            json!({"schemaVersion": 2}),
+            "unsupported_schema_version",
+            "schemaVersion 2",
+        ),
+        (
+            json!({"schemaVersion": "1"}),
+            "invalid_body",
+            "schemaVersion must be an integer",
+        ),
+        (
+            json!({"since": "last tuesday"}),
+            "invalid_since",
+            "last tuesday",
+        ),
+        (
+            json!({"changes": {}}),
+            "invalid_body",
+            "changes must be an array",
+        ),
+        (json!([1]), "invalid_body", "JSON object"),
+    ]
+}
+
 #[test]
 fn rejects_bad_input_with_the_index_and_the_field() {
     let ok = json!({"table": "t", "id": "1", "op": "insert", "data": {}});
     let with = |bad: Value| json!({"changes": [ok.clone(), ok.clone(), bad]});
-    check_rejected(
-        with(json!({"table": "t", "id": "1", "op": "upsert"})),
-        "invalid_change",
-        "change 2: op \"upsert\"",
-    );
-    check_rejected(
-        with(json!({"id": "1", "op": "insert", "data": {}})),
-        "invalid_change",
-        "change 2: table is missing",
-    );
-    check_rejected(
-        with(json!({"table": "t", "op": "insert", "data": {}})),
-        "invalid_change",
-        "id is missing",
-    );
-    check_rejected(
-        with(json!({"table": "t", "id": "", "op": "insert", "data": {}})),
-        "invalid_change",
-        "id must not be empty",
-    );
-    check_rejected(
-        with(json!({"table": "t", "id": 5, "op": "insert", "data": {}})),
-        "invalid_change",
-        "id must be a string",
-    );
-    check_rejected(
-        with(json!({"table": "t;drop", "id": "1", "op": "insert", "data": {}})),
-        "invalid_change",
-        "table must be",
-    );
-    check_rejected(
-        with(json!({"table": "t", "id": "1", "op": "insert"})),
-        "invalid_change",
-        "insert needs data",
-    );
-    check_rejected(
-        with(json!({"table": "t", "id": "1", "op": "update"})),
-        "invalid_change",
-        "update needs fields",
-    );
-    check_rejected(
-        with(json!({"table": "t", "id": "1", "op": "update", "fields": {"a": null}})),
-        "invalid_change",
-        "fields.a must be an object",
-    );
-    check_rejected(
-        with(
-            json!({"table": "t", "id": "1", "op": "update", "fields": {"a": {"value": 1, "at": "yesterday"}}}),
-        ),
-        "invalid_change",
-        "fields.a.at",
-    );
-    check_rejected(
-        with(
-            json!({"table": "t", "id": "1", "op": "update", "fields": {"a": {"value": 1, "at": 5}}}),
-        ),
-        "invalid_change",
-        "fields.a.at",
-    );
-    check_rejected(
-        with(json!({"table": "t", "id": "1", "op": "delete", "deletedAt": "soon"})),
-        "invalid_change",
-        "deletedAt",
-    );
-    check_rejected(
-        with(json!({"table": "t", "id": "1", "op": "insert", "data": []})),
-        "invalid_change",
-        "data must be an object",
-    );
-    check_rejected(
-        with(json!({"table": "t", "id": "1", "op": "insert", "data": {"a": "x\u{0}y"}})),
-        "invalid_change",
-        "U+0000",
-    );
+    for (bad, needle) in bad_changes() {
+        check_rejected(with(bad), "invalid_change", needle);
+    }
     check_rejected(
         with(json!({"table": "t", "id": "1", "op": "insert", "data": {}, "schemaVersion": 7})),
         "unsupported_schema_version",
         "7 is newer than this server supports (1)",
     );
-    check_rejected(
-        with(json!("nope")),
-        "invalid_change",
-        "change 2: must be a JSON object",
-    );
-    check_rejected(
-        json!({"schemaVersion": 2}),
-        "unsupported_schema_version",
-        "schemaVersion 2",
-    );
-    check_rejected(
-        json!({"schemaVersion": "1"}),
-        "invalid_body",
-        "schemaVersion must be an integer",
-    );
-    check_rejected(
-        json!({"since": "last tuesday"}),
-        "invalid_since",
-        "last tuesday",
-    );
-    check_rejected(
-        json!({"changes": {}}),
-        "invalid_body",
-        "changes must be an array",
-    );
-    check_rejected(json!([1]), "invalid_body", "JSON object");
+    for (body, code, needle) in bad_bodies() {
+        check_rejected(body, code, needle);
+    }
     let error = parse_changeset(bytes::Bytes::from_static(b"{\"changes\": [")).unwrap_err();
     assert_eq!(error.code, "invalid_json");
     let deep = "[".repeat(10_000);
