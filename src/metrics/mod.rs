@@ -458,3 +458,6 @@ pub fn render(metrics: &Metrics, snapshot: &Snapshot) -> String {
     );
     out
 }
+
+#[cfg(test)]
+mod tests;
