@@ -6,6 +6,7 @@
 //! server shuts down (1001). Bad or missing auth closes with 1008.
 
 use std::collections::BTreeSet;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,11 +18,12 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use hyper_tungstenite::tungstenite::Message;
+use hyper_tungstenite::tungstenite::{Error as ReadError, Message, Utf8Bytes};
 use hyper_tungstenite::{HyperWebsocket, HyperWebsocketStream};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::hub::{Evicted, Hint, Interest, Kind, RegisterError};
+use super::hub::{Evicted, Hint, Interest, Kind, RegisterError, Registration};
 use super::{ConnectionSlot, Context, Refusal};
 use crate::auth::Claims;
 use crate::clock::unix_now;
@@ -32,9 +34,17 @@ use crate::protocol::realtime::{
 
 type Sink = SplitSink<HyperWebsocketStream, Message>;
 type Stream = SplitStream<HyperWebsocketStream>;
+/// A frame as the stream yields it (`None`: the stream ended).
+type Frame = Option<Result<Message, ReadError>>;
+/// A token's claims and the client id the `auth` message named.
+type Authenticated = (Claims, Option<String>);
+/// Hints as the hub hands them over, with when the oldest was queued.
+type Hints = (Vec<Hint>, std::time::Instant);
 
 /// Close code for a token that expired without being refreshed.
 pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
+
+const TOKEN_EXPIRED: Close = Close::With(CloseCode::Library(CLOSE_TOKEN_EXPIRED), "token expired");
 
 /// Answers the upgrade and starts the session on its own task.
 pub fn upgrade(
@@ -98,8 +108,8 @@ async fn run(
         interest,
         unauthenticated: Some(unauthenticated),
     };
-    let close = session.serve().await;
-    if let Some((code, reason)) = close {
+    let Err(close) = session.serve().await;
+    if let Close::With(code, reason) = close {
         session.close(code, reason).await;
     }
 }
@@ -113,155 +123,195 @@ struct Session {
     unauthenticated: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-/// What ends a session from our side: the close code and its reason. `None`: the client left.
-type Ending = Option<(CloseCode, &'static str)>;
+/// How a session ends from our side.
+enum Close {
+    /// The client left, the socket failed or a write stalled: the socket is dropped without a Close frame.
+    Drop,
+    /// A Close frame with this code and reason, then the closing handshake.
+    With(CloseCode, &'static str),
+}
+
+const GOING_AWAY: Close = Close::With(CloseCode::Away, "server shutting down");
+
+/// What an authenticated, registered session keeps while it forwards hints.
+struct Live {
+    user: String,
+    /// Deregisters the socket from the hub when dropped.
+    registration: Registration,
+    /// When the socket closes with 4001 unless the client re-authenticates first.
+    expires: Instant,
+    limiter: RateLimiter,
+}
 
 impl Session {
-    async fn serve(&mut self) -> Ending {
+    /// The three phases: authentication within the deadline, registration, forwarding. Ends only with the
+    /// way the session closes.
+    async fn serve(&mut self) -> Result<Infallible, Close> {
         let mut shutdown = self.context.shutdown();
         if *shutdown.borrow() {
-            return Some((CloseCode::Away, "server shutting down"));
+            return Err(GOING_AWAY);
         }
+        let (claims, client_id) = self.auth(&mut shutdown).await?;
+        let mut live = self.register(&claims, client_id).await?;
+        loop {
+            tokio::select! {
+                hints = live.registration.subscriber.next_hints() => self.on_hints(&live, hints).await?,
+                incoming = self.stream.next() => self.on_incoming(&mut live, incoming).await?,
+                () = tokio::time::sleep_until(live.expires) => return Err(TOKEN_EXPIRED),
+                _ = shutdown.changed() => return Err(GOING_AWAY),
+            }
+        }
+    }
 
-        // 1. Authentication, within the deadline.
+    /// Phase 1: waits for the `auth` message until the deadline; anything else first closes the socket.
+    async fn auth(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<Authenticated, Close> {
         let deadline = Instant::now() + self.context.config().ws_auth_timeout;
-        let (claims, client_id) = loop {
+        loop {
             let incoming = tokio::select! {
                 incoming = tokio::time::timeout_at(deadline, self.stream.next()) => incoming,
-                _ = shutdown.changed() => return Some((CloseCode::Away, "server shutting down")),
+                _ = shutdown.changed() => return Err(GOING_AWAY),
             };
-            let text = match incoming {
-                Err(_elapsed) => {
-                    self.send_error(
-                        "authentication timeout: send {\"type\":\"auth\",\"token\":…} first",
-                    )
-                    .await;
-                    return Some((CloseCode::Policy, "authentication timeout"));
-                }
-                Ok(None) | Ok(Some(Ok(Message::Close(_)))) => return None,
-                Ok(Some(Err(e))) => return self.read_failed(e).await,
-                Ok(Some(Ok(Message::Text(text)))) => text,
-                Ok(Some(Ok(Message::Binary(_)))) => {
-                    self.send_error("binary frames are not supported").await;
-                    return Some((CloseCode::Unsupported, "binary frames are not supported"));
-                }
-                Ok(Some(Ok(_control))) => continue,
+            let Ok(incoming) = incoming else {
+                let message = "authentication timeout: send {\"type\":\"auth\",\"token\":…} first";
+                return Err(self
+                    .refuse(message, CloseCode::Policy, "authentication timeout")
+                    .await);
             };
-            match parse_client_message(&text) {
-                Ok(ClientMessage::Auth { token, client_id }) => {
-                    match self.context.auth().verify(&token).await {
-                        Ok(claims) => break (claims, client_id),
-                        Err(e) => {
-                            self.send_error(&format!("authentication failed: {e}"))
-                                .await;
-                            return Some((CloseCode::Policy, "authentication failed"));
-                        }
-                    }
-                }
-                Ok(ClientMessage::Ping) => {
-                    self.send_error("authenticate first").await;
-                    return Some((CloseCode::Policy, "authentication required"));
-                }
-                Err(e) => {
-                    self.send_error(&format!("authenticate first: {e}")).await;
-                    return Some((CloseCode::Policy, "authentication required"));
+            if let Some(text) = self.text_of(incoming).await? {
+                return self.authenticate(&text).await;
+            }
+        }
+    }
+
+    /// The first text message: it must be a valid `auth`.
+    async fn authenticate(&mut self, text: &str) -> Result<Authenticated, Close> {
+        const REQUIRED: &str = "authentication required";
+        match parse_client_message(text) {
+            Ok(ClientMessage::Auth { token, client_id }) => {
+                match self.context.auth().verify(&token).await {
+                    Ok(claims) => Ok((claims, client_id)),
+                    Err(e) => Err(self.auth_failed(e).await),
                 }
             }
-        };
+            Ok(ClientMessage::Ping) => Err(self
+                .refuse("authenticate first", CloseCode::Policy, REQUIRED)
+                .await),
+            Err(e) => {
+                let message = format!("authenticate first: {e}");
+                Err(self.refuse(&message, CloseCode::Policy, REQUIRED).await)
+            }
+        }
+    }
 
-        // 2. Registration.
+    /// Phase 2: takes the user's place in the hub, answers `auth-ok` and nudges a legacy client once.
+    async fn register(
+        &mut self,
+        claims: &Claims,
+        client_id: Option<String>,
+    ) -> Result<Live, Close> {
         self.unauthenticated.take();
         let user = claims.sub.clone();
-        let registration = match self.context.hub().register(
-            &user,
-            self.interest.clone(),
-            Kind::Socket,
-            client_id,
-        ) {
+        let hub = self.context.hub();
+        let registration = match hub.register(&user, self.interest.clone(), Kind::Socket, client_id)
+        {
             Ok(registration) => registration,
             Err(RegisterError::TooManyConnections { limit }) => {
-                self.send_error(&format!(
-                        "too many real-time connections (WebSockets and streams) for this user (limit {limit})"
-                    ))
-                    .await;
-                return Some((CloseCode::Policy, "too many connections"));
+                let message = format!(
+                    "too many real-time connections (WebSockets and streams) for this user (limit {limit})"
+                );
+                return Err(self
+                    .refuse(&message, CloseCode::Policy, "too many connections")
+                    .await);
             }
         };
-        if !self.send(&ServerMessage::AuthOk).await {
-            return self.write_stalled();
-        }
+        self.send_or_stall(&ServerMessage::AuthOk).await?;
         // The legacy client does not pull by itself after reconnecting: nudge it once.
         if let Interest::App(app_id) = &self.interest {
             let message = self.sync_available(&user, app_id, None).await;
-            if !self.send(&message).await {
-                return self.write_stalled();
+            self.send_or_stall(&message).await?;
+        }
+        let config = self.context.config();
+        Ok(Live {
+            expires: token_deadline(claims, config.ws_token_leeway),
+            limiter: RateLimiter::new(config.ws_messages_per_second),
+            user,
+            registration,
+        })
+    }
+
+    /// Phase 3, the hub's side: hints become `sync-available` messages.
+    async fn on_hints(&mut self, live: &Live, hints: Result<Hints, Evicted>) -> Result<(), Close> {
+        let (hints, queued) = hints.map_err(|Evicted::SlowConsumer| {
+            Close::With(CloseCode::Again, "slow consumer: notification queue full")
+        })?;
+        for message in self.messages_for(&live.user, hints).await {
+            self.send_or_stall(&message).await?;
+        }
+        let delivery = queued.elapsed().as_secs_f64();
+        self.context.metrics().notify_delivery.observe(delivery);
+        Ok(())
+    }
+
+    /// Phase 3, the client's side: a frame, rate limited once it is a text message.
+    async fn on_incoming(&mut self, live: &mut Live, incoming: Frame) -> Result<(), Close> {
+        let Some(text) = self.text_of(incoming).await? else {
+            return Ok(());
+        };
+        if !live.limiter.allow() {
+            let rate_limited = "rate limit exceeded";
+            return Err(self
+                .refuse("too many messages", CloseCode::Policy, rate_limited)
+                .await);
+        }
+        match parse_client_message(&text) {
+            Ok(ClientMessage::Ping) => self.send_or_stall(&ServerMessage::Pong).await,
+            Ok(ClientMessage::Auth { token, client_id }) => {
+                self.reauthenticate(live, &token, client_id).await
+            }
+            Err(e) => {
+                self.send_error(&e).await;
+                Ok(())
             }
         }
+    }
 
-        // 3. Forwarding until something ends the session.
-        let mut expires = token_deadline(&claims, self.context.config().ws_token_leeway);
-        let mut limiter = RateLimiter::new(self.context.config().ws_messages_per_second);
-        loop {
-            tokio::select! {
-                hints = registration.subscriber.next_hints() => match hints {
-                    Ok((hints, queued)) => {
-                        for message in self.messages_for(&user, hints).await {
-                            if !self.send(&message).await {
-                                return self.write_stalled();
-                            }
-                        }
-                        self.context.metrics().notify_delivery.observe(queued.elapsed().as_secs_f64());
-                    }
-                    Err(Evicted::SlowConsumer) => return Some((CloseCode::Again, "slow consumer: notification queue full")),
-                },
-                incoming = self.stream.next() => {
-                    let text = match incoming {
-                        None | Some(Ok(Message::Close(_))) => return None,
-                        Some(Err(e)) => return self.read_failed(e).await,
-                        Some(Ok(Message::Text(text))) => text,
-                        Some(Ok(Message::Binary(_))) => {
-                            self.send_error("binary frames are not supported").await;
-                            return Some((CloseCode::Unsupported, "binary frames are not supported"));
-                        }
-                        Some(Ok(_control)) => continue,
-                    };
-                    if !limiter.allow() {
-                        self.send_error("too many messages").await;
-                        return Some((CloseCode::Policy, "rate limit exceeded"));
-                    }
-                    match parse_client_message(&text) {
-                        Ok(ClientMessage::Ping) => {
-                            if !self.send(&ServerMessage::Pong).await {
-                                return self.write_stalled();
-                            }
-                        }
-                        Ok(ClientMessage::Auth { token, client_id }) => match self.context.auth().verify(&token).await {
-                            Ok(fresh) if fresh.sub == user => {
-                                expires = token_deadline(&fresh, self.context.config().ws_token_leeway);
-                                if client_id.is_some() {
-                                    registration.subscriber.set_client_id(client_id);
-                                }
-                                if !self.send(&ServerMessage::AuthOk).await {
-                                    return self.write_stalled();
-                                }
-                            }
-                            Ok(_) => {
-                                self.send_error("a socket cannot change its user").await;
-                                return Some((CloseCode::Policy, "user changed"));
-                            }
-                            Err(e) => {
-                                self.send_error(&format!("authentication failed: {e}")).await;
-                                return Some((CloseCode::Policy, "authentication failed"));
-                            }
-                        },
-                        Err(e) => self.send_error(&e).await,
-                    }
+    /// A fresh token for the same user moves the expiry (and may set the client id).
+    async fn reauthenticate(
+        &mut self,
+        live: &mut Live,
+        token: &str,
+        client_id: Option<String>,
+    ) -> Result<(), Close> {
+        match self.context.auth().verify(token).await {
+            Ok(fresh) if fresh.sub == live.user => {
+                live.expires = token_deadline(&fresh, self.context.config().ws_token_leeway);
+                if client_id.is_some() {
+                    live.registration.subscriber.set_client_id(client_id);
                 }
-                () = tokio::time::sleep_until(expires) => {
-                    return Some((CloseCode::Library(CLOSE_TOKEN_EXPIRED), "token expired"));
-                }
-                _ = shutdown.changed() => return Some((CloseCode::Away, "server shutting down")),
+                self.send_or_stall(&ServerMessage::AuthOk).await
             }
+            Ok(_) => {
+                let message = "a socket cannot change its user";
+                Err(self
+                    .refuse(message, CloseCode::Policy, "user changed")
+                    .await)
+            }
+            Err(e) => Err(self.auth_failed(e).await),
+        }
+    }
+
+    /// A frame as read: `Some(text)` for a text message, `None` for a control frame (tungstenite answers
+    /// pings itself); anything else ends the session.
+    async fn text_of(&mut self, incoming: Frame) -> Result<Option<Utf8Bytes>, Close> {
+        match incoming {
+            None | Some(Ok(Message::Close(_))) => Err(Close::Drop),
+            Some(Err(e)) => Err(self.read_failed(e).await),
+            Some(Ok(Message::Text(text))) => Ok(Some(text)),
+            Some(Ok(Message::Binary(_))) => {
+                let binary = "binary frames are not supported";
+                Err(self.refuse(binary, CloseCode::Unsupported, binary).await)
+            }
+            Some(Ok(_control)) => Ok(None),
         }
     }
 
@@ -332,22 +382,39 @@ impl Session {
             .await;
     }
 
-    fn write_stalled(&self) -> Ending {
+    /// Sends `message`; a client that stopped reading ends the session.
+    async fn send_or_stall(&mut self, message: &ServerMessage) -> Result<(), Close> {
+        if self.send(message).await {
+            return Ok(());
+        }
         self.context.hub().count_slow_consumer();
         log::debug("closing a WebSocket that stopped reading", &[]);
         // Writing a close frame would block the same way; the socket is dropped instead.
-        None
+        Err(Close::Drop)
     }
 
-    async fn read_failed(&mut self, error: hyper_tungstenite::tungstenite::Error) -> Ending {
-        use hyper_tungstenite::tungstenite::Error;
+    /// Sends the error `message`, then closes with `code` and `reason`.
+    async fn refuse(&mut self, message: &str, code: CloseCode, reason: &'static str) -> Close {
+        self.send_error(message).await;
+        Close::With(code, reason)
+    }
+
+    async fn auth_failed(&mut self, error: impl std::fmt::Display) -> Close {
+        let message = format!("authentication failed: {error}");
+        self.refuse(&message, CloseCode::Policy, "authentication failed")
+            .await
+    }
+
+    async fn read_failed(&mut self, error: ReadError) -> Close {
         match error {
-            Error::Capacity(_) => {
-                self.send_error("message too large").await;
-                Some((CloseCode::Size, "message too large"))
+            ReadError::Capacity(_) => {
+                let too_large = "message too large";
+                self.refuse(too_large, CloseCode::Size, too_large).await
             }
-            Error::Protocol(_) | Error::Utf8(_) => Some((CloseCode::Protocol, "protocol error")),
-            _ => None,
+            ReadError::Protocol(_) | ReadError::Utf8(_) => {
+                Close::With(CloseCode::Protocol, "protocol error")
+            }
+            _ => Close::Drop,
         }
     }
 
