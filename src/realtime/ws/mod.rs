@@ -19,7 +19,8 @@ use hyper::{Request, Response};
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use hyper_tungstenite::tungstenite::{Error as ReadError, Message, Utf8Bytes};
-use hyper_tungstenite::{HyperWebsocket, HyperWebsocketStream};
+use hyper_tungstenite::{HyperWebsocket, WebSocketStream};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -32,8 +33,6 @@ use crate::protocol::realtime::{
     parse_client_message, ClientMessage, ServerMessage, MAX_CLIENT_MESSAGE_BYTES,
 };
 
-type Sink = SplitSink<HyperWebsocketStream, Message>;
-type Stream = SplitStream<HyperWebsocketStream>;
 /// A frame as the stream yields it (`None`: the stream ended).
 type Frame = Option<Result<Message, ReadError>>;
 /// A token's claims and the client id the `auth` message named.
@@ -100,13 +99,24 @@ async fn run(
             return;
         }
     };
+    serve_socket(context, socket, interest, Some(unauthenticated)).await;
+}
+
+/// Serves one upgraded socket until the session ends, then closes it. Generic over the byte stream, so that
+/// tests can run a session over `tokio::io::duplex` with paused time.
+async fn serve_socket<S: AsyncRead + AsyncWrite + Unpin>(
+    context: Arc<dyn Context>,
+    socket: WebSocketStream<S>,
+    interest: Interest,
+    unauthenticated: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
     let (sink, stream) = socket.split();
     let mut session = Session {
         context,
         sink,
         stream,
         interest,
-        unauthenticated: Some(unauthenticated),
+        unauthenticated,
     };
     let Err(close) = session.serve().await;
     if let Close::With(code, reason) = close {
@@ -114,10 +124,10 @@ async fn run(
     }
 }
 
-struct Session {
+struct Session<S> {
     context: Arc<dyn Context>,
-    sink: Sink,
-    stream: Stream,
+    sink: SplitSink<WebSocketStream<S>, Message>,
+    stream: SplitStream<WebSocketStream<S>>,
     interest: Interest,
     /// Held until the socket authenticated (`WS_MAX_UNAUTHENTICATED`).
     unauthenticated: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -143,7 +153,7 @@ struct Live {
     limiter: RateLimiter,
 }
 
-impl Session {
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// The three phases: authentication within the deadline, registration, forwarding. Ends only with the
     /// way the session closes.
     async fn serve(&mut self) -> Result<Infallible, Close> {
@@ -478,3 +488,6 @@ impl RateLimiter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
