@@ -2,22 +2,20 @@
 //! fixed-bucket histograms need no library. Names follow Prometheus conventions (`_total` for counters,
 //! base units: seconds).
 
-use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-
-use parking_lot::Mutex;
 
 mod render;
 
 pub use render::render;
 
 /// A histogram with fixed upper bounds.
+/// Lock-free: every field is an atomic, the sum an `f64` kept as its bits.
 pub struct Histogram {
     bounds: &'static [f64],
     counts: Vec<AtomicU64>,
-    sum: Mutex<f64>,
+    sum_bits: AtomicU64,
     count: AtomicU64,
 }
 
@@ -26,7 +24,7 @@ impl Histogram {
         Histogram {
             bounds,
             counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            sum: Mutex::new(0.0),
+            sum_bits: AtomicU64::new(0.0f64.to_bits()),
             count: AtomicU64::new(0),
         }
     }
@@ -35,7 +33,10 @@ impl Histogram {
         if let Some(i) = self.bounds.iter().position(|b| value <= *b) {
             self.counts[i].fetch_add(1, Ordering::Relaxed);
         }
-        *self.sum.lock() += value;
+        let add = |bits: u64| Some((f64::from_bits(bits) + value).to_bits());
+        let _ = self
+            .sum_bits
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, add);
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -59,7 +60,8 @@ impl Histogram {
         } else {
             format!("{{{labels}}}")
         };
-        let _ = writeln!(out, "{name}_sum{braces} {}", *self.sum.lock());
+        let sum = f64::from_bits(self.sum_bits.load(Ordering::Relaxed));
+        let _ = writeln!(out, "{name}_sum{braces} {sum}");
         let _ = writeln!(out, "{name}_count{braces} {total}");
     }
 }
@@ -72,9 +74,14 @@ const BATCH_BOUNDS: &[f64] = &[
 ];
 
 /// Everything the request path records.
+///
+/// Lock-free: requests are counted in fixed arrays of atomics indexed by route (`ROUTES`) and status, so
+/// that recording a request never waits for another request or for a render of `/metrics`.
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
-    durations: Mutex<BTreeMap<&'static str, Histogram>>,
+    /// `ROUTES.len()` rows of `STATUSES` counters: row `route`, column `status - FIRST_STATUS`.
+    requests: Vec<AtomicU64>,
+    /// One histogram per route of `ROUTES`.
+    durations: Vec<Histogram>,
     pub changes_pushed: AtomicU64,
     pub changes_pulled: AtomicU64,
     pub conflicts: AtomicU64,
@@ -86,8 +93,13 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Metrics {
         Metrics {
-            requests: Mutex::new(BTreeMap::new()),
-            durations: Mutex::new(BTreeMap::new()),
+            requests: (0..ROUTES.len() * STATUSES)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            durations: ROUTES
+                .iter()
+                .map(|_| Histogram::new(LATENCY_BOUNDS))
+                .collect(),
             changes_pushed: AtomicU64::new(0),
             changes_pulled: AtomicU64::new(0),
             conflicts: AtomicU64::new(0),
@@ -99,14 +111,56 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Records one request under `route`, one of `ROUTES` (what `http`'s router labels requests with; any
+    /// other label counts as "other"), and `status` (100 to 999, as HTTP status codes are).
     pub fn request(&self, route: &'static str, status: u16, elapsed: Duration) {
-        *self.requests.lock().entry((route, status)).or_default() += 1;
-        self.durations
-            .lock()
-            .entry(route)
-            .or_insert_with(|| Histogram::new(LATENCY_BOUNDS))
-            .observe(elapsed.as_secs_f64());
+        let row = route_index(route);
+        let column = usize::from(status.clamp(FIRST_STATUS, LAST_STATUS) - FIRST_STATUS);
+        self.requests[row * STATUSES + column].fetch_add(1, Ordering::Relaxed);
+        self.durations[row].observe(elapsed.as_secs_f64());
     }
+
+    /// Requests counted so far: (route, status, count) for every count above zero, by route, then status.
+    fn request_counts(&self) -> impl Iterator<Item = (&'static str, u16, u64)> + '_ {
+        self.requests.iter().enumerate().filter_map(|(i, count)| {
+            let count = count.load(Ordering::Relaxed);
+            let status = FIRST_STATUS + (i % STATUSES) as u16;
+            (count > 0).then(|| (ROUTES[i / STATUSES], status, count))
+        })
+    }
+
+    /// The duration histograms of the routes that have seen a request, by route.
+    fn route_durations(&self) -> impl Iterator<Item = (&'static str, &Histogram)> + '_ {
+        let seen =
+            |(_, histogram): &(&str, &Histogram)| histogram.count.load(Ordering::Relaxed) > 0;
+        ROUTES.iter().copied().zip(&self.durations).filter(seen)
+    }
+}
+
+/// The route labels requests are recorded under, sorted by name: the order `/metrics` lists them in.
+const ROUTES: [&str; 10] = [
+    "health",
+    "metrics",
+    "other",
+    "preflight",
+    "pull",
+    "push",
+    "stream",
+    "unified_stream",
+    "ws",
+    "ws_app",
+];
+const FIRST_STATUS: u16 = 100;
+const LAST_STATUS: u16 = 999;
+const STATUSES: usize = (LAST_STATUS - FIRST_STATUS + 1) as usize;
+
+fn route_index(route: &str) -> usize {
+    let known = ROUTES.iter().position(|known| *known == route);
+    debug_assert!(
+        known.is_some(),
+        "a route label metrics does not know: {route}"
+    );
+    known.unwrap_or_else(|| route_index("other"))
 }
 
 /// What `/metrics` shows besides the counters of `Metrics`: read from the rest of the server by whoever

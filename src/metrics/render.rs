@@ -143,7 +143,7 @@ impl Text {
 
     fn http_requests(&mut self, metrics: &Metrics) {
         self.head(&HTTP_REQUESTS);
-        for ((route, status), count) in metrics.requests.lock().iter() {
+        for (route, status, count) in metrics.request_counts() {
             let name = HTTP_REQUESTS.name;
             let _ = writeln!(
                 self.0,
@@ -154,7 +154,7 @@ impl Text {
 
     fn http_durations(&mut self, metrics: &Metrics) {
         self.head(&HTTP_REQUEST_DURATION);
-        for (route, histogram) in metrics.durations.lock().iter() {
+        for (route, histogram) in metrics.route_durations() {
             let labels = format!("route=\"{route}\"");
             histogram.render(&mut self.0, HTTP_REQUEST_DURATION.name, &labels);
         }

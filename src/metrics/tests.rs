@@ -69,3 +69,24 @@ fn render_without_billing_shows_it_disabled() {
     assert!(rendered.contains("mana_sync_billing_checks_total{outcome=\"disabled\"} 0\n"));
     assert!(!rendered.contains("mana_sync_http_requests_total{"));
 }
+
+#[test]
+fn requests_recorded_from_many_threads_are_all_counted() {
+    let metrics = Metrics::default();
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                for _ in 0..1000 {
+                    metrics.request("ws", 101, Duration::from_millis(1));
+                }
+            });
+        }
+    });
+    let rendered = render(&metrics, &Snapshot::default());
+    assert!(rendered.contains("mana_sync_http_requests_total{route=\"ws\",status=\"101\"} 4000\n"));
+    assert!(rendered.contains("mana_sync_http_request_duration_seconds_count{route=\"ws\"} 4000\n"));
+    assert!(
+        !rendered.contains("route=\"push\""),
+        "routes without requests are not listed"
+    );
+}
