@@ -95,7 +95,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
         // and handed to a WebSocket on upgrade: an upgraded socket keeps counting against MAX_CONNECTIONS
         // until it ends.
         let slot = ConnectionSlot::new((permit, shared.connection_opened()));
-        tokio::spawn(connection(
+        shared.tasks.spawn(connection(
             shared.clone(),
             builder.clone(),
             stream,
@@ -111,12 +111,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
     );
     // Connections, upgraded sockets and streams watch this to begin their own graceful close.
     shared.shutdown.send_replace(true);
-    let deadline = tokio::time::Instant::now() + shared.config.shutdown_timeout;
-    while (shared.open_connections() > 0 || shared.hub.counts(None).0 > 0)
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Every connection, socket and stream runs in `shared.tasks`: wait for them all, up to the timeout.
+    shared.tasks.close();
+    let _ = tokio::time::timeout(shared.config.shutdown_timeout, shared.tasks.wait()).await;
     match shared.open_connections() {
         0 => log::info("all connections drained", &[]),
         open => log::warn(

@@ -98,6 +98,7 @@ pub async fn build(config: Config, database: DatabaseConfig) -> Result<Arc<Share
         auth,
         hub,
         shutdown: watch::channel(false).0,
+        tasks: tokio_util::task::TaskTracker::new(),
         instance_id: instance_id(),
         rows_pruned: AtomicU64::new(0),
         billing,

@@ -37,6 +37,8 @@ pub trait Context: Send + Sync + 'static {
     fn instance_id(&self) -> &str;
     /// Turns `true` when the server starts shutting down.
     fn shutdown(&self) -> watch::Receiver<bool>;
+    /// Where sockets and streams are spawned, so that shutdown waits for them.
+    fn tasks(&self) -> &tokio_util::task::TaskTracker;
     /// WebSockets that have not authenticated yet (`WS_MAX_UNAUTHENTICATED`).
     fn unauthenticated_sockets(&self) -> &Arc<Semaphore>;
 }

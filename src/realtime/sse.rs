@@ -84,6 +84,7 @@ pub async fn open(
         .map_err(|_| Refusal::TooManyStreams)?;
 
     let (sender, receiver) = mpsc::channel::<Bytes>(8);
+    let tasks = context.tasks().clone();
     let stream = Stream {
         context,
         user,
@@ -95,7 +96,7 @@ pub async fn open(
         sender,
         expires,
     };
-    tokio::spawn(stream.run(registration));
+    tasks.spawn(stream.run(registration));
 
     let mut response = Response::new(EventStream(receiver));
     let headers = response.headers_mut();

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{watch, Semaphore};
+use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::billing::Billing;
@@ -29,6 +30,8 @@ pub struct Shared {
     pub hub: Arc<Hub>,
     /// Set to `true` when the server starts shutting down; upgraded sockets and streams watch it.
     pub shutdown: watch::Sender<bool>,
+    /// Every connection, upgraded socket and stream, so that shutdown can wait for them to end.
+    pub tasks: TaskTracker,
     /// Tells this instance's own cross-instance hints apart from other instances'.
     pub instance_id: String,
     /// Log rows removed by compaction since start.
@@ -144,6 +147,10 @@ impl realtime::Context for Shared {
 
     fn shutdown(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
+    }
+
+    fn tasks(&self) -> &TaskTracker {
+        &self.tasks
     }
 
     fn unauthenticated_sockets(&self) -> &Arc<Semaphore> {

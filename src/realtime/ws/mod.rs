@@ -76,7 +76,7 @@ pub fn upgrade(
         .extensions()
         .get::<ConnectionSlot>()
         .map(ConnectionSlot::take);
-    tokio::spawn(async move {
+    context.tasks().clone().spawn(async move {
         let _slot = slot;
         run(context, websocket, interest, unauthenticated).await
     });

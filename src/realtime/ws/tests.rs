@@ -29,6 +29,7 @@ struct Fake {
     metrics: Metrics,
     shutdown: watch::Receiver<bool>,
     unauthenticated: Arc<Semaphore>,
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl Context for Fake {
@@ -56,6 +57,9 @@ impl Context for Fake {
     fn unauthenticated_sockets(&self) -> &Arc<Semaphore> {
         &self.unauthenticated
     }
+    fn tasks(&self) -> &tokio_util::task::TaskTracker {
+        &self.tasks
+    }
 }
 
 /// A session with `config` on its own task; the client's end of its socket, and the shutdown switch.
@@ -75,6 +79,7 @@ async fn start_with(
         metrics: Metrics::default(),
         shutdown,
         unauthenticated: Arc::new(Semaphore::new(1)),
+        tasks: tokio_util::task::TaskTracker::new(),
     });
     let (client, server) = tokio::io::duplex(64 * 1024);
     tokio::spawn(async move {
