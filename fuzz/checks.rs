@@ -161,7 +161,7 @@ pub fn check_push_body(data: &[u8]) {
             event_id: format!("event-{index}"),
             table: change.table.clone(),
             record_id: change.record_id.clone(),
-            op: change.op.as_str().to_owned(),
+            op: change.op,
             data: Some(Value::Object(change.data.clone())),
             field_meta: Some(Value::Object(change.field_meta.clone())),
             created_at: NOW_MICROS,
@@ -307,14 +307,13 @@ pub fn check_wire_change(data: &[u8]) {
         event_id: "00000000-0000-4000-8000-000000000001".into(),
         table: "tasks".into(),
         record_id: "rec-1".into(),
-        op: match op % 5 {
+        op: Op::from_stored(match op % 5 {
             0 => "insert",
             1 => "update",
             2 => "delete",
             3 => "",
             _ => "upsert",
-        }
-        .into(),
+        }),
         data: docs.next().flatten(),
         field_meta: docs.next().flatten(),
         created_at,

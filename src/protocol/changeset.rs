@@ -113,6 +113,16 @@ pub enum Op {
 }
 
 impl Op {
+    /// The op of a stored row, whoever wrote it: `insert` and `delete` as such, anything else (`update`,
+    /// or what another writer put there) reads as an update, merging the row's fields.
+    pub fn from_stored(text: &str) -> Op {
+        match text {
+            "insert" => Op::Insert,
+            "delete" => Op::Delete,
+            _ => Op::Update,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Op::Insert => "insert",

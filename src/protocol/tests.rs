@@ -301,7 +301,7 @@ fn emitted_changes_omit_absent_keys_and_always_date_deletes() {
         event_id: "e".into(),
         table: "tasks".into(),
         record_id: "r".into(),
-        op: op.into(),
+        op: Op::from_stored(op),
         data: Some(data),
         field_meta: Some(meta),
         created_at: NOW,

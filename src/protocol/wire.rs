@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::time::{self, Micros};
+use super::Op;
 
 /// The field that holds a record's tombstone.
 const DELETED_AT: &str = "deletedAt";
@@ -22,7 +23,7 @@ pub struct StoredChange {
     pub event_id: String,
     pub table: String,
     pub record_id: String,
-    pub op: String,
+    pub op: Op,
     pub data: Option<Value>,
     pub field_meta: Option<Value>,
     pub created_at: Micros,
@@ -102,17 +103,17 @@ impl StoredChange {
             Some(Value::Object(map)) => map,
             _ => Map::new(),
         };
-        let (op, data, fields, deleted_at) = match self.op.as_str() {
+        let (op, data, fields, deleted_at) = match self.op {
             // (An empty record has no field to date: it stays an insert, so that it comes to exist.)
-            "insert" if data.is_empty() || time::change_time(None, &data).is_some() => {
+            Op::Insert if data.is_empty() || time::change_time(None, &data).is_some() => {
                 ("insert", Some(Value::Object(data)), None, None)
             }
-            "insert" => {
+            Op::Insert => {
                 let fallback = self.fallback_at(&data, None);
                 let fields = self.fields(data.clone(), &fallback);
                 ("update", Some(Value::Object(data)), Some(fields), None)
             }
-            "delete" => {
+            Op::Delete => {
                 let deleted_at = data
                     .get(DELETED_AT)
                     .and_then(Value::as_str)
@@ -129,7 +130,7 @@ impl StoredChange {
                     Some(deleted_at),
                 )
             }
-            _ => {
+            Op::Update => {
                 let fallback = self.fallback_at(&data, None);
                 ("update", None, Some(self.fields(data, &fallback)), None)
             }

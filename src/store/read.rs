@@ -16,7 +16,7 @@ use super::timestamp::PgTimestamp;
 use super::user_tx::{Lock, UserTx};
 use super::{rollback, Cause, PooledConnection, Store, StoreError};
 use crate::protocol::time::{self, Micros};
-use crate::protocol::{PullQuery, StoredChange, SyncResponse, WireChange};
+use crate::protocol::{Op, PullQuery, StoredChange, SyncResponse, WireChange};
 
 /// The start of every log read: the columns `stored_change` reads, in its order, for one user's app.
 macro_rules! select_changes {
@@ -470,7 +470,7 @@ fn stored_change(row: &Row) -> Result<StoredChange, StoreError> {
             event_id: row.try_get(0)?,
             table: row.try_get(1)?,
             record_id: row.try_get(2)?,
-            op: row.try_get(3)?,
+            op: Op::from_stored(row.try_get(3)?),
             data: row.try_get(4)?,
             field_meta: row.try_get(5)?,
             created_at: row.try_get::<_, PgTimestamp>(6)?.0,
