@@ -2,6 +2,20 @@
 
 use super::*;
 
+/// The user's log rows after a stamp, in order, a slice at a time.
+const PENDING: &str = concat!(
+    "SELECT id::text, app_id, table_name, record_id, op, data, field_meta, client_id, created_at, ",
+    "schema_version, actor, origin, space_id FROM sync_changes WHERE user_id = $1 AND created_at > $2 ",
+    "ORDER BY created_at, id LIMIT 2000"
+);
+/// The user's clock and how far its log is folded.
+const FOLD_STATE: &str = "SELECT last_at, folded_at FROM sync_user_clock WHERE user_id = $1";
+/// Records how far the user's log is folded.
+const MARK_FOLDED: &str = concat!(
+    "INSERT INTO sync_user_clock AS clock (user_id, last_at, folded_at) VALUES ($1, $2, $2) ",
+    clock_conflict!()
+);
+
 /// Brings the user's record states up to date with log rows not folded yet. Needs the exclusive lock.
 pub async fn fold_pending(
     tx: &impl GenericClient,

@@ -119,17 +119,6 @@ const UPSERT: &str = concat!(
     "AS x(p, t, r, s, d, u, e, a, o, sp, v) ",
     record_conflict!()
 );
-const PENDING: &str = concat!(
-    "SELECT id::text, app_id, table_name, record_id, op, data, field_meta, client_id, created_at, ",
-    "schema_version, actor, origin, space_id FROM sync_changes WHERE user_id = $1 AND created_at > $2 ",
-    "ORDER BY created_at, id LIMIT 2000"
-);
-const FOLD_STATE: &str = "SELECT last_at, folded_at FROM sync_user_clock WHERE user_id = $1";
-const MARK_FOLDED: &str = concat!(
-    "INSERT INTO sync_user_clock AS clock (user_id, last_at, folded_at) VALUES ($1, $2, $2) ",
-    clock_conflict!()
-);
-
 impl Batch {
     pub async fn load(
         tx: &impl GenericClient,
