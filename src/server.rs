@@ -29,9 +29,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use parking_lot::Mutex;
-use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::http::Body;
@@ -109,9 +110,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
         "shutting down: draining connections",
         &[("open", shared.open_connections().into())],
     );
-    // Connections, upgraded sockets and streams watch this to begin their own graceful close.
-    shared.shutdown.send_replace(true);
-    // Every connection, socket and stream runs in `shared.tasks`: wait for them all, up to the timeout.
+    // Connections, upgraded sockets, streams and background tasks end on this (gracefully).
+    shared.shutdown.cancel();
+    // Every one of them runs in `shared.tasks`: wait for them all, up to the timeout.
     shared.tasks.close();
     let _ = tokio::time::timeout(shared.config.shutdown_timeout, shared.tasks.wait()).await;
     match shared.open_connections() {
@@ -133,7 +134,7 @@ async fn connection(
     peer: SocketAddr,
     slot: ConnectionSlot,
 ) {
-    let mut drain = shared.shutdown.subscribe();
+    let drain = shared.shutdown.clone();
     let Some(tls) = shared.tls.clone() else {
         return serve_http(shared, &builder, stream, peer, slot, drain).await;
     };
@@ -158,7 +159,7 @@ async fn connection(
                 return;
             }
         },
-        _ = drain.changed() => return,
+        () = drain.cancelled() => return,
     };
     serve_http(shared, &builder, stream, peer, slot, drain).await
 }
@@ -170,7 +171,7 @@ async fn serve_http<I>(
     io: I,
     peer: SocketAddr,
     slot: ConnectionSlot,
-    mut drain: watch::Receiver<bool>,
+    drain: CancellationToken,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -198,7 +199,7 @@ async fn serve_http<I>(
     );
     let result = tokio::select! {
         result = connection.as_mut() => result,
-        _ = drain.changed() => {
+        () = drain.cancelled() => {
             // Finish the requests in flight (HTTP/2: GOAWAY, then the open streams), then close instead
             // of keeping the connection alive. One that never began a request has nothing to finish.
             if !activity.ever_busy() {

@@ -22,6 +22,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::TlsFiles;
 use crate::log;
@@ -110,14 +111,15 @@ impl ServerTls {
         }
     }
 
-    /// Checks the files every `interval` and reloads on SIGHUP, until `shutdown` turns true.
-    pub fn spawn_reloader(
+    /// Checks the files every `interval` and reloads on SIGHUP, until `shutdown` is cancelled (a task for
+    /// the server's tracker).
+    pub fn reloader(
         self: &Arc<Self>,
         interval: std::time::Duration,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
-    ) {
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let tls = self.clone();
-        tokio::spawn(async move {
+        async move {
             use tokio::signal::unix::{signal, SignalKind};
             let mut hangup = match signal(SignalKind::hangup()) {
                 Ok(hangup) => Some(hangup),
@@ -137,10 +139,10 @@ impl ServerTls {
                         tls.reload_if_changed();
                     }
                     Some(()) = recv_hangup(&mut hangup) => tls.reload_and_log("SIGHUP"),
-                    _ = shutdown.changed() => return,
+                    () = shutdown.cancelled() => return,
                 }
             }
-        });
+        }
     }
 }
 

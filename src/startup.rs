@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthConfig, Authenticator};
 use crate::billing::{Billing, BillingConfig};
@@ -97,7 +97,7 @@ pub async fn build(config: Config, database: DatabaseConfig) -> Result<Arc<Share
         store,
         auth,
         hub,
-        shutdown: watch::channel(false).0,
+        shutdown: CancellationToken::new(),
         tasks: tokio_util::task::TaskTracker::new(),
         instance_id: instance_id(),
         rows_pruned: AtomicU64::new(0),
@@ -191,49 +191,44 @@ async fn start_auth(config: &Config) -> Authenticator {
             &[("error", e.into())],
         ),
     }
-    auth.spawn_refresher();
     auth
 }
 
-/// Certificate reload, the cross-instance listener and compaction.
+/// Key refresh, certificate reload, the cross-instance listener and compaction: each in `shared.tasks`, each
+/// ending when `shared.shutdown` is cancelled (the drain waits for them as for connections).
 fn spawn_background_tasks(shared: &Arc<Shared>) {
+    let (tasks, shutdown) = (&shared.tasks, &shared.shutdown);
+    tasks.spawn(shared.auth.refresher(shutdown.clone()));
     if let Some(tls) = &shared.tls {
-        tls.spawn_reloader(
-            shared.config.tls_reload_interval,
-            shared.shutdown.subscribe(),
-        );
+        tasks.spawn(tls.reloader(shared.config.tls_reload_interval, shutdown.clone()));
     }
-    realtime::spawn_listener(shared.clone());
-    spawn_compactor(shared.clone());
+    tasks.spawn(realtime::listener(shared.clone()));
+    if shared.config.log_retention.is_some() {
+        tasks.spawn(compactor(shared.clone()));
+    }
 }
 
-/// Prunes the log every `compaction_interval` when a retention is configured (SPEC §6).
-fn spawn_compactor(shared: Arc<Shared>) {
-    if shared.config.log_retention.is_none() {
-        return;
-    }
-    tokio::spawn(async move {
-        let mut shutdown = shared.shutdown.subscribe();
-        let mut ticks = tokio::time::interval(shared.config.compaction_interval);
-        ticks.tick().await;
-        loop {
-            tokio::select! {
-                _ = ticks.tick() => {}
-                _ = shutdown.changed() => return,
-            }
-            match shared.store.compact(1000).await {
-                Ok(Some(pruned)) => {
-                    shared.rows_pruned.fetch_add(pruned, Ordering::Relaxed);
-                    log::info("log compaction done", &[("rowsPruned", pruned.into())]);
-                }
-                Ok(None) => log::debug(
-                    "log compaction skipped: another instance is running it",
-                    &[],
-                ),
-                Err(e) => log::warn("log compaction failed", &[("error", e.to_string().into())]),
-            }
+/// Prunes the log every `compaction_interval` (SPEC §6), until shutdown; a pass under way finishes first.
+async fn compactor(shared: Arc<Shared>) {
+    let mut ticks = tokio::time::interval(shared.config.compaction_interval);
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = shared.shutdown.cancelled() => return,
         }
-    });
+        match shared.store.compact(1000).await {
+            Ok(Some(pruned)) => {
+                shared.rows_pruned.fetch_add(pruned, Ordering::Relaxed);
+                log::info("log compaction done", &[("rowsPruned", pruned.into())]);
+            }
+            Ok(None) => log::debug(
+                "log compaction skipped: another instance is running it",
+                &[],
+            ),
+            Err(e) => log::warn("log compaction failed", &[("error", e.to_string().into())]),
+        }
+    }
 }
 
 /// A random id for this process (not a secret: it only has to differ between instances).

@@ -22,6 +22,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
+use tokio_util::sync::CancellationToken;
 
 use crate::clock::unix_now;
 use crate::protocol::ErrorCode;
@@ -335,10 +336,13 @@ impl Authenticator {
         (union, errors)
     }
 
-    /// Starts the periodic refresh (first run immediately). The task holds
-    /// only a weak reference and ends once every `Authenticator` clone is
-    /// dropped; failures are recorded in the stats, never fatal.
-    pub fn spawn_refresher(&self) -> tokio::task::JoinHandle<()> {
+    /// The periodic refresh (first run immediately), as a task for the server's tracker: it ends when
+    /// `shutdown` is cancelled or once every `Authenticator` clone is dropped (it holds only a weak
+    /// reference). Failures are recorded in the stats, never fatal.
+    pub fn refresher(
+        &self,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         // A zero interval would spin; one second is far below any sane value.
         let interval = self
@@ -346,14 +350,20 @@ impl Authenticator {
             .config
             .refresh_interval
             .max(Duration::from_secs(1));
-        tokio::spawn(async move {
+        async move {
             while let Some(inner) = weak.upgrade() {
                 let auth = Authenticator { inner };
-                let _ = auth.refresh().await;
+                tokio::select! {
+                    _ = auth.refresh() => {}
+                    () = shutdown.cancelled() => return,
+                }
                 drop(auth);
-                tokio::time::sleep(interval).await;
+                tokio::select! {
+                    () = tokio::time::sleep(interval) => {}
+                    () = shutdown.cancelled() => return,
+                }
             }
-        })
+        }
     }
 
     fn rules(&self) -> Rules<'_> {

@@ -380,11 +380,12 @@ fn devkeys_tmp(tag: &str) -> PathBuf {
 }
 
 #[tokio::test]
-async fn refresher_loads_immediately_and_stops_when_dropped() {
+async fn refresher_loads_immediately_and_ends_at_shutdown() {
     let k1 = key(1);
     let server = JwksServer::start(200, jwks_for(&[("k1", &k1)]));
     let auth = Authenticator::new(config(&server.url, Duration::from_secs(60)));
-    let handle = auth.spawn_refresher();
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(auth.refresher(shutdown.clone()));
     for _ in 0..100 {
         if auth.key_count() == 1 {
             break;
@@ -393,9 +394,12 @@ async fn refresher_loads_immediately_and_stops_when_dropped() {
     }
     assert_eq!(auth.key_count(), 1);
     assert!(auth.verify(&token("k1", &k1)).await.is_ok());
-    drop(auth);
-    // The loop notices the drop on its next wake-up; don't wait 10 min.
-    handle.abort();
+    // It sleeps for the 60 s interval; shutdown ends it at once.
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), handle)
+        .await
+        .expect("the refresher ends when shutdown is cancelled")
+        .unwrap();
     assert_eq!(server.hits(), 1);
 }
 

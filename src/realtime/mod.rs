@@ -15,7 +15,8 @@ pub(crate) mod ws;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
@@ -24,7 +25,7 @@ use crate::protocol::ProtocolError;
 use crate::store::{Store, StoreError};
 
 pub use hub::{Hub, Interest, Kind, MAX_HINT_TABLES};
-pub use notify::{spawn_listener, LISTENER_NAME};
+pub use notify::{listener, LISTENER_NAME};
 
 /// What sockets, streams and the listener need of the server's shared state.
 pub trait Context: Send + Sync + 'static {
@@ -35,8 +36,8 @@ pub trait Context: Send + Sync + 'static {
     fn metrics(&self) -> &Metrics;
     /// Tells this instance's own cross-instance hints apart from other instances'.
     fn instance_id(&self) -> &str;
-    /// Turns `true` when the server starts shutting down.
-    fn shutdown(&self) -> watch::Receiver<bool>;
+    /// Cancelled when the server starts shutting down.
+    fn shutdown(&self) -> &CancellationToken;
     /// Where sockets and streams are spawned, so that shutdown waits for them.
     fn tasks(&self) -> &tokio_util::task::TaskTracker;
     /// WebSockets that have not authenticated yet (`WS_MAX_UNAUTHENTICATED`).

@@ -88,34 +88,32 @@ pub fn parse_hint(payload: &str) -> Option<RemoteHint> {
     })
 }
 
-/// Keeps a `LISTEN` connection open for the life of the server, reconnecting with back-off.
-pub fn spawn_listener(context: Arc<dyn Context>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut shutdown = context.shutdown();
-        let mut connected_before = false;
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let mut established = false;
-            let error = tokio::select! {
-                error = listen_once(&*context, connected_before, &mut established) => error,
-                _ = shutdown.changed() => return,
-            };
-            log::warn(
-                "notification listener lost its connection",
-                &[("error", error.into())],
-            );
-            // A connection that was up retries at once-ish: the store answers nothing from memory meanwhile.
-            if established {
-                backoff = Duration::from_millis(100);
-            }
-            connected_before = true;
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                _ = shutdown.changed() => return,
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+/// Keeps a `LISTEN` connection open until shutdown, reconnecting with back-off.
+pub async fn listener(context: Arc<dyn Context>) {
+    let shutdown = context.shutdown().clone();
+    let mut connected_before = false;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut established = false;
+        let error = tokio::select! {
+            error = listen_once(&*context, connected_before, &mut established) => error,
+            () = shutdown.cancelled() => return,
+        };
+        log::warn(
+            "notification listener lost its connection",
+            &[("error", error.into())],
+        );
+        // A connection that was up retries at once-ish: the store answers nothing from memory meanwhile.
+        if established {
+            backoff = Duration::from_millis(100);
         }
-    })
+        connected_before = true;
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// One listening connection, until it fails; returns why. Sets `established` once `LISTEN` is in effect.

@@ -134,7 +134,7 @@ enum End {
 
 impl Stream {
     async fn run(mut self, registration: Registration) {
-        let mut shutdown = self.context.shutdown();
+        let shutdown = self.context.shutdown().clone();
         let all: Vec<String> = self.cursors.keys().cloned().collect();
         let mut result = self.deliver(&all).await;
         let mut heartbeat = tokio::time::interval(self.context.config().sse_heartbeat);
@@ -159,7 +159,7 @@ impl Stream {
                     self.send(sse_event("token-expired", None, &why.to_string())).await.and(Err(End::TokenExpired))
                 },
                 () = self.sender.closed() => Err(End::ClientGone),
-                _ = shutdown.changed() => break,
+                () = shutdown.cancelled() => break,
             };
         }
         match result {

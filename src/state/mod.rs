@@ -9,7 +9,8 @@ pub(crate) mod per_user;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
@@ -28,9 +29,10 @@ pub struct Shared {
     pub store: Store,
     pub auth: Authenticator,
     pub hub: Arc<Hub>,
-    /// Set to `true` when the server starts shutting down; upgraded sockets and streams watch it.
-    pub shutdown: watch::Sender<bool>,
-    /// Every connection, upgraded socket and stream, so that shutdown can wait for them to end.
+    /// Cancelled when the server starts shutting down; connections, upgraded sockets, streams and background
+    /// tasks end on it (a token, unlike a watched flag, also tells one that looks after the fact).
+    pub shutdown: CancellationToken,
+    /// Every connection, upgraded socket, stream and background task, so that shutdown can wait for them.
     pub tasks: TaskTracker,
     /// Tells this instance's own cross-instance hints apart from other instances'.
     pub instance_id: String,
@@ -145,8 +147,8 @@ impl realtime::Context for Shared {
         &self.instance_id
     }
 
-    fn shutdown(&self) -> watch::Receiver<bool> {
-        self.shutdown.subscribe()
+    fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
     }
 
     fn tasks(&self) -> &TaskTracker {

@@ -59,7 +59,7 @@ impl Store {
     pub async fn users_after(&self, after: &str, limit: i64) -> Result<Vec<String>, StoreError> {
         let connection = self.pool.get().await?;
         let rows = connection
-            .client
+            .client()
             .query(
                 "SELECT user_id FROM sync_user_clock WHERE user_id > $1 ORDER BY user_id LIMIT $2",
                 &[&after, &limit],

@@ -229,7 +229,7 @@ impl Store {
     pub async fn migrate(&self) -> Result<Migration, StoreError> {
         let mut connection = self.pool.get().await?;
         let checksum = format!("{:016x}", fnv1a(SCHEMA_SQL.as_bytes()));
-        let tx = connection.client.transaction().await?;
+        let tx = connection.client_mut().transaction().await?;
         // Upgrading a large database (the backfill) may take long: no statement timeout for it.
         tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
         tx.execute(
@@ -266,7 +266,7 @@ impl Store {
     pub async fn bypasses_row_level_security(&self) -> Result<bool, StoreError> {
         let connection = self.pool.get().await?;
         let row = connection
-            .client
+            .client()
             .query_one(
                 "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user",
                 &[],
@@ -278,7 +278,7 @@ impl Store {
     /// A cheap reachability check for /health.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let connection = self.pool.get().await?;
-        connection.client.simple_query("SELECT 1").await?;
+        connection.client().simple_query("SELECT 1").await?;
         Ok(())
     }
 
@@ -332,7 +332,7 @@ async fn rollback(connection: &mut PooledConnection) {
     }
     let rolled_back = tokio::time::timeout(
         Duration::from_secs(1),
-        connection.client.batch_execute("ROLLBACK"),
+        connection.client().batch_execute("ROLLBACK"),
     )
     .await;
     if matches!(rolled_back, Ok(Ok(()))) {

@@ -1,17 +1,17 @@
-//! A small bounded pool of PostgreSQL connections.
+//! The pool of PostgreSQL connections: `deadpool-postgres`, with what the store adds around it.
 //!
-//! Hand-written because what it must do is short and specific: at most `max_size` connections, a waiter
-//! gives up after `acquire_timeout` (the HTTP layer turns that into 503 + Retry-After instead of letting an
-//! unbounded queue build up), broken connections are dropped instead of being handed out again, and every
-//! connection keeps its own prepared statements.
+//! deadpool bounds the number of connections, makes a waiter give up after `acquire_timeout` (the HTTP layer
+//! turns that into 503 + Retry-After instead of letting an unbounded queue build up), counts waiters in a
+//! way a cancelled request cannot leak, drops a closed connection instead of handing it out again, and keeps
+//! each connection's prepared statements. This module adds the one rule deadpool cannot know: a connection
+//! given back while a transaction begun by hand may still be open is closed, not reused.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, PoolError, QueueMode, RecyclingMethod, Runtime, Timeouts,
+};
 use tokio_postgres::{Client, Statement};
 
 use crate::client_tls::{PgTls, TlsRefused};
@@ -19,89 +19,50 @@ use crate::client_tls::{PgTls, TlsRefused};
 use super::{Cause, StoreError};
 
 pub struct Pool {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
+    pool: deadpool_postgres::Pool,
     config: tokio_postgres::Config,
     /// TLS as `DATABASE_URL`'s `sslmode` asks, for every connection of the pool and the dedicated ones.
     tls: PgTls,
-    idle: Mutex<Vec<Connection>>,
-    permits: Arc<Semaphore>,
-    max_size: usize,
-    acquire_timeout: Duration,
-    waiting: AtomicUsize,
 }
 
-/// One open connection with its statement cache.
-pub struct Connection {
-    pub client: Client,
-    statements: HashMap<&'static str, Statement>,
+/// A connection on loan; it goes back to the pool when dropped, unless it broke or is inside a transaction.
+pub struct PooledConnection {
+    /// Present until drop.
+    object: Option<Object>,
     /// Set while a transaction begun by hand (a pipelined `BEGIN`) may still be open. A connection given
     /// back in that state (its request was cancelled mid-way) is closed instead of reused, which makes
     /// PostgreSQL roll the transaction back and release its locks.
     pub(super) in_transaction: bool,
 }
 
-impl Connection {
+impl PooledConnection {
+    fn object(&self) -> &Object {
+        self.object.as_ref().expect("connection present until drop")
+    }
+
+    pub fn client(&self) -> &Client {
+        self.object()
+    }
+
+    pub fn client_mut(&mut self) -> &mut Client {
+        self.object.as_mut().expect("connection present until drop")
+    }
+
     /// Prepares `sql` once per connection and reuses it afterwards.
-    pub async fn prepare(&mut self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
-        if let Some(statement) = self.statements.get(sql) {
-            return Ok(statement.clone());
-        }
-        let statement = self.client.prepare(sql).await?;
-        self.statements.insert(sql, statement.clone());
-        Ok(statement)
-    }
-}
-
-/// A connection on loan; it goes back to the pool when dropped, unless it broke.
-pub struct PooledConnection {
-    connection: Option<Connection>,
-    inner: Arc<Inner>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl std::ops::Deref for PooledConnection {
-    type Target = Connection;
-    fn deref(&self) -> &Connection {
-        self.connection
-            .as_ref()
-            .expect("connection present until drop")
-    }
-}
-
-impl std::ops::DerefMut for PooledConnection {
-    fn deref_mut(&mut self) -> &mut Connection {
-        self.connection
-            .as_mut()
-            .expect("connection present until drop")
+    pub async fn prepare(&self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
+        self.object().prepare_cached(sql).await
     }
 }
 
 impl Drop for PooledConnection {
     fn drop(&mut self) {
-        if let Some(connection) = self.connection.take() {
-            if !connection.client.is_closed() && !connection.in_transaction {
-                self.inner.idle.lock().push(connection);
+        if self.in_transaction {
+            if let Some(object) = self.object.take() {
+                // Out of the pool and dropped: deadpool's wrapper ends the connection's task, which closes
+                // the socket.
+                drop(Object::take(object));
             }
         }
-    }
-}
-
-/// One waiter in the `waiting` gauge, for as long as it exists.
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    fn new(gauge: &'a AtomicUsize) -> Waiting<'a> {
-        gauge.fetch_add(1, Ordering::Relaxed);
-        Waiting(gauge)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -121,111 +82,85 @@ impl Pool {
         max_size: usize,
         acquire_timeout: Duration,
     ) -> Pool {
-        let max_size = max_size.max(1);
-        Pool {
-            inner: Arc::new(Inner {
-                config,
-                tls,
-                idle: Mutex::new(Vec::new()),
-                permits: Arc::new(Semaphore::new(max_size)),
-                max_size,
-                acquire_timeout,
-                waiting: AtomicUsize::new(0),
-            }),
-        }
+        // `Fast`: a connection is checked only for being closed when handed out again; the store's own
+        // rule (`in_transaction`) keeps a connection in an unknown state out of the pool.
+        let manager = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = Manager::from_config(config.clone(), tls.clone(), manager);
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(max_size.max(1))
+            // The most recently used connection first: the warmest caches, and idle ones stay idle.
+            .queue_mode(QueueMode::Lifo)
+            .runtime(Runtime::Tokio1)
+            .timeouts(Timeouts {
+                wait: Some(acquire_timeout),
+                create: Some(acquire_timeout),
+                recycle: None,
+            })
+            .build()
+            .expect("a runtime is given, as timeouts need");
+        Pool { pool, config, tls }
     }
 
     pub async fn get(&self) -> Result<PooledConnection, StoreError> {
-        let inner = &self.inner;
-        // Counted by a guard, so that a waiter whose request is cancelled stops counting too.
-        let waiting = Waiting::new(&inner.waiting);
-        let permit =
-            tokio::time::timeout(inner.acquire_timeout, inner.permits.clone().acquire_owned())
-                .await;
-        drop(waiting);
-        let permit = match permit {
-            Ok(Ok(permit)) => permit,
-            Ok(Err(_closed)) => {
-                return Err(StoreError::Unavailable(Cause::new(
-                    "connection pool is closed",
-                )))
-            }
-            Err(_elapsed) => return Err(StoreError::Saturated),
-        };
-
-        loop {
-            let candidate = inner.idle.lock().pop();
-            match candidate {
-                Some(connection) if connection.client.is_closed() => continue,
-                Some(connection) => {
-                    return Ok(PooledConnection {
-                        connection: Some(connection),
-                        inner: inner.clone(),
-                        _permit: permit,
-                    })
-                }
-                None => break,
-            }
-        }
-
-        let connect = inner.config.connect(inner.tls.clone());
-        let (client, connection) = match tokio::time::timeout(inner.acquire_timeout, connect).await
-        {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => {
-                // Kept as the source, so that start-up can tell a refusal from a database still starting.
-                // tokio-postgres' own text ("error performing TLS handshake") leaves out why.
-                let why = std::error::Error::source(&e)
-                    .map(|source| format!(": {source}"))
-                    .unwrap_or_default();
-                return Err(StoreError::Unavailable(Cause {
-                    message: format!("cannot connect to PostgreSQL: {e}{why}"),
-                    source: Some(Arc::new(e)),
-                }));
-            }
-            Err(_) => {
-                return Err(StoreError::Unavailable(Cause::new(
-                    "timed out connecting to PostgreSQL",
-                )))
-            }
-        };
-        // The connection future owns the socket; it ends when the client is dropped or the socket fails.
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(PooledConnection {
-            connection: Some(Connection {
-                client,
-                statements: HashMap::new(),
+        match self.pool.get().await {
+            Ok(object) => Ok(PooledConnection {
+                object: Some(object),
                 in_transaction: false,
             }),
-            inner: inner.clone(),
-            _permit: permit,
-        })
+            Err(error) => Err(pool_error(error)),
+        }
     }
 
     pub fn config(&self) -> &tokio_postgres::Config {
-        &self.inner.config
+        &self.config
     }
 
     pub fn tls(&self) -> &PgTls {
-        &self.inner.tls
+        &self.tls
     }
 
     pub fn status(&self) -> PoolStatus {
-        let available = self.inner.permits.available_permits();
+        let status = self.pool.status();
         PoolStatus {
-            max_size: self.inner.max_size,
-            in_use: self.inner.max_size - available,
-            idle: self.inner.idle.lock().len(),
-            waiting: self.inner.waiting.load(Ordering::Relaxed),
+            max_size: status.max_size,
+            in_use: status.size - status.available,
+            idle: status.available,
+            waiting: status.waiting,
         }
     }
 
     /// Drops idle connections and refuses new loans; used at shutdown.
     pub fn close(&self) {
-        self.inner.permits.close();
-        self.inner.idle.lock().clear();
+        self.pool.close();
+    }
+}
+
+/// What a failed loan means to the caller: a full pool is `Saturated` (503 + Retry-After), anything else
+/// the database being unavailable.
+fn pool_error(error: PoolError) -> StoreError {
+    match error {
+        PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => StoreError::Saturated,
+        PoolError::Timeout(_) => {
+            StoreError::Unavailable(Cause::new("timed out connecting to PostgreSQL"))
+        }
+        PoolError::Closed => StoreError::Unavailable(Cause::new("connection pool is closed")),
+        PoolError::Backend(e) => {
+            // Kept as the source, so that start-up can tell a refusal from a database still starting.
+            // tokio-postgres' own text ("error performing TLS handshake") leaves out why.
+            let why = std::error::Error::source(&e)
+                .map(|source| format!(": {source}"))
+                .unwrap_or_default();
+            StoreError::Unavailable(Cause {
+                message: format!("cannot connect to PostgreSQL: {e}{why}"),
+                source: Some(Arc::new(e)),
+            })
+        }
+        other => StoreError::Unavailable(Cause {
+            message: format!("connection pool: {other}"),
+            source: None,
+        }),
     }
 }
 
@@ -240,28 +175,4 @@ pub(super) fn connection_refused(error: &tokio_postgres::Error) -> bool {
     // problems with a source of another type.
     TlsRefused::is_cause_of(error)
         || std::error::Error::source(error).is_some_and(|source| !source.is::<std::io::Error>())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_cancelled_waiter_stops_counting() {
-        let config: tokio_postgres::Config = "host=/nonexistent user=nobody".parse().unwrap();
-        let pool = Pool::new(config, PgTls::disabled(), 1, Duration::from_secs(60));
-        let _taken = pool.inner.permits.clone().try_acquire_owned().unwrap();
-        let waiter = {
-            let pool = Pool {
-                inner: pool.inner.clone(),
-            };
-            tokio::spawn(async move { pool.get().await.map(drop) })
-        };
-        while pool.status().waiting == 0 {
-            tokio::task::yield_now().await;
-        }
-        waiter.abort();
-        let _ = waiter.await;
-        assert_eq!(pool.status().waiting, 0);
-    }
 }

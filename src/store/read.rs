@@ -254,7 +254,7 @@ async fn read_log(
     if clock < since || ends_in_tie(&rows, limit)? {
         return Ok(None);
     }
-    let page = log_page(&connection.client, user, app, tables, device, rows, limit).await?;
+    let page = log_page(connection.client(), user, app, tables, device, rows, limit).await?;
     Ok(Some((page, clock.max(time::EPOCH + 1))))
 }
 

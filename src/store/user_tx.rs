@@ -102,7 +102,7 @@ impl<'c> UserTx<'c> {
     ) -> Result<(UserTx<'c>, T), StoreError> {
         let lock = connection.prepare(lock.sql()).await?;
         connection.in_transaction = true;
-        let client = &connection.client;
+        let client = connection.client();
         let user_param: [&(dyn ToSql + Sync); 1] = [&user];
         let (_, _, first) = tokio::try_join!(
             biased;
@@ -124,7 +124,7 @@ impl<'c> UserTx<'c> {
     ) -> Result<T, StoreError> {
         let lock = connection.prepare(lock.sql()).await?;
         connection.in_transaction = true;
-        let client = &connection.client;
+        let client = connection.client();
         let user_param: [&(dyn ToSql + Sync); 1] = [&user];
         let (_, _, read, _) = tokio::try_join!(
             biased;
@@ -139,7 +139,7 @@ impl<'c> UserTx<'c> {
 
     /// The transaction's client, for the statements between the first and the last flush.
     pub(super) fn client(&self) -> &Client {
-        &self.connection.client
+        self.connection.client()
     }
 
     /// Prepares (or finds in the connection's cache) a statement for use inside the transaction.
@@ -156,7 +156,7 @@ impl<'c> UserTx<'c> {
         self,
         last: impl AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error>,
     ) -> Result<T, StoreError> {
-        let client = &self.connection.client;
+        let client = self.connection.client();
         let (done, _) = tokio::try_join!(biased; last(client), client.batch_execute("COMMIT"))?;
         self.connection.in_transaction = false;
         Ok(done)

@@ -8,7 +8,8 @@ use mana_sync::devdb::{EmbeddedOptions, EmbeddedPostgres};
 use serde_json::{json, Value};
 
 use crate::support::{
-    self, changeset, insert, request, token, unique_user, Reply, TestServer, EPOCH, USER_LOCK_CLASS,
+    self, changeset, insert, request, token, unique_user, wait_until, Reply, TestServer, EPOCH,
+    USER_LOCK_CLASS,
 };
 
 const ORIGIN: &str = "https://app.example";
@@ -539,16 +540,21 @@ async fn database_down_is_503_and_the_server_recovers() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn saturated_pool_is_503_and_nothing_queues_forever() {
-    let server = TestServer::start_with(|config| {
+/// A server with a pool of one connection, which a request waits for at most `acquire_timeout`.
+async fn one_connection_server(acquire_timeout: Duration) -> TestServer {
+    TestServer::start_with(|config| {
         config.db_pool_size = 1;
-        config.db_acquire_timeout = Duration::from_millis(200);
+        config.db_acquire_timeout = acquire_timeout;
     })
-    .await;
-    let writer = unique_user("http-sat-w");
-    let other = unique_user("http-sat-r");
+    .await
+}
 
+/// Makes a push of `writer` take the pool's only connection and wait on the user's lock, which the returned
+/// client holds (until it commits); answers that client and the push's task.
+async fn take_the_only_connection(
+    server: &TestServer,
+    writer: &str,
+) -> (tokio_postgres::Client, tokio::task::JoinHandle<Reply>) {
     // Hold the writer's advisory lock exactly as a push does, from outside the server.
     let holder = support::superuser().await;
     holder.batch_execute("BEGIN").await.unwrap();
@@ -565,7 +571,7 @@ async fn saturated_pool_is_503_and_nothing_queues_forever() {
 
     // A push of that user takes the pool's only connection and waits on the lock.
     let url = server.url("/sync/todo");
-    let auth = bearer(&writer);
+    let auth = bearer(writer);
     let body = one_insert().to_string().into_bytes();
     let blocked = tokio::spawn(async move {
         request(
@@ -609,6 +615,48 @@ async fn saturated_pool_is_503_and_nothing_queues_forever() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(server.app.store.pool_status().in_use, 1);
+    (holder, blocked)
+}
+
+/// A request that gives up while it waits for a connection stops counting as waiting (a gauge that counted
+/// before an `.await` stayed high when its request was cancelled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cancelled_while_waiting_for_a_connection_stops_counting() {
+    let server = one_connection_server(Duration::from_secs(60)).await;
+    let writer = unique_user("pool-cancel-w");
+    let (holder, blocked) = take_the_only_connection(&server, &writer).await;
+    let store = server.app.clone();
+    let waiter = tokio::spawn(async move { store.store.ping().await });
+    wait_until(
+        "the ping waits for a connection",
+        Duration::from_secs(30),
+        || async { server.app.store.pool_status().waiting == 1 },
+    )
+    .await;
+    waiter.abort();
+    assert!(waiter.await.unwrap_err().is_cancelled());
+    assert_eq!(server.app.store.pool_status().waiting, 0);
+
+    holder.batch_execute("COMMIT").await.unwrap();
+    let reply = blocked.await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    server
+        .app
+        .store
+        .ping()
+        .await
+        .expect("the pool serves again");
+    let pool = server.app.store.pool_status();
+    assert_eq!((pool.in_use, pool.waiting), (0, 0), "{pool:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturated_pool_is_503_and_nothing_queues_forever() {
+    let server = one_connection_server(Duration::from_millis(200)).await;
+    let writer = unique_user("http-sat-w");
+    let other = unique_user("http-sat-r");
+    let (holder, blocked) = take_the_only_connection(&server, &writer).await;
 
     // Another user's request finds no free connection within the acquire timeout.
     let reply = server

@@ -21,8 +21,8 @@ use hyper_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use hyper_tungstenite::tungstenite::{Error as ReadError, Message, Utf8Bytes};
 use hyper_tungstenite::{HyperWebsocket, WebSocketStream};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::hub::{Evicted, Hint, Interest, Kind, RegisterError, Registration};
 use super::{ConnectionSlot, Context, Refusal};
@@ -157,29 +157,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// The three phases: authentication within the deadline, registration, forwarding. Ends only with the
     /// way the session closes.
     async fn serve(&mut self) -> Result<Infallible, Close> {
-        let mut shutdown = self.context.shutdown();
-        if *shutdown.borrow() {
-            return Err(GOING_AWAY);
-        }
-        let (claims, client_id) = self.auth(&mut shutdown).await?;
+        let shutdown = self.context.shutdown().clone();
+        let (claims, client_id) = self.auth(&shutdown).await?;
         let mut live = self.register(&claims, client_id).await?;
         loop {
             tokio::select! {
                 hints = live.registration.subscriber.next_hints() => self.on_hints(&live, hints).await?,
                 incoming = self.stream.next() => self.on_incoming(&mut live, incoming).await?,
                 () = tokio::time::sleep_until(live.expires) => return Err(TOKEN_EXPIRED),
-                _ = shutdown.changed() => return Err(GOING_AWAY),
+                () = shutdown.cancelled() => return Err(GOING_AWAY),
             }
         }
     }
 
     /// Phase 1: waits for the `auth` message until the deadline; anything else first closes the socket.
-    async fn auth(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<Authenticated, Close> {
+    async fn auth(&mut self, shutdown: &CancellationToken) -> Result<Authenticated, Close> {
         let deadline = Instant::now() + self.context.config().ws_auth_timeout;
         loop {
             let incoming = tokio::select! {
                 incoming = tokio::time::timeout_at(deadline, self.stream.next()) => incoming,
-                _ = shutdown.changed() => return Err(GOING_AWAY),
+                () = shutdown.cancelled() => return Err(GOING_AWAY),
             };
             let Ok(incoming) = incoming else {
                 let message = "authentication timeout: send {\"type\":\"auth\",\"token\":…} first";

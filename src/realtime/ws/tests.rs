@@ -10,8 +10,9 @@ use hyper_tungstenite::tungstenite::protocol::Role;
 use hyper_tungstenite::tungstenite::Message;
 use hyper_tungstenite::WebSocketStream;
 use tokio::io::DuplexStream;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::serve_socket;
 use crate::auth::{devkeys, AuthConfig, Authenticator};
@@ -27,7 +28,7 @@ struct Fake {
     auth: Authenticator,
     hub: Arc<Hub>,
     metrics: Metrics,
-    shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
     unauthenticated: Arc<Semaphore>,
     tasks: tokio_util::task::TaskTracker,
 }
@@ -51,8 +52,8 @@ impl Context for Fake {
     fn instance_id(&self) -> &str {
         "test"
     }
-    fn shutdown(&self) -> watch::Receiver<bool> {
-        self.shutdown.clone()
+    fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
     }
     fn unauthenticated_sockets(&self) -> &Arc<Semaphore> {
         &self.unauthenticated
@@ -63,21 +64,35 @@ impl Context for Fake {
 }
 
 /// A session with `config` on its own task; the client's end of its socket, and the shutdown switch.
-async fn start(config: Config) -> (WebSocketStream<DuplexStream>, watch::Sender<bool>) {
+async fn start(config: Config) -> (WebSocketStream<DuplexStream>, CancellationToken) {
     start_with(config, Authenticator::new(AuthConfig::default())).await
 }
 
 async fn start_with(
     config: Config,
     auth: Authenticator,
-) -> (WebSocketStream<DuplexStream>, watch::Sender<bool>) {
-    let (shutdown_tx, shutdown) = watch::channel(false);
+) -> (WebSocketStream<DuplexStream>, CancellationToken) {
+    start_session(config, auth, CancellationToken::new()).await
+}
+
+async fn start_with_shutdown(
+    config: Config,
+    shutdown: CancellationToken,
+) -> (WebSocketStream<DuplexStream>, CancellationToken) {
+    start_session(config, Authenticator::new(AuthConfig::default()), shutdown).await
+}
+
+async fn start_session(
+    config: Config,
+    auth: Authenticator,
+    shutdown: CancellationToken,
+) -> (WebSocketStream<DuplexStream>, CancellationToken) {
     let context = Arc::new(Fake {
         config,
         auth,
         hub: Arc::new(Hub::new(64, 10)),
         metrics: Metrics::default(),
-        shutdown,
+        shutdown: shutdown.clone(),
         unauthenticated: Arc::new(Semaphore::new(1)),
         tasks: tokio_util::task::TaskTracker::new(),
     });
@@ -87,7 +102,7 @@ async fn start_with(
         serve_socket(context, socket, Interest::Apps(None), None).await
     });
     let client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
-    (client, shutdown_tx)
+    (client, shutdown)
 }
 
 /// The next frame the client reads: an error message's text, or a Close frame's code and reason.
@@ -132,11 +147,30 @@ async fn the_default_auth_deadline_is_ten_seconds() {
 async fn shutting_down_closes_an_unauthenticated_socket_with_going_away() {
     let (mut client, shutdown) = start(Config::defaults()).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    shutdown.send(true).unwrap();
+    shutdown.cancel();
     assert_closed(
         next(&mut client).await,
         CloseCode::Away,
         "server shutting down",
+    );
+}
+
+/// A socket whose session starts after shutdown began (upgraded just before) closes at once too: it does
+/// not wait for a change it missed.
+#[tokio::test(start_paused = true)]
+async fn a_socket_upgraded_as_shutdown_begins_closes_with_going_away() {
+    let shutdown = CancellationToken::new();
+    shutdown.cancel();
+    let started = Instant::now();
+    let (mut client, _) = start_with_shutdown(Config::defaults(), shutdown).await;
+    assert_closed(
+        next(&mut client).await,
+        CloseCode::Away,
+        "server shutting down",
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "not at the auth deadline"
     );
 }
 
@@ -170,13 +204,13 @@ async fn keys_and_token(name: &str, user: &str, ttl: Duration) -> (Authenticator
     (auth, token)
 }
 
-/// Starts a session and authenticates it with `token`; `auth-ok` has been read. The shutdown switch must be
-/// kept: dropping it reads as shutting down.
+/// Starts a session and authenticates it with `token`; `auth-ok` has been read. Also answers the shutdown
+/// switch.
 async fn authenticated(
     config: Config,
     auth: Authenticator,
     token: &str,
-) -> (WebSocketStream<DuplexStream>, watch::Sender<bool>) {
+) -> (WebSocketStream<DuplexStream>, CancellationToken) {
     let (mut client, shutdown) = start_with(config, auth).await;
     let auth_message = serde_json::json!({"type": "auth", "token": token}).to_string();
     client.send(Message::text(auth_message)).await.unwrap();

@@ -334,7 +334,7 @@ async fn group_tx(
     let lock = connection.prepare(LOCK_GROUP).await?;
     let load = connection.prepare(CLOCKS_AND_RECORDS).await?;
     let write = connection.prepare(WRITE_GROUP).await?;
-    let client = &connection.client;
+    let client = connection.client();
     let users_literal = array_literal(&users);
     let lock_params: [&(dyn ToSql + Sync); 2] = [&users_literal, &users];
     let load_params: [&(dyn ToSql + Sync); 5] =
