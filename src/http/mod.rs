@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
+use crate::metrics::RouteLabel;
 use crate::protocol::ErrorCode;
 use crate::realtime::{sse, Interest};
 use crate::state::Shared;
@@ -67,7 +68,13 @@ pub async fn handle(
         .metrics
         .request(route, response.status().as_u16(), elapsed);
     if crate::log::enabled(crate::log::Level::Debug) {
-        log_request(&request_id, &method, route, response.status(), elapsed);
+        log_request(
+            &request_id,
+            &method,
+            route.as_str(),
+            response.status(),
+            elapsed,
+        );
     }
     Ok(response)
 }
@@ -78,12 +85,12 @@ static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
 /// Dispatches the request while holding one of the request permits, or refuses it as overloaded.
 async fn dispatch_with_permit(
     shared: &Arc<Shared>,
-    route: &str,
+    route: RouteLabel,
     routing: Routing,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     // Health and metrics stay answerable when the server is saturated: that is when they matter.
-    let exempt = matches!(route, "health" | "metrics");
+    let exempt = matches!(route, RouteLabel::Health | RouteLabel::Metrics);
     let permit = if exempt {
         None
     } else {

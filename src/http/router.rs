@@ -2,6 +2,7 @@
 
 use hyper::Method;
 
+use crate::metrics::RouteLabel;
 use crate::protocol::is_identifier;
 
 /// Every endpoint of SPEC §1.
@@ -51,18 +52,20 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
 ];
 
 /// A short, bounded name for metrics and logs.
-pub fn label(routing: &Routing) -> &'static str {
+pub fn label(routing: &Routing) -> RouteLabel {
     match routing {
-        Routing::Found(Route::Push { .. }) => "push",
-        Routing::Found(Route::Pull { .. }) => "pull",
-        Routing::Found(Route::AppStream { .. }) => "stream",
-        Routing::Found(Route::UnifiedStream) => "unified_stream",
-        Routing::Found(Route::UnifiedSocket) => "ws",
-        Routing::Found(Route::AppSocket { .. }) => "ws_app",
-        Routing::Found(Route::Health) => "health",
-        Routing::Found(Route::Metrics) => "metrics",
-        Routing::Preflight { .. } => "preflight",
-        _ => "other",
+        Routing::Found(Route::Push { .. }) => RouteLabel::Push,
+        Routing::Found(Route::Pull { .. }) => RouteLabel::Pull,
+        Routing::Found(Route::AppStream { .. }) => RouteLabel::Stream,
+        Routing::Found(Route::UnifiedStream) => RouteLabel::UnifiedStream,
+        Routing::Found(Route::UnifiedSocket) => RouteLabel::Ws,
+        Routing::Found(Route::AppSocket { .. }) => RouteLabel::WsApp,
+        Routing::Found(Route::Health) => RouteLabel::Health,
+        Routing::Found(Route::Metrics) => RouteLabel::Metrics,
+        Routing::Preflight { .. } => RouteLabel::Preflight,
+        Routing::NotFound | Routing::InvalidAppId | Routing::MethodNotAllowed { .. } => {
+            RouteLabel::Other
+        }
     }
 }
 

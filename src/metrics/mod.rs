@@ -111,10 +111,9 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Records one request under `route`, one of `ROUTES` (what `http`'s router labels requests with; any
-    /// other label counts as "other"), and `status` (100 to 999, as HTTP status codes are).
-    pub fn request(&self, route: &'static str, status: u16, elapsed: Duration) {
-        let row = route_index(route);
+    /// Records one request under `route` and `status` (100 to 999, as HTTP status codes are).
+    pub fn request(&self, route: RouteLabel, status: u16, elapsed: Duration) {
+        let row = route as usize;
         let column = usize::from(status.clamp(FIRST_STATUS, LAST_STATUS) - FIRST_STATUS);
         self.requests[row * STATUSES + column].fetch_add(1, Ordering::Relaxed);
         self.durations[row].observe(elapsed.as_secs_f64());
@@ -125,7 +124,7 @@ impl Metrics {
         self.requests.iter().enumerate().filter_map(|(i, count)| {
             let count = count.load(Ordering::Relaxed);
             let status = FIRST_STATUS + (i % STATUSES) as u16;
-            (count > 0).then(|| (ROUTES[i / STATUSES], status, count))
+            (count > 0).then(|| (ROUTES[i / STATUSES].as_str(), status, count))
         })
     }
 
@@ -133,35 +132,61 @@ impl Metrics {
     fn route_durations(&self) -> impl Iterator<Item = (&'static str, &Histogram)> + '_ {
         let seen =
             |(_, histogram): &(&str, &Histogram)| histogram.count.load(Ordering::Relaxed) > 0;
-        ROUTES.iter().copied().zip(&self.durations).filter(seen)
+        let labels = ROUTES.iter().map(|route| route.as_str());
+        labels.zip(&self.durations).filter(seen)
     }
 }
 
-/// The route labels requests are recorded under, sorted by name: the order `/metrics` lists them in.
-const ROUTES: [&str; 10] = [
-    "health",
-    "metrics",
-    "other",
-    "preflight",
-    "pull",
-    "push",
-    "stream",
-    "unified_stream",
-    "ws",
-    "ws_app",
+/// The label a request is recorded under (`http`'s router gives each request one). The discriminant indexes
+/// the counters; the variants are in the order of their labels, which is the order `/metrics` lists them in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteLabel {
+    Health,
+    Metrics,
+    /// Anything that is not one of the routes (404, 405, a bad app id).
+    Other,
+    Preflight,
+    Pull,
+    Push,
+    Stream,
+    UnifiedStream,
+    Ws,
+    WsApp,
+}
+
+impl RouteLabel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteLabel::Health => "health",
+            RouteLabel::Metrics => "metrics",
+            RouteLabel::Other => "other",
+            RouteLabel::Preflight => "preflight",
+            RouteLabel::Pull => "pull",
+            RouteLabel::Push => "push",
+            RouteLabel::Stream => "stream",
+            RouteLabel::UnifiedStream => "unified_stream",
+            RouteLabel::Ws => "ws",
+            RouteLabel::WsApp => "ws_app",
+        }
+    }
+}
+
+/// Every label, in discriminant order (a new variant goes here too; `metrics::tests` checks the order).
+const ROUTES: [RouteLabel; 10] = [
+    RouteLabel::Health,
+    RouteLabel::Metrics,
+    RouteLabel::Other,
+    RouteLabel::Preflight,
+    RouteLabel::Pull,
+    RouteLabel::Push,
+    RouteLabel::Stream,
+    RouteLabel::UnifiedStream,
+    RouteLabel::Ws,
+    RouteLabel::WsApp,
 ];
 const FIRST_STATUS: u16 = 100;
 const LAST_STATUS: u16 = 999;
 const STATUSES: usize = (LAST_STATUS - FIRST_STATUS + 1) as usize;
-
-fn route_index(route: &str) -> usize {
-    let known = ROUTES.iter().position(|known| *known == route);
-    debug_assert!(
-        known.is_some(),
-        "a route label metrics does not know: {route}"
-    );
-    known.unwrap_or_else(|| route_index("other"))
-}
 
 /// What `/metrics` shows besides the counters of `Metrics`: read from the rest of the server by whoever
 /// renders (`Shared::metrics_snapshot`), so that this module names none of it.

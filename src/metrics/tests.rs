@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{render, Metrics, Snapshot};
+use super::{render, Metrics, RouteLabel, Snapshot, ROUTES};
 
 /// Every field different, so that a value written under the wrong name shows.
 fn fixed_snapshot() -> Snapshot {
@@ -38,10 +38,10 @@ fn fixed_snapshot() -> Snapshot {
 
 fn fixed_metrics() -> Metrics {
     let metrics = Metrics::default();
-    metrics.request("push", 200, Duration::from_millis(3));
-    metrics.request("push", 200, Duration::from_millis(30));
-    metrics.request("push", 400, Duration::from_micros(200));
-    metrics.request("pull", 200, Duration::from_secs(20));
+    metrics.request(RouteLabel::Push, 200, Duration::from_millis(3));
+    metrics.request(RouteLabel::Push, 200, Duration::from_millis(30));
+    metrics.request(RouteLabel::Push, 400, Duration::from_micros(200));
+    metrics.request(RouteLabel::Pull, 200, Duration::from_secs(20));
     metrics.changes_pushed.store(36, Ordering::Relaxed);
     metrics.changes_pulled.store(37, Ordering::Relaxed);
     metrics.conflicts.store(38, Ordering::Relaxed);
@@ -77,7 +77,7 @@ fn requests_recorded_from_many_threads_are_all_counted() {
         for _ in 0..4 {
             scope.spawn(|| {
                 for _ in 0..1000 {
-                    metrics.request("ws", 101, Duration::from_millis(1));
+                    metrics.request(RouteLabel::Ws, 101, Duration::from_millis(1));
                 }
             });
         }
@@ -89,4 +89,16 @@ fn requests_recorded_from_many_threads_are_all_counted() {
         !rendered.contains("route=\"push\""),
         "routes without requests are not listed"
     );
+}
+
+#[test]
+fn every_route_label_indexes_its_own_row_and_the_rows_are_in_label_order() {
+    for (row, route) in ROUTES.iter().enumerate() {
+        assert_eq!(*route as usize, row, "{route:?}");
+    }
+    let labels: Vec<&str> = ROUTES.iter().map(|route| route.as_str()).collect();
+    let mut sorted = labels.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(labels, sorted, "sorted by label, each once");
 }
