@@ -63,8 +63,7 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Serves until `shutdown` resolves, then stops accepting and drains in-flight requests for at most the
-/// configured shutdown timeout.
+/// The accept loop: serves until `shutdown` resolves, then stops accepting and drains (`drain`).
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
     let permits = Arc::new(Semaphore::new(shared.config.max_connections));
     let builder = Arc::new(connection_builder(&shared.config));
@@ -106,6 +105,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
     }
 
     drop(listener);
+    drain(&shared).await;
+}
+
+/// Tells every connection, socket, stream and background task to end, waits for them up to the shutdown
+/// timeout, then closes the pool.
+async fn drain(shared: &Shared) {
     log::info(
         "shutting down: draining connections",
         &[("open", shared.open_connections().into())],
