@@ -39,7 +39,8 @@ struct Resource {
 }
 
 /// Every endpoint as (method, path template); `openapi.yaml` documents exactly these (a test checks).
-pub const ENDPOINTS: &[(&str, &str)] = &[
+#[cfg(test)]
+const ENDPOINTS: &[(&str, &str)] = &[
     ("POST", "/sync/{appId}"),
     ("GET", "/sync/{appId}/pull"),
     ("GET", "/sync/{appId}/stream"),
@@ -51,7 +52,7 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
 ];
 
 /// A short, bounded name for metrics and logs.
-pub fn label(routing: &Routing) -> &'static str {
+pub(crate) fn label(routing: &Routing) -> &'static str {
     match routing {
         Routing::Found(Route::Push { .. }) => "push",
         Routing::Found(Route::Pull { .. }) => "pull",
