@@ -13,7 +13,7 @@
 mod cache;
 pub mod devkeys;
 pub mod jwks;
-pub mod jwt;
+pub(crate) mod jwt;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -27,7 +27,7 @@ use crate::clock::unix_now;
 use crate::protocol::ErrorCode;
 
 pub use devkeys::sign_raw;
-pub use jwt::{decode_header, verify_token, Header, KeySet, Rules};
+pub use jwt::{decode_header, verify_token, KeySet, Rules};
 
 use cache::VerifiedCache;
 
@@ -36,9 +36,9 @@ use cache::VerifiedCache;
 pub struct Claims {
     pub sub: String,
     pub exp: i64,
-    pub email: Option<String>,
-    pub role: Option<String>,
-    pub sid: Option<String>,
+    pub(crate) email: Option<String>,
+    pub(crate) role: Option<String>,
+    pub(crate) sid: Option<String>,
 }
 
 /// Why a request was not authenticated. Each variant maps to a stable
@@ -59,7 +59,7 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    pub fn code(&self) -> ErrorCode {
+    pub(crate) fn code(&self) -> ErrorCode {
         match self {
             AuthError::MissingToken => ErrorCode::MissingToken,
             AuthError::Malformed(_) => ErrorCode::MalformedToken,
@@ -103,7 +103,7 @@ impl fmt::Display for AuthError {
 impl std::error::Error for AuthError {}
 
 /// Extracts the token from an `Authorization` header value.
-pub fn bearer_token(authorization_header: Option<&str>) -> Result<&str, AuthError> {
+pub(crate) fn bearer_token(authorization_header: Option<&str>) -> Result<&str, AuthError> {
     let value = authorization_header
         .map(str::trim)
         .filter(|v| !v.is_empty())
@@ -126,26 +126,26 @@ pub fn bearer_token(authorization_header: Option<&str>) -> Result<&str, AuthErro
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
     /// `http://` or `https://` JWKS endpoint of Better Auth (fetched with ureq).
-    pub jwks_url: Option<String>,
+    pub(crate) jwks_url: Option<String>,
     /// Local JWKS file for development; combined with the URL if both set.
-    pub jwks_file: Option<PathBuf>,
+    pub(crate) jwks_file: Option<PathBuf>,
     /// Required `iss`; `None` = not checked.
-    pub issuer: Option<String>,
+    pub(crate) issuer: Option<String>,
     /// Audience that `aud` must contain; `None` = not checked.
-    pub audience: Option<String>,
+    pub(crate) audience: Option<String>,
     /// Clock-skew tolerance for `exp`/`nbf`.
-    pub leeway: Duration,
+    pub(crate) leeway: Duration,
     /// Period of the background refresh.
-    pub refresh_interval: Duration,
+    pub(crate) refresh_interval: Duration,
     /// Minimum time between refreshes triggered by unknown `kid`s.
     pub min_refresh_gap: Duration,
     /// Upper bound on one JWKS fetch.
-    pub fetch_timeout: Duration,
+    pub(crate) fetch_timeout: Duration,
     /// Successfully verified tokens remembered so that a repeated token
     /// skips the signature check (0 disables); see `cache` for the rules.
-    pub verified_cache_size: usize,
+    pub(crate) verified_cache_size: usize,
     /// Roots for an `https://` JWKS URL.
-    pub tls: crate::client_tls::OutboundTls,
+    pub(crate) tls: crate::client_tls::OutboundTls,
 }
 
 impl Default for AuthConfig {
@@ -203,7 +203,7 @@ impl fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(config: AuthConfig) -> Self {
+    pub(crate) fn new(config: AuthConfig) -> Self {
         let verified = VerifiedCache::new(config.verified_cache_size, leeway_secs(&config));
         Authenticator {
             inner: Arc::new(Inner {
@@ -236,18 +236,20 @@ impl Authenticator {
     /// `(hits, misses)` of the verified-token cache since creation. A hit
     /// skipped the signature check; a miss went on to a full verification.
     /// Both stay 0 when the cache is disabled.
-    pub fn verified_cache_stats(&self) -> (u64, u64) {
+    pub(crate) fn verified_cache_stats(&self) -> (u64, u64) {
         self.inner.verified.stats()
     }
 
     /// Tokens currently in the verified-token cache.
-    pub fn verified_cache_len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn verified_cache_len(&self) -> usize {
         self.inner.verified.len()
     }
 
-    /// The error of the latest refresh, cleared by the next success; for
-    /// health endpoints and logs.
-    pub fn last_refresh_error(&self) -> Option<String> {
+    /// The error of the latest refresh, cleared by the next success (only
+    /// the tests read it).
+    #[cfg(test)]
+    pub(crate) fn last_refresh_error(&self) -> Option<String> {
         self.inner.last_error.lock().clone()
     }
 
@@ -338,7 +340,7 @@ impl Authenticator {
     /// Starts the periodic refresh (first run immediately). The task holds
     /// only a weak reference and ends once every `Authenticator` clone is
     /// dropped; failures are recorded in the stats, never fatal.
-    pub fn spawn_refresher(&self) -> tokio::task::JoinHandle<()> {
+    pub(crate) fn spawn_refresher(&self) -> tokio::task::JoinHandle<()> {
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         // A zero interval would spin; one second is far below any sane value.
         let interval = self
@@ -412,7 +414,7 @@ impl Authenticator {
     /// it may trigger one refresh and a retry — but at most once per
     /// `min_refresh_gap`, and concurrent misses share that refresh, so
     /// tokens with made-up `kid`s cannot be used to hammer the endpoint.
-    pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+    pub(crate) async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         if let Some(claims) = self.remembered(token) {
             return Ok(claims);
         }
