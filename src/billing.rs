@@ -24,24 +24,24 @@ pub enum Verdict {
 }
 
 #[derive(Debug, Clone)]
-pub struct BillingConfig {
-    pub url: String,
-    pub service_key: Option<String>,
-    pub cache_ttl: Duration,
-    pub timeout: Duration,
-    pub max_cached_users: usize,
+pub(crate) struct BillingConfig {
+    pub(crate) url: String,
+    pub(crate) service_key: Option<String>,
+    pub(crate) cache_ttl: Duration,
+    pub(crate) timeout: Duration,
+    pub(crate) max_cached_users: usize,
     /// Roots for an `https://` URL.
-    pub tls: crate::client_tls::OutboundTls,
+    pub(crate) tls: crate::client_tls::OutboundTls,
 }
 
 /// Counters by outcome, for /metrics.
 #[derive(Debug, Default)]
 pub struct BillingStats {
-    pub active: AtomicU64,
+    pub(crate) active: AtomicU64,
     pub inactive: AtomicU64,
     pub failed_open: AtomicU64,
-    pub cache_hits: AtomicU64,
-    pub requests: AtomicU64,
+    pub(crate) cache_hits: AtomicU64,
+    pub(crate) requests: AtomicU64,
 }
 
 pub struct Billing {
@@ -58,7 +58,7 @@ pub struct Billing {
 const FAILED_OPEN_TTL: Duration = Duration::from_secs(10);
 
 impl Billing {
-    pub fn new(config: BillingConfig) -> Billing {
+    pub(crate) fn new(config: BillingConfig) -> Billing {
         let agent = ureq::Agent::new_with_config(
             ureq::Agent::config_builder()
                 .timeout_global(Some(config.timeout))

@@ -16,16 +16,16 @@ pub struct Config {
     pub database_url: Option<String>,
     pub data_dir: PathBuf,
     /// The directories of `PATH`: where the embedded PostgreSQL's binaries are also looked for.
-    pub search_path: Vec<PathBuf>,
+    pub(crate) search_path: Vec<PathBuf>,
     /// The working directory at start (`from_env`), which a relative `data_dir` of the embedded
     /// PostgreSQL is resolved against; `None` without a process environment (`from_lookup`).
-    pub working_dir: Option<PathBuf>,
+    pub(crate) working_dir: Option<PathBuf>,
     pub jwks_url: Option<String>,
     pub jwks_file: Option<PathBuf>,
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
     /// Verified tokens remembered so a repeated token skips the signature check; 0 disables the cache.
-    pub auth_cache_size: usize,
+    pub(crate) auth_cache_size: usize,
     pub cors_origins: Vec<String>,
     pub mana_credits_url: Option<String>,
     pub mana_service_key: Option<String>,
@@ -35,8 +35,8 @@ pub struct Config {
     /// Bytes of large request bodies being read or worked on at once (`http::body_budget`); a user gets the
     /// larger of one maximal body and a quarter of it.
     pub max_inflight_body_bytes: usize,
-    pub pull_page_size: usize,
-    pub pull_max_page_size: usize,
+    pub(crate) pull_page_size: usize,
+    pub(crate) pull_max_page_size: usize,
     pub db_pool_size: usize,
     /// Pool connections one user may hold at once.
     pub db_max_per_user: usize,
@@ -61,15 +61,15 @@ pub struct Config {
     pub ws_max_unauthenticated: usize,
     /// Added to a token's expiry before its socket is closed (at most 60 s per the contract).
     pub ws_token_leeway: Duration,
-    pub ws_messages_per_second: u32,
+    pub(crate) ws_messages_per_second: u32,
     /// Hints waiting per connection before it counts as a slow consumer.
-    pub notify_queue_capacity: usize,
+    pub(crate) notify_queue_capacity: usize,
     /// A socket or stream write that takes longer closes the connection as a slow consumer.
     pub write_timeout: Duration,
     pub sse_heartbeat: Duration,
     /// Log rows older than this are pruned (clients behind it get a snapshot); `None`: keep everything.
     pub log_retention: Option<Duration>,
-    pub compaction_interval: Duration,
+    pub(crate) compaction_interval: Duration,
     pub billing_cache_ttl: Duration,
     pub billing_timeout: Duration,
     pub billing_cache_max_users: usize,
@@ -86,7 +86,7 @@ pub struct Config {
     /// A log page (pull, push response, stream event) holds about this many bytes at most (one row at least).
     pub page_max_bytes: usize,
     /// Users whose newest stamp is kept in memory to answer "nothing new" (0: never answer from memory).
-    pub known_stamps_max_users: usize,
+    pub(crate) known_stamps_max_users: usize,
     /// Serve HTTPS (and WSS) with this certificate and key; `None`: plain HTTP (`server_tls`).
     pub tls: Option<TlsFiles>,
     /// How often the certificate and key files are checked for changes (SIGHUP also reloads them).
@@ -106,7 +106,7 @@ pub struct TlsFiles {
 
 /// A configuration value that cannot be used; the message names the variable.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError(pub String);
+pub struct ConfigError(pub(crate) String);
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -116,7 +116,7 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-pub const DEFAULT_JWKS_URL: &str = "http://localhost:3001/api/auth/jwks";
+pub(crate) const DEFAULT_JWKS_URL: &str = "http://localhost:3001/api/auth/jwks";
 
 impl Config {
     /// Reads the process environment.
@@ -127,7 +127,9 @@ impl Config {
     }
 
     /// Reads configuration through `lookup`, so tests can supply variables without touching the process.
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    pub(crate) fn from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let get = |name: &str| lookup(name).map(|v| v.trim().to_owned());
         let set = |name: &str| get(name).filter(|v| !v.is_empty());
 

@@ -43,12 +43,12 @@ pub fn set_level(level: Level) {
     MAX_LEVEL.store(level as u8, Ordering::Relaxed);
 }
 
-pub fn enabled(level: Level) -> bool {
+pub(crate) fn enabled(level: Level) -> bool {
     level as u8 <= MAX_LEVEL.load(Ordering::Relaxed)
 }
 
 /// Writes one log line: `{"ts":…,"level":…,"msg":…, …fields}`.
-pub fn event(level: Level, message: &str, fields: &[(&str, serde_json::Value)]) {
+pub(crate) fn event(level: Level, message: &str, fields: &[(&str, serde_json::Value)]) {
     if !enabled(level) {
         return;
     }
@@ -72,7 +72,7 @@ pub fn info(message: &str, fields: &[(&str, serde_json::Value)]) {
     event(Level::Info, message, fields)
 }
 
-pub fn warn(message: &str, fields: &[(&str, serde_json::Value)]) {
+pub(crate) fn warn(message: &str, fields: &[(&str, serde_json::Value)]) {
     event(Level::Warn, message, fields)
 }
 
@@ -80,6 +80,6 @@ pub fn error(message: &str, fields: &[(&str, serde_json::Value)]) {
     event(Level::Error, message, fields)
 }
 
-pub fn debug(message: &str, fields: &[(&str, serde_json::Value)]) {
+pub(crate) fn debug(message: &str, fields: &[(&str, serde_json::Value)]) {
     event(Level::Debug, message, fields)
 }

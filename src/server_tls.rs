@@ -29,7 +29,7 @@ use crate::log;
 
 /// Why a certificate could not be loaded; the message names the variable whose file is at fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsError(pub String);
+pub struct TlsError(pub(crate) String);
 
 impl std::fmt::Display for TlsError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -78,13 +78,13 @@ impl ServerTls {
         })
     }
 
-    pub fn acceptor(&self) -> &TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> &TlsAcceptor {
         &self.acceptor
     }
 
     /// Reads the files again and, if they hold a usable certificate and key, serves them from the next
     /// handshake on. On failure the certificate in use stays.
-    pub fn reload(&self) -> Result<(), TlsError> {
+    pub(crate) fn reload(&self) -> Result<(), TlsError> {
         *self.seen.lock() = Some(stamps(&self.files));
         let key = load_certified_key(&self.files, &self.provider)?;
         *self.resolver.current.write() = Arc::new(key);
@@ -92,7 +92,7 @@ impl ServerTls {
     }
 
     /// Reloads if either file changed since it was last read; logs the outcome. Returns whether it tried.
-    pub fn reload_if_changed(&self) -> bool {
+    pub(crate) fn reload_if_changed(&self) -> bool {
         let now = stamps(&self.files);
         if self.seen.lock().as_ref() == Some(&now) {
             return false;
@@ -113,7 +113,7 @@ impl ServerTls {
 
     /// Checks the files every `interval` and reloads on SIGHUP, until `shutdown` is cancelled (a task for
     /// the server's tracker).
-    pub fn reloader(
+    pub(crate) fn reloader(
         self: &Arc<Self>,
         interval: std::time::Duration,
         shutdown: CancellationToken,
@@ -155,7 +155,7 @@ async fn recv_hangup(hangup: &mut Option<tokio::signal::unix::Signal>) -> Option
 
 /// Hands rustls the certificate of the moment. A read-write lock rather than a mutex: every handshake
 /// reads it, a reload (rare) writes it; nothing awaits while holding it.
-pub struct CertResolver {
+pub(crate) struct CertResolver {
     current: RwLock<Arc<CertifiedKey>>,
 }
 
@@ -181,7 +181,7 @@ fn stamps(files: &TlsFiles) -> Stamps {
 
 /// Reads a PEM certificate chain (leaf first) and a PEM private key (PKCS#8, PKCS#1 or SEC1) and checks
 /// that they belong together.
-pub fn load_certified_key(
+pub(crate) fn load_certified_key(
     files: &TlsFiles,
     provider: &CryptoProvider,
 ) -> Result<CertifiedKey, TlsError> {

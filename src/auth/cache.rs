@@ -43,7 +43,7 @@ use super::jwt::{check_time_window, Verified};
 use super::Claims;
 
 /// Number of independently locked shards (fewer if the capacity is smaller).
-pub const SHARDS: usize = 16;
+pub(crate) const SHARDS: usize = 16;
 
 struct Entry {
     token: Box<str>,
@@ -210,6 +210,7 @@ impl VerifiedCache {
     }
 
     /// Entries currently held.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.shards.iter().map(|s| s.map.read().len()).sum()
     }

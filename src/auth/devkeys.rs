@@ -18,7 +18,7 @@ use ed25519_dalek::{Signer as _, SigningKey};
 use serde_json::{json, Value};
 
 pub const SIGNING_KEY_FILE: &str = "dev-signing-key.json";
-pub const JWKS_FILE: &str = "dev-jwks.json";
+pub(crate) const JWKS_FILE: &str = "dev-jwks.json";
 
 fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
     let mut buf = [0u8; N];
@@ -27,7 +27,7 @@ fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
 }
 
 /// A fresh Ed25519 key from the OS CSPRNG.
-pub fn generate_signing_key() -> io::Result<SigningKey> {
+pub(crate) fn generate_signing_key() -> io::Result<SigningKey> {
     Ok(SigningKey::from_bytes(&random_bytes::<32>()?))
 }
 

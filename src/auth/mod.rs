@@ -13,7 +13,7 @@
 mod cache;
 pub mod devkeys;
 pub mod jwks;
-pub mod jwt;
+pub(crate) mod jwt;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -28,7 +28,7 @@ use crate::clock::unix_now;
 use crate::protocol::ErrorCode;
 
 pub use devkeys::sign_raw;
-pub use jwt::{decode_header, verify_token, Header, KeySet, Rules};
+pub use jwt::{decode_header, verify_token, KeySet, Rules};
 
 use cache::VerifiedCache;
 
@@ -37,9 +37,9 @@ use cache::VerifiedCache;
 pub struct Claims {
     pub sub: String,
     pub exp: i64,
-    pub email: Option<String>,
-    pub role: Option<String>,
-    pub sid: Option<String>,
+    pub(crate) email: Option<String>,
+    pub(crate) role: Option<String>,
+    pub(crate) sid: Option<String>,
 }
 
 /// Why a request was not authenticated. Each variant maps to a stable
@@ -60,7 +60,7 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    pub fn code(&self) -> ErrorCode {
+    pub(crate) fn code(&self) -> ErrorCode {
         match self {
             AuthError::MissingToken => ErrorCode::MissingToken,
             AuthError::Malformed(_) => ErrorCode::MalformedToken,
@@ -104,7 +104,7 @@ impl fmt::Display for AuthError {
 impl std::error::Error for AuthError {}
 
 /// Extracts the token from an `Authorization` header value.
-pub fn bearer_token(authorization_header: Option<&str>) -> Result<&str, AuthError> {
+pub(crate) fn bearer_token(authorization_header: Option<&str>) -> Result<&str, AuthError> {
     let value = authorization_header
         .map(str::trim)
         .filter(|v| !v.is_empty())
@@ -127,26 +127,26 @@ pub fn bearer_token(authorization_header: Option<&str>) -> Result<&str, AuthErro
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
     /// `http://` or `https://` JWKS endpoint of Better Auth (fetched with ureq).
-    pub jwks_url: Option<String>,
+    pub(crate) jwks_url: Option<String>,
     /// Local JWKS file for development; combined with the URL if both set.
-    pub jwks_file: Option<PathBuf>,
+    pub(crate) jwks_file: Option<PathBuf>,
     /// Required `iss`; `None` = not checked.
-    pub issuer: Option<String>,
+    pub(crate) issuer: Option<String>,
     /// Audience that `aud` must contain; `None` = not checked.
-    pub audience: Option<String>,
+    pub(crate) audience: Option<String>,
     /// Clock-skew tolerance for `exp`/`nbf`.
-    pub leeway: Duration,
+    pub(crate) leeway: Duration,
     /// Period of the background refresh.
-    pub refresh_interval: Duration,
+    pub(crate) refresh_interval: Duration,
     /// Minimum time between refreshes triggered by unknown `kid`s.
     pub min_refresh_gap: Duration,
     /// Upper bound on one JWKS fetch.
-    pub fetch_timeout: Duration,
+    pub(crate) fetch_timeout: Duration,
     /// Successfully verified tokens remembered so that a repeated token
     /// skips the signature check (0 disables); see `cache` for the rules.
-    pub verified_cache_size: usize,
+    pub(crate) verified_cache_size: usize,
     /// Roots for an `https://` JWKS URL.
-    pub tls: crate::client_tls::OutboundTls,
+    pub(crate) tls: crate::client_tls::OutboundTls,
 }
 
 impl Default for AuthConfig {
@@ -204,7 +204,7 @@ impl fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(config: AuthConfig) -> Self {
+    pub(crate) fn new(config: AuthConfig) -> Self {
         let verified = VerifiedCache::new(config.verified_cache_size, leeway_secs(&config));
         Authenticator {
             inner: Arc::new(Inner {
@@ -237,18 +237,20 @@ impl Authenticator {
     /// `(hits, misses)` of the verified-token cache since creation. A hit
     /// skipped the signature check; a miss went on to a full verification.
     /// Both stay 0 when the cache is disabled.
-    pub fn verified_cache_stats(&self) -> (u64, u64) {
+    pub(crate) fn verified_cache_stats(&self) -> (u64, u64) {
         self.inner.verified.stats()
     }
 
     /// Tokens currently in the verified-token cache.
-    pub fn verified_cache_len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn verified_cache_len(&self) -> usize {
         self.inner.verified.len()
     }
 
-    /// The error of the latest refresh, cleared by the next success; for
-    /// health endpoints and logs.
-    pub fn last_refresh_error(&self) -> Option<String> {
+    /// The error of the latest refresh, cleared by the next success (only
+    /// the tests read it).
+    #[cfg(test)]
+    pub(crate) fn last_refresh_error(&self) -> Option<String> {
         self.inner.last_error.lock().clone()
     }
 
@@ -339,7 +341,7 @@ impl Authenticator {
     /// The periodic refresh (first run immediately), as a task for the server's tracker: it ends when
     /// `shutdown` is cancelled or once every `Authenticator` clone is dropped (it holds only a weak
     /// reference). Failures are recorded in the stats, never fatal.
-    pub fn refresher(
+    pub(crate) fn refresher(
         &self,
         shutdown: CancellationToken,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -422,7 +424,7 @@ impl Authenticator {
     /// it may trigger one refresh and a retry — but at most once per
     /// `min_refresh_gap`, and concurrent misses share that refresh, so
     /// tokens with made-up `kid`s cannot be used to hammer the endpoint.
-    pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+    pub(crate) async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         if let Some(claims) = self.remembered(token) {
             return Ok(claims);
         }

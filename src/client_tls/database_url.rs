@@ -10,7 +10,7 @@ use super::PgTls;
 
 /// libpq's `sslmode` values (`allow` is not offered: tokio-postgres cannot try plain text first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
+pub(crate) enum SslMode {
     /// No TLS.
     Disable,
     /// TLS if the server offers it (libpq's default). Not verified unless `sslrootcert` is given.
@@ -44,7 +44,7 @@ impl SslMode {
         })
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             SslMode::Disable => "disable",
             SslMode::Prefer => "prefer",
@@ -57,21 +57,21 @@ impl SslMode {
 
 /// `sslrootcert`: a file of CA certificates, or `system` (libpq 16): the built-in web roots.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RootCert {
+pub(crate) enum RootCert {
     File(PathBuf),
     System,
 }
 
 /// What a connection string says about TLS, as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SslSettings {
-    pub mode: Option<SslMode>,
-    pub root_cert: Option<RootCert>,
+pub(crate) struct SslSettings {
+    pub(crate) mode: Option<SslMode>,
+    pub(crate) root_cert: Option<RootCert>,
 }
 
 /// Takes `sslmode` and `sslrootcert` out of a connection string (URL or key=value form); returns the rest,
 /// for tokio-postgres, and what they said. Later occurrences win, as in libpq.
-pub fn split_ssl_settings(conn: &str) -> Result<(String, SslSettings), String> {
+pub(crate) fn split_ssl_settings(conn: &str) -> Result<(String, SslSettings), String> {
     let mut settings = SslSettings::default();
     let mut take = |key: &str, value: String| -> Result<bool, String> {
         match key {
@@ -219,7 +219,7 @@ pub struct DatabaseConfig {
 
 /// A connection string that cannot be used (bad syntax, bad `sslmode`, unreadable `sslrootcert`, …).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DatabaseUrlError(pub String);
+pub struct DatabaseUrlError(pub(crate) String);
 
 impl fmt::Display for DatabaseUrlError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

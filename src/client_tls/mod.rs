@@ -32,9 +32,10 @@ use tokio_postgres::Socket;
 mod database_url;
 mod verify;
 
-pub use database_url::{
-    split_ssl_settings, DatabaseConfig, DatabaseUrlError, RootCert, SslMode, SslSettings,
-};
+#[cfg(test)]
+use database_url::split_ssl_settings;
+pub use database_url::DatabaseConfig;
+pub(crate) use database_url::{RootCert, SslMode, SslSettings};
 
 /// The one crypto provider of this crate (ring; never aws-lc-rs, which needs cmake and a C toolchain).
 pub fn crypto_provider() -> Arc<CryptoProvider> {
@@ -42,7 +43,7 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 }
 
 /// Reads every PEM certificate in `path` and checks each can serve as a trust anchor.
-pub fn read_ca_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn read_ca_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certificates = CertificateDer::pem_file_iter(path)
         .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -105,10 +106,6 @@ impl OutboundTls {
     pub fn ureq(&self) -> ureq::tls::TlsConfig {
         self.tls.clone()
     }
-
-    pub fn ca_file(&self) -> Option<&Path> {
-        self.ca_file.as_deref()
-    }
 }
 
 impl Default for OutboundTls {
@@ -149,7 +146,7 @@ impl fmt::Debug for PgTls {
 
 impl PgTls {
     /// No TLS at all.
-    pub fn disabled() -> PgTls {
+    pub(crate) fn disabled() -> PgTls {
         PgTls {
             mode: SslMode::Disable,
             config: None,
@@ -157,7 +154,8 @@ impl PgTls {
     }
 
     /// The mode in effect.
-    pub fn mode(&self) -> SslMode {
+    #[cfg(test)]
+    pub(crate) fn mode(&self) -> SslMode {
         self.mode
     }
 
@@ -236,11 +234,11 @@ fn root_store(root_cert: Option<&RootCert>) -> Result<Option<Arc<RootCertStore>>
 /// the server's certificate) must change. I/O failures during the handshake are passed on as
 /// `std::io::Error` instead, which the store treats as "unavailable, retry later".
 #[derive(Debug)]
-pub struct TlsRefused(rustls::Error);
+pub(crate) struct TlsRefused(rustls::Error);
 
 impl TlsRefused {
     /// True when `error` (from connecting) is a TLS refusal.
-    pub fn is_cause_of(error: &tokio_postgres::Error) -> bool {
+    pub(crate) fn is_cause_of(error: &tokio_postgres::Error) -> bool {
         StdError::source(error).is_some_and(|source| source.is::<TlsRefused>())
     }
 }

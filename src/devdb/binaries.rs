@@ -45,7 +45,7 @@ fn debian_versioned_dirs() -> Vec<PathBuf> {
 ///
 /// An override that lacks the binaries is an error rather than a reason to
 /// fall back: the caller asked for that specific installation.
-pub fn find_binaries(
+pub(crate) fn find_binaries(
     override_dir: Option<&Path>,
     search_path: &[PathBuf],
 ) -> Result<PathBuf, DevDbError> {

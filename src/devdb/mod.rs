@@ -40,18 +40,18 @@ mod test_cluster;
 #[cfg(all(test, feature = "test-support"))]
 mod tests;
 
-pub use binaries::find_binaries;
+pub(crate) use binaries::find_binaries;
 pub use server::EmbeddedPostgres;
 pub use setup::connect;
 #[cfg(feature = "test-support")]
 pub use test_cluster::{test_cluster, TestCluster};
 
 /// Role and database the application uses. Deliberately not a superuser.
-pub const APP_ROLE: &str = "mana_sync";
+pub(crate) const APP_ROLE: &str = "mana_sync";
 /// Database owned by [`APP_ROLE`].
 pub const APP_DATABASE: &str = "mana_sync";
 /// Bootstrap superuser created by `initdb -U`.
-pub const SUPERUSER: &str = "postgres";
+pub(crate) const SUPERUSER: &str = "postgres";
 
 /// How long we wait for a freshly started server to accept connections.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -84,7 +84,7 @@ const LOG_MARKER: &str = "--- mana-sync devdb: starting postgres";
 /// * the postmaster gets neither the pipe nor our stdin;
 /// * `wait` returns >128 when interrupted by a trapped signal, so we loop
 ///   only in that case and only while the postmaster still exists.
-pub const WRAPPER_SCRIPT: &str = r#"exec 3<&0 0</dev/null
+pub(crate) const WRAPPER_SCRIPT: &str = r#"exec 3<&0 0</dev/null
 "$@" 3<&- &
 pg=$!
 { while read -r line <&3; do :; done; kill -INT "$pg" 2>/dev/null; } &
@@ -182,7 +182,7 @@ pub struct EmbeddedOptions {
 impl EmbeddedOptions {
     /// Durable cluster with 100 connections under `data_dir`; binaries only in
     /// the usual places (no `PATH`).
-    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(data_dir: impl Into<PathBuf>) -> Self {
         EmbeddedOptions {
             data_dir: data_dir.into(),
             durable: true,
@@ -196,7 +196,7 @@ impl EmbeddedOptions {
 
     /// The server's cluster: durable, under `config.data_dir`, binaries also
     /// searched on the `PATH` that `config` read.
-    pub fn for_server(config: &crate::config::Config) -> Self {
+    pub(crate) fn for_server(config: &crate::config::Config) -> Self {
         EmbeddedOptions {
             search_path: config.search_path.clone(),
             working_dir: config.working_dir.clone(),

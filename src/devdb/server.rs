@@ -216,8 +216,9 @@ impl EmbeddedPostgres {
         }
     }
 
-    /// Directory holding the server's Unix socket.
-    pub fn socket_dir(&self) -> &Path {
+    /// Directory holding the server's Unix socket (for `test_cluster`).
+    #[cfg(feature = "test-support")]
+    pub(super) fn socket_dir(&self) -> &Path {
         &self.socket_dir
     }
 
@@ -229,11 +230,6 @@ impl EmbeddedPostgres {
     /// The cluster directory (`data_dir/pgdata`).
     pub fn pgdata_dir(&self) -> &Path {
         &self.pgdata
-    }
-
-    /// The server log (`data_dir/postgres.log`).
-    pub fn log_path(&self) -> &Path {
-        &self.log_path
     }
 
     /// Fast shutdown: closes the lifeline pipe and waits up to 15 s for the

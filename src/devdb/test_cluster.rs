@@ -71,11 +71,8 @@ pub struct TestCluster {
     /// `mana_sync` connection string for the `mana_sync` database.
     pub conn_string: String,
     /// `postgres` superuser connection string for the `postgres` database.
-    pub superuser_conn_string: String,
-    /// Directory holding the Unix socket.
-    pub socket_dir: PathBuf,
-    /// Cluster data directory (under /tmp).
-    pub data_dir: PathBuf,
+    #[cfg(test)]
+    pub(crate) superuser_conn_string: String,
     requests: tokio::sync::mpsc::UnboundedSender<(String, Reply)>,
     counter: AtomicU64,
 }
@@ -84,7 +81,7 @@ impl TestCluster {
     /// Creates an empty database `name` owned by `mana_sync`; returns its
     /// `mana_sync` connection string. Blocking; callable from any thread or
     /// runtime. Panics on failure (it is a test helper).
-    pub fn create_database(&self, name: &str) -> String {
+    pub(crate) fn create_database(&self, name: &str) -> String {
         let (tx, rx) = mpsc::channel();
         self.requests
             .send((name.to_string(), tx))
@@ -109,12 +106,11 @@ pub fn test_cluster() -> &'static TestCluster {
     CLUSTER.get_or_init(|| start_test_cluster().unwrap_or_else(|e| panic!("{e}")))
 }
 
-/// What the cluster thread reports once the server is up: connection strings,
-/// socket directory, and where to send database requests.
+/// What the cluster thread reports once the server is up: the `mana_sync` and
+/// superuser connection strings, and where to send database requests.
 type Ready = (
     String,
     String,
-    PathBuf,
     tokio::sync::mpsc::UnboundedSender<(String, Reply)>,
 );
 
@@ -137,15 +133,14 @@ fn start_test_cluster() -> Result<TestCluster, DevDbError> {
         .spawn(move || run_cluster_thread(options, ready_tx))
         .map_err(|e| io_err("spawning test cluster thread", e))?;
 
-    let (conn_string, superuser_conn_string, socket_dir, req_tx) = ready_rx
+    let ready = ready_rx
         .recv()
         .map_err(|_| DevDbError::Io("test cluster thread died during start".into()))??;
     Ok(TestCluster {
-        conn_string,
-        superuser_conn_string,
-        socket_dir,
-        data_dir,
-        requests: req_tx,
+        conn_string: ready.0,
+        #[cfg(test)]
+        superuser_conn_string: ready.1,
+        requests: ready.2,
         counter: AtomicU64::new(0),
     })
 }
@@ -175,7 +170,6 @@ fn run_cluster_thread(options: EmbeddedOptions, ready_tx: mpsc::Sender<Result<Re
         let info = (
             server.connection_string(),
             server.superuser_connection_string("postgres"),
-            server.socket_dir().to_path_buf(),
             req_tx,
         );
         if ready_tx.send(Ok(info)).is_err() {

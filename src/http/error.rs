@@ -15,18 +15,18 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     /// Seconds, for the codes that ask for a retry (`ErrorCode::retry_after`).
-    pub retry_after: Option<u32>,
+    pub(crate) retry_after: Option<u32>,
     /// For 405.
-    pub allow: Option<&'static str>,
+    pub(crate) allow: Option<&'static str>,
     /// The connection is closed after this answer (the request's body was not, or not wholly, read).
-    pub close: bool,
+    pub(crate) close: bool,
     /// What went wrong underneath, for the log line of this request (never sent to the client).
-    pub detail: Option<String>,
+    pub(crate) detail: Option<String>,
 }
 
 impl ApiError {
     /// An error answered with `code`'s status, and `Retry-After` when the code asks for one.
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status: code.status(),
             code: code.as_str(),
@@ -39,7 +39,7 @@ impl ApiError {
     }
 
     /// 413 for a body over `cap` bytes; the connection closes after it.
-    pub fn payload_too_large(cap: usize) -> ApiError {
+    pub(crate) fn payload_too_large(cap: usize) -> ApiError {
         ApiError {
             close: true,
             ..ApiError::new(
@@ -49,7 +49,7 @@ impl ApiError {
         }
     }
 
-    pub fn body(&self) -> String {
+    pub(crate) fn body(&self) -> String {
         serde_json::json!({ "error": self.code, "message": self.message }).to_string()
     }
 }

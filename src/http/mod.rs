@@ -24,12 +24,12 @@ use crate::metrics::RouteLabel;
 use crate::protocol::ErrorCode;
 use crate::realtime::{sse, Interest};
 use crate::state::Shared;
-pub use error::ApiError;
-pub use response::Body;
+pub(crate) use error::ApiError;
+pub(crate) use response::Body;
 use response::{cors, error_response, preflight};
 use router::{Route, Routing};
 
-pub async fn handle(
+pub(crate) async fn handle(
     shared: Arc<Shared>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {

@@ -12,7 +12,7 @@ use hyper::{Response, StatusCode};
 use super::ApiError;
 
 /// The body type of every response (boxed so that streams can share it).
-pub type Body = BoxBody<Bytes, Infallible>;
+pub(crate) type Body = BoxBody<Bytes, Infallible>;
 
 pub(super) fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
     let body = serde_json::to_vec(value).expect("serialising plain data cannot fail");
@@ -25,7 +25,7 @@ pub(super) fn json_response(status: StatusCode, value: &impl serde::Serialize) -
     response
 }
 
-pub fn error_response(error: &ApiError) -> Response<Body> {
+pub(crate) fn error_response(error: &ApiError) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from(error.body())).boxed());
     *response.status_mut() = error.status;
     let headers = response.headers_mut();

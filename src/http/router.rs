@@ -40,7 +40,8 @@ struct Resource {
 }
 
 /// Every endpoint as (method, path template); `openapi.yaml` documents exactly these (a test checks).
-pub const ENDPOINTS: &[(&str, &str)] = &[
+#[cfg(test)]
+const ENDPOINTS: &[(&str, &str)] = &[
     ("POST", "/sync/{appId}"),
     ("GET", "/sync/{appId}/pull"),
     ("GET", "/sync/{appId}/stream"),
@@ -52,7 +53,7 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
 ];
 
 /// A short, bounded name for metrics and logs.
-pub fn label(routing: &Routing) -> RouteLabel {
+pub(crate) fn label(routing: &Routing) -> RouteLabel {
     match routing {
         Routing::Found(Route::Push { .. }) => RouteLabel::Push,
         Routing::Found(Route::Pull { .. }) => RouteLabel::Pull,

@@ -64,20 +64,20 @@ use serde_json::{Map, Value};
 use crate::protocol::time;
 
 /// The field that holds a record's tombstone.
-pub const DELETED_AT: &str = "deletedAt";
+pub(crate) const DELETED_AT: &str = "deletedAt";
 
 /// One field's winning version.
 #[derive(Debug, Clone, PartialEq)]
-pub struct FieldVersion {
-    pub value: Value,
+pub(crate) struct FieldVersion {
+    pub(crate) value: Value,
     /// The original timestamp string, returned byte-for-byte.
-    pub at: String,
+    pub(crate) at: String,
     /// `at` as microseconds since the Unix epoch; what the order compares.
-    pub at_micros: i64,
+    pub(crate) at_micros: i64,
     /// The server assigned `at` (the change carried no time for this field): loses to a client's time at
     /// the same instant.
-    pub assigned: bool,
-    pub client_id: String,
+    pub(crate) assigned: bool,
+    pub(crate) client_id: String,
 }
 
 impl FieldVersion {
@@ -86,12 +86,13 @@ impl FieldVersion {
     /// text, then the `at` string).
     ///
     /// For any two versions exactly one of `a.beats(b)`, `b.beats(a)`, "identical" holds.
-    pub fn beats(&self, other: &FieldVersion) -> bool {
+    #[cfg(test)]
+    pub(crate) fn beats(&self, other: &FieldVersion) -> bool {
         self.order(other) == Ordering::Greater
     }
 
-    /// The total order behind [`FieldVersion::beats`].
-    pub fn order(&self, other: &FieldVersion) -> Ordering {
+    /// The total order behind `FieldVersion::beats`.
+    pub(crate) fn order(&self, other: &FieldVersion) -> Ordering {
         self.at_micros
             .cmp(&other.at_micros)
             .then_with(|| other.assigned.cmp(&self.assigned))
@@ -115,7 +116,7 @@ impl FieldVersion {
 /// Identical to `serde_json::to_string` while serde_json's `Map` is the sorted `BTreeMap`, but does not
 /// rely on it: should some other crate in the build switch on serde_json's `preserve_order`, the text
 /// (and therefore the merge) would otherwise start depending on key insertion order.
-pub fn canonical_text(value: &Value) -> String {
+pub(crate) fn canonical_text(value: &Value) -> String {
     let mut out = String::new();
     write_canonical(value, &mut out);
     out
@@ -157,7 +158,7 @@ fn write_canonical(value: &Value, out: &mut String) {
 /// room for eleven (1.3 KB for a one-field record; a push of 165,000 such records held 221 MB of them).
 /// Merging two maps is one linear pass, so a record with many fields never costs quadratic time.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct FieldMap(Vec<(String, FieldVersion)>);
+pub(crate) struct FieldMap(Vec<(String, FieldVersion)>);
 
 impl FieldMap {
     /// From pairs in any order; names must be distinct.
@@ -173,16 +174,13 @@ impl FieldMap {
         self.0.binary_search_by(|(n, _)| n.as_str().cmp(name))
     }
 
-    pub fn get(&self, name: &str) -> Option<&FieldVersion> {
+    pub(crate) fn get(&self, name: &str) -> Option<&FieldVersion> {
         self.position(name).ok().map(|i| &self.0[i].1)
     }
 
-    pub fn get_mut(&mut self, name: &str) -> Option<&mut FieldVersion> {
-        self.position(name).ok().map(|i| &mut self.0[i].1)
-    }
-
     /// Sets a field, returning the version it replaced. Cheap when `name` sorts after every field held.
-    pub fn insert(&mut self, name: String, version: FieldVersion) -> Option<FieldVersion> {
+    #[cfg(test)]
+    pub(crate) fn insert(&mut self, name: String, version: FieldVersion) -> Option<FieldVersion> {
         match self.position(&name) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, version)),
             Err(i) => {
@@ -192,28 +190,27 @@ impl FieldMap {
         }
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &FieldVersion)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&String, &FieldVersion)> {
         self.0.iter().map(|(name, version)| (name, version))
     }
 
-    pub fn keys(&self) -> impl Iterator<Item = &String> {
+    #[cfg(test)]
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &String> {
         self.0.iter().map(|(name, _)| name)
     }
 
-    pub fn values(&self) -> impl Iterator<Item = &FieldVersion> {
+    #[cfg(test)]
+    pub(crate) fn values(&self) -> impl Iterator<Item = &FieldVersion> {
         self.0.iter().map(|(_, version)| version)
     }
 
-    pub fn into_values(self) -> impl Iterator<Item = FieldVersion> {
+    #[cfg(test)]
+    pub(crate) fn into_values(self) -> impl Iterator<Item = FieldVersion> {
         self.0.into_iter().map(|(_, version)| version)
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 }
 
@@ -282,23 +279,23 @@ fn zip_sorted<A, B>(
 
 /// A record as a map from field name to its winning version.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct RecordState {
-    pub fields: FieldMap,
+pub(crate) struct RecordState {
+    pub(crate) fields: FieldMap,
 }
 
 impl RecordState {
     /// Whether the winning `deletedAt` is a non-null string.
-    pub fn is_deleted(&self) -> bool {
+    pub(crate) fn is_deleted(&self) -> bool {
         self.deleted_at().is_some()
     }
 
     /// The winning `deletedAt` value, if it is a string.
-    pub fn deleted_at(&self) -> Option<&str> {
+    pub(crate) fn deleted_at(&self) -> Option<&str> {
         self.fields.get(DELETED_AT)?.value.as_str()
     }
 
     /// Current values of all fields, including `deletedAt` when present (also when null).
-    pub fn data(&self) -> Map<String, Value> {
+    pub(crate) fn data(&self) -> Map<String, Value> {
         self.fields
             .iter()
             .map(|(name, version)| (name.clone(), version.value.clone()))
@@ -306,7 +303,8 @@ impl RecordState {
     }
 
     /// Field name → the original `at` string of its winning version.
-    pub fn field_times(&self) -> Map<String, Value> {
+    #[cfg(test)]
+    pub(crate) fn field_times(&self) -> Map<String, Value> {
         self.fields
             .iter()
             .map(|(name, version)| (name.clone(), Value::String(version.at.clone())))
@@ -314,7 +312,8 @@ impl RecordState {
     }
 
     /// Join: per field keep the version that wins. Commutative, associative, idempotent.
-    pub fn merge(&mut self, other: &RecordState) {
+    #[cfg(test)]
+    pub(crate) fn merge(&mut self, other: &RecordState) {
         let ours = std::mem::take(&mut self.fields.0);
         let mut joined = Vec::with_capacity(ours.len().max(other.fields.len()));
         let theirs = other.fields.0.iter().map(|(name, v)| (name.clone(), v));
@@ -333,7 +332,7 @@ impl RecordState {
     /// Storage form: `{"field": {"v": value, "at": "original", "t": micros, "c": "client"}}`, plus
     /// `"a": true` for a time the server assigned (absent otherwise, as in states older versions wrote).
     /// The `Serialize` impl writes the same form without building a tree (a push of many records).
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         serde_json::to_value(self).expect("a record state serialises")
     }
 
@@ -341,7 +340,7 @@ impl RecordState {
     /// entries that each have `v` (any value, null included), `at` (string), `t` (integer) and `c`
     /// (string), and optionally `a` (boolean). Extra keys in an entry are ignored. `t` is trusted as
     /// stored, not re-derived from `at`.
-    pub fn from_json(json: &Value) -> Option<RecordState> {
+    pub(crate) fn from_json(json: &Value) -> Option<RecordState> {
         let mut fields = Vec::new();
         for (name, entry) in json.as_object()? {
             let entry = entry.as_object()?;
@@ -392,7 +391,7 @@ impl Serialize for StoredVersion<'_> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeKind {
+pub(crate) enum ChangeKind {
     Insert,
     Update,
     Delete,
@@ -402,19 +401,19 @@ pub enum ChangeKind {
 /// the whole data object), `times` maps field -> original `at` string where the client gave one,
 /// `deleted_at` for deletes.
 #[derive(Debug, Clone, Copy)]
-pub struct IncomingChange<'a> {
-    pub kind: ChangeKind,
-    pub values: &'a Map<String, Value>,
-    pub times: &'a Map<String, Value>,
-    pub deleted_at: Option<&'a str>,
-    pub client_id: &'a str,
+pub(crate) struct IncomingChange<'a> {
+    pub(crate) kind: ChangeKind,
+    pub(crate) values: &'a Map<String, Value>,
+    pub(crate) times: &'a Map<String, Value>,
+    pub(crate) deleted_at: Option<&'a str>,
+    pub(crate) client_id: &'a str,
     /// When the server received the change, in microseconds since the epoch: the stamp of its log row.
     /// Times the server assigns are this, rounded down to the second.
-    pub received_at: i64,
+    pub(crate) received_at: i64,
     /// The latest instant a time of this change is ordered at (its arrival plus the allowed future skew):
     /// a later `at` keeps its string but is ordered as if it were this, so a field stamped in the year
     /// 9999 can still be changed the next day.
-    pub latest_at: i64,
+    pub(crate) latest_at: i64,
 }
 
 /// A string that parses as RFC 3339, with its instant.
@@ -463,7 +462,7 @@ fn fallback_time<'a>(change: &IncomingChange<'a>) -> Time<'a> {
 /// A delete additionally becomes the tombstone `deletedAt = deleted_at` at `deleted_at`, replacing any
 /// `deletedAt` in `values`; a delete without `deleted_at` uses `values.deletedAt` if it is a string, else
 /// its tombstone is the fallback time (assigned, when the change carries no time at all).
-pub fn versions_of(change: &IncomingChange) -> RecordState {
+pub(crate) fn versions_of(change: &IncomingChange) -> RecordState {
     let fallback = fallback_time(change);
     let version = |value: Value, given: Option<(i64, &str)>| match given {
         Some((micros, text)) => FieldVersion {
@@ -514,12 +513,12 @@ pub fn versions_of(change: &IncomingChange) -> RecordState {
 
 /// A pushed field that lost to the stored version.
 #[derive(Debug, Clone, PartialEq)]
-pub struct FieldConflict {
-    pub field: String,
-    pub client_value: Value,
-    pub client_at: String,
-    pub server_value: Value,
-    pub server_at: String,
+pub(crate) struct FieldConflict {
+    pub(crate) field: String,
+    pub(crate) client_value: Value,
+    pub(crate) client_at: String,
+    pub(crate) server_value: Value,
+    pub(crate) server_at: String,
 }
 
 /// Applies a change to the stored state.
@@ -531,7 +530,7 @@ pub struct FieldConflict {
 /// winner happens to hold the same value, so that the client always learns the server's `at`.
 ///
 /// The resulting state is exactly `state.merge(&versions_of(change))`.
-pub fn apply(
+pub(crate) fn apply(
     state: &mut RecordState,
     change: &IncomingChange,
 ) -> (Vec<String>, Vec<FieldConflict>) {

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 mod render;
 
-pub use render::render;
+pub(crate) use render::render;
 
 /// A histogram with fixed upper bounds.
 /// Lock-free: every field is an atomic, the sum an `f64` kept as its bits.
-pub struct Histogram {
+pub(crate) struct Histogram {
     bounds: &'static [f64],
     counts: Vec<AtomicU64>,
     sum_bits: AtomicU64,
@@ -20,7 +20,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    pub fn new(bounds: &'static [f64]) -> Histogram {
+    pub(crate) fn new(bounds: &'static [f64]) -> Histogram {
         Histogram {
             bounds,
             counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -29,7 +29,7 @@ impl Histogram {
         }
     }
 
-    pub fn observe(&self, value: f64) {
+    pub(crate) fn observe(&self, value: f64) {
         if let Some(i) = self.bounds.iter().position(|b| value <= *b) {
             self.counts[i].fetch_add(1, Ordering::Relaxed);
         }
@@ -82,12 +82,12 @@ pub struct Metrics {
     requests: Vec<AtomicU64>,
     /// One histogram per route of `ROUTES`.
     durations: Vec<Histogram>,
-    pub changes_pushed: AtomicU64,
-    pub changes_pulled: AtomicU64,
-    pub conflicts: AtomicU64,
-    pub push_batch_size: Histogram,
-    pub notify_delivery: Histogram,
-    pub overloaded: AtomicU64,
+    pub(crate) changes_pushed: AtomicU64,
+    pub(crate) changes_pulled: AtomicU64,
+    pub(crate) conflicts: AtomicU64,
+    pub(crate) push_batch_size: Histogram,
+    pub(crate) notify_delivery: Histogram,
+    pub(crate) overloaded: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -112,7 +112,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Records one request under `route` and `status` (100 to 999, as HTTP status codes are).
-    pub fn request(&self, route: RouteLabel, status: u16, elapsed: Duration) {
+    pub(crate) fn request(&self, route: RouteLabel, status: u16, elapsed: Duration) {
         let row = route as usize;
         let column = usize::from(status.clamp(FIRST_STATUS, LAST_STATUS) - FIRST_STATUS);
         self.requests[row * STATUSES + column].fetch_add(1, Ordering::Relaxed);
@@ -192,40 +192,40 @@ const STATUSES: usize = (LAST_STATUS - FIRST_STATUS + 1) as usize;
 /// renders (`Shared::metrics_snapshot`), so that this module names none of it.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    pub inflight_body_bytes: u64,
+    pub(crate) inflight_body_bytes: u64,
     /// Large bodies refused: over the user's share, over the server's budget.
-    pub body_budget_refusals: (u64, u64),
-    pub http_connections: u64,
+    pub(crate) body_budget_refusals: (u64, u64),
+    pub(crate) http_connections: u64,
     /// WebSockets, and the users that have one.
-    pub sockets: (u64, u64),
+    pub(crate) sockets: (u64, u64),
     /// SSE streams, and the users that have one.
-    pub streams: (u64, u64),
+    pub(crate) streams: (u64, u64),
     /// Users with any real-time connection.
-    pub realtime_users: u64,
-    pub notifications_queued: u64,
-    pub notifications_coalesced: u64,
-    pub notifications_dropped: u64,
-    pub slow_consumers_closed: u64,
+    pub(crate) realtime_users: u64,
+    pub(crate) notifications_queued: u64,
+    pub(crate) notifications_coalesced: u64,
+    pub(crate) notifications_dropped: u64,
+    pub(crate) slow_consumers_closed: u64,
     /// Billing gate outcomes (active, inactive, failed open, from the cache); `None`: the gate is off.
-    pub billing_checks: Option<[u64; 4]>,
+    pub(crate) billing_checks: Option<[u64; 4]>,
     /// JWKS refreshes: succeeded, failed.
-    pub jwks_refreshes: (u64, u64),
-    pub jwks_keys: u64,
-    pub pool_in_use: u64,
-    pub pool_idle: u64,
-    pub pool_max: u64,
-    pub pool_waiting: u64,
-    pub rows_pruned: u64,
+    pub(crate) jwks_refreshes: (u64, u64),
+    pub(crate) jwks_keys: u64,
+    pub(crate) pool_in_use: u64,
+    pub(crate) pool_idle: u64,
+    pub(crate) pool_max: u64,
+    pub(crate) pool_waiting: u64,
+    pub(crate) rows_pruned: u64,
     /// Log reads answered from memory, from the database.
-    pub log_reads: (u64, u64),
+    pub(crate) log_reads: (u64, u64),
     /// Token checks answered by the cache, by a signature check.
-    pub token_checks: (u64, u64),
-    pub times_beyond_skew: u64,
+    pub(crate) token_checks: (u64, u64),
+    pub(crate) times_beyond_skew: u64,
     /// Push groups committed, failed.
-    pub push_groups: (u64, u64),
+    pub(crate) push_groups: (u64, u64),
     /// Pushes taken into a group: written, bounced.
-    pub grouped_pushes: (u64, u64),
-    pub known_stamps_users: u64,
+    pub(crate) grouped_pushes: (u64, u64),
+    pub(crate) known_stamps_users: u64,
 }
 
 #[cfg(test)]

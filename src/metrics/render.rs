@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::{Histogram, Metrics, Snapshot};
 
 /// Renders every metric: `metrics`' own and those of `snapshot`.
-pub fn render(metrics: &Metrics, snapshot: &Snapshot) -> String {
+pub(crate) fn render(metrics: &Metrics, snapshot: &Snapshot) -> String {
     let mut text = Text(String::with_capacity(8 * 1024));
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let s = snapshot;

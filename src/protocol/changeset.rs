@@ -29,20 +29,21 @@ mod storable;
 use super::time::{self, Micros};
 use super::{is_identifier, ErrorCode, ProtocolError, SUPPORTED_SCHEMA_VERSION};
 use storable::check_storable;
-pub use storable::storable_number;
+#[cfg(test)]
+pub(crate) use storable::storable_number;
 
 /// Longest record id, client id or origin accepted, in bytes.
-pub const MAX_ID_BYTES: usize = 512;
+pub(crate) const MAX_ID_BYTES: usize = 512;
 
 /// Changes parsed at once: a batch of more is kept as spans of its body and parsed chunk by chunk.
-pub const CHUNK: usize = 2_000;
+pub(crate) const CHUNK: usize = 2_000;
 
 /// A validated push.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Changeset {
     pub client_id: Option<String>,
     /// The cursor the client pulled up to; the epoch when it sent none.
-    pub since: Micros,
+    pub(crate) since: Micros,
     pub changes: Changes,
     /// The tables the changes name.
     pub tables: BTreeSet<String>,
@@ -123,7 +124,7 @@ impl Op {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Op::Insert => "insert",
             Op::Update => "update",
@@ -131,7 +132,7 @@ impl Op {
         }
     }
 
-    pub fn parse(text: &str) -> Option<Op> {
+    pub(crate) fn parse(text: &str) -> Option<Op> {
         match text {
             "insert" => Some(Op::Insert),
             "update" => Some(Op::Update),

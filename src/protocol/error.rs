@@ -7,7 +7,7 @@ use hyper::StatusCode;
 
 /// One error code of the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ErrorCode {
+pub(crate) enum ErrorCode {
     // 400: the request is malformed; the message names the field or the change index.
     InvalidBody,
     InvalidJson,
@@ -63,7 +63,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// The code on the wire.
-    pub const fn as_str(self) -> &'static str {
+    pub(crate) const fn as_str(self) -> &'static str {
         use ErrorCode::*;
         match self {
             InvalidBody => "invalid_body",
@@ -113,7 +113,7 @@ impl ErrorCode {
     }
 
     /// The status it is answered with.
-    pub fn status(self) -> StatusCode {
+    pub(crate) fn status(self) -> StatusCode {
         use ErrorCode::*;
         match self {
             InvalidBody
@@ -157,7 +157,7 @@ impl ErrorCode {
 
     /// `Retry-After` in seconds, for the codes that ask the client to come back shortly: every 503, and a
     /// user's requests over their share (a user's sockets and streams over theirs are not retried soon).
-    pub fn retry_after(self) -> Option<u32> {
+    pub(crate) fn retry_after(self) -> Option<u32> {
         match self {
             ErrorCode::TooManyRequests => Some(1),
             _ if self.status() == StatusCode::SERVICE_UNAVAILABLE => Some(1),

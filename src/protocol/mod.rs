@@ -4,18 +4,20 @@
 //! typed values (push bodies, query strings, cursors) is a pure function of its input.
 
 pub mod changeset;
-pub mod error;
+pub(crate) mod error;
 pub mod query;
 pub mod realtime;
 pub mod time;
-pub mod wire;
+pub(crate) mod wire;
 
 use std::fmt;
 
-pub use changeset::{parse_changeset, Changes, Changeset, NewChange, Op};
-pub use error::ErrorCode;
-pub use query::{parse_pull_query, PullQuery};
-pub use wire::{Conflict, StoredChange, SyncResponse, WireChange};
+pub use changeset::{parse_changeset, Changeset, NewChange, Op};
+pub(crate) use error::ErrorCode;
+pub use query::parse_pull_query;
+pub(crate) use query::PullQuery;
+pub use wire::StoredChange;
+pub(crate) use wire::{Conflict, SyncResponse, WireChange};
 
 /// The newest `schemaVersion` this server understands.
 pub const SUPPORTED_SCHEMA_VERSION: i32 = 1;
@@ -23,12 +25,12 @@ pub const SUPPORTED_SCHEMA_VERSION: i32 = 1;
 /// Input a client sent that this server will not accept. `code` is the stable API; `message` is for people.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProtocolError {
-    pub code: ErrorCode,
-    pub message: String,
+    pub(crate) code: ErrorCode,
+    pub(crate) message: String,
 }
 
 impl ProtocolError {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         ProtocolError {
             code,
             message: message.into(),

@@ -65,7 +65,7 @@ fn truncate(text: &str, max: usize) -> String {
 /// What the server sends on a WebSocket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
-pub enum ServerMessage {
+pub(crate) enum ServerMessage {
     AuthOk,
     #[serde(rename_all = "camelCase")]
     SyncAvailable {
@@ -79,7 +79,7 @@ pub enum ServerMessage {
 }
 
 impl ServerMessage {
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         serde_json::to_string(self).expect("plain data serialises")
     }
 }
@@ -159,7 +159,7 @@ pub fn parse_event_id(id: &str) -> Result<Micros, ProtocolError> {
 }
 
 /// One SSE `changes` event: `event: changes`, optional `id:`, one `data:` line, blank line; LF only.
-pub fn sse_event(event: &str, id: Option<&str>, data: &str) -> String {
+pub(crate) fn sse_event(event: &str, id: Option<&str>, data: &str) -> String {
     debug_assert!(!data.contains('\n'), "compact JSON has no newlines");
     let mut out = String::with_capacity(data.len() + 48);
     out.push_str("event: ");

@@ -24,7 +24,7 @@ pub use crate::clock::format_cursor;
 pub type Micros = i64;
 
 /// The cursor a client without any state starts from.
-pub const EPOCH: Micros = 0;
+pub(crate) const EPOCH: Micros = 0;
 
 /// Why a timestamp string was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,7 +135,7 @@ pub fn format_millis(micros: Micros) -> String {
 /// the change carries no time at all: then the server assigns one ([`assigned`]).
 ///
 /// The merge orders fields by this rule and the emitted rows are dated by it, so both agree.
-pub fn change_time<'a>(
+pub(crate) fn change_time<'a>(
     deleted_at: Option<&'a str>,
     values: &'a Map<String, Value>,
 ) -> Option<(Micros, &'a str)> {
@@ -151,7 +151,7 @@ pub fn change_time<'a>(
 /// A time the server assigns (SPEC §6): `micros` rounded down to the whole second, with its string in
 /// `toISOString()` form (`2026-11-29T12:36:59.000Z`). Clients send times truncated to the second, so a
 /// sub-second time the server invented would beat an edit made in the same second.
-pub fn assigned(micros: Micros) -> (Micros, String) {
+pub(crate) fn assigned(micros: Micros) -> (Micros, String) {
     let second = micros.clamp(Micros::MIN / 2, Micros::MAX / 2);
     let second = second - second.rem_euclid(MICROS_PER_SECOND);
     (second, format_millis(second))

@@ -36,43 +36,43 @@ pub struct StoredChange {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WireChange {
-    pub event_id: String,
-    pub table: String,
+    pub(crate) event_id: String,
+    pub(crate) table: String,
     pub id: String,
-    pub op: &'static str,
+    pub(crate) op: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub data: Option<Value>,
+    pub(crate) data: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub fields: Option<Map<String, Value>>,
+    pub(crate) fields: Option<Map<String, Value>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub deleted_at: Option<String>,
+    pub(crate) deleted_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub space_id: Option<String>,
+    pub(crate) space_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub actor: Option<Value>,
+    pub(crate) actor: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub origin: Option<String>,
-    pub schema_version: i32,
+    pub(crate) origin: Option<String>,
+    pub(crate) schema_version: i32,
 }
 
 /// A field of a pushed change that lost the merge to a value the server holds with a later time.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Conflict {
-    pub table: String,
-    pub id: String,
-    pub field: String,
-    pub client_value: Value,
-    pub client_timestamp: String,
-    pub server_value: Value,
-    pub server_timestamp: String,
+pub(crate) struct Conflict {
+    pub(crate) table: String,
+    pub(crate) id: String,
+    pub(crate) field: String,
+    pub(crate) client_value: Value,
+    pub(crate) client_timestamp: String,
+    pub(crate) server_value: Value,
+    pub(crate) server_timestamp: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SyncResponse {
     pub server_changes: Vec<WireChange>,
-    pub conflicts: Vec<Conflict>,
+    pub(crate) conflicts: Vec<Conflict>,
     /// The cursor to continue from, written in the fixed-width cursor form only when serialised.
     #[serde(serialize_with = "serialize_cursor")]
     pub synced_until: Micros,
@@ -98,7 +98,7 @@ impl StoredChange {
     /// the merge derived it (SPEC §6). An insert that carried no time at all is emitted in the snapshot
     /// shape, an `update` with `data` and `fields`: the web client dates a received insert with its own
     /// clock, and would then drop every edit made before it caught up. `fields` never lists `id`.
-    pub fn into_wire(mut self) -> WireChange {
+    pub(crate) fn into_wire(mut self) -> WireChange {
         let data = match self.data.take() {
             Some(Value::Object(map)) => map,
             _ => Map::new(),

@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 
 /// Which notifications a connection wants.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Interest {
+pub(crate) enum Interest {
     /// Every app (unified WebSocket, unified stream with these apps or all when empty).
     Apps(Option<BTreeSet<String>>),
     /// One app only (legacy WebSocket, per-app stream).
@@ -45,7 +45,7 @@ pub enum Kind {
 
 /// Something changed for the user in `app`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Hint {
+pub(crate) enum Hint {
     /// These tables of this app changed (`None`: which tables is not known).
     Changed {
         app: String,
@@ -57,7 +57,7 @@ pub enum Hint {
 
 /// Why the hub closed a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Evicted {
+pub(crate) enum Evicted {
     SlowConsumer,
 }
 
@@ -70,10 +70,10 @@ struct Queue {
 }
 
 /// One registered connection.
-pub struct Subscriber {
-    pub id: u64,
-    pub user: String,
-    pub kind: Kind,
+pub(crate) struct Subscriber {
+    pub(crate) id: u64,
+    pub(crate) user: String,
+    pub(crate) kind: Kind,
     interest: Interest,
     client_id: Mutex<Option<String>>,
     queue: Mutex<Queue>,
@@ -83,7 +83,7 @@ pub struct Subscriber {
 impl Subscriber {
     /// Waits for hints and takes all of them (with the time the oldest was queued), or learns that the hub
     /// evicted this connection.
-    pub async fn next_hints(&self) -> Result<(Vec<Hint>, std::time::Instant), Evicted> {
+    pub(crate) async fn next_hints(&self) -> Result<(Vec<Hint>, std::time::Instant), Evicted> {
         loop {
             // Register interest before checking, so a notify between the check and the await is not lost.
             let woken = self.wake.notified();
@@ -102,7 +102,7 @@ impl Subscriber {
     }
 
     /// The device id used for echo suppression; a WebSocket may set it late (in its auth message).
-    pub fn set_client_id(&self, client_id: Option<String>) {
+    pub(crate) fn set_client_id(&self, client_id: Option<String>) {
         *self.client_id.lock() = client_id;
     }
 }
@@ -110,9 +110,9 @@ impl Subscriber {
 /// Counters for /health and /metrics.
 #[derive(Debug, Default)]
 pub struct HubStats {
-    pub notifications_queued: AtomicU64,
-    pub notifications_coalesced: AtomicU64,
-    pub notifications_dropped: AtomicU64,
+    pub(crate) notifications_queued: AtomicU64,
+    pub(crate) notifications_coalesced: AtomicU64,
+    pub(crate) notifications_dropped: AtomicU64,
     pub slow_consumers_closed: AtomicU64,
 }
 
@@ -128,14 +128,14 @@ pub struct Hub {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RegisterError {
+pub(crate) enum RegisterError {
     TooManyConnections { limit: usize },
 }
 
 /// Keeps a connection registered; unregisters it when dropped.
-pub struct Registration {
+pub(crate) struct Registration {
     hub: Arc<Hub>,
-    pub subscriber: Arc<Subscriber>,
+    pub(crate) subscriber: Arc<Subscriber>,
 }
 
 impl Drop for Registration {
@@ -147,7 +147,7 @@ impl Drop for Registration {
 const SHARDS: usize = 64;
 
 impl Hub {
-    pub fn new(queue_capacity: usize, max_connections_per_user: usize) -> Hub {
+    pub(crate) fn new(queue_capacity: usize, max_connections_per_user: usize) -> Hub {
         Hub {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             next_id: AtomicU64::new(1),
@@ -163,7 +163,7 @@ impl Hub {
         &self.shards[(hasher.finish() as usize) % self.shards.len()]
     }
 
-    pub fn register(
+    pub(crate) fn register(
         self: &Arc<Self>,
         user: &str,
         interest: Interest,
@@ -207,7 +207,7 @@ impl Hub {
     /// Tells every connection of `user` interested in `app` — except the device that made the change —
     /// that `tables` changed. More than `MAX_HINT_TABLES` tables become "this app changed" (`None`), so
     /// nothing queued per connection grows with the number of tables a push names.
-    pub fn notify(
+    pub(crate) fn notify(
         &self,
         user: &str,
         app: &str,
@@ -237,7 +237,7 @@ impl Hub {
     }
 
     /// Tells every connection to pull everything: notifications may have been missed.
-    pub fn resync_all(&self) {
+    pub(crate) fn resync_all(&self) {
         for shard in self.shards.iter() {
             for subscriber in shard.lock().values().flatten() {
                 self.enqueue(subscriber, Hint::Resync);
@@ -274,7 +274,7 @@ impl Hub {
     }
 
     /// Evicts a connection whose socket stopped accepting data (its task detected a write timeout).
-    pub fn count_slow_consumer(&self) {
+    pub(crate) fn count_slow_consumer(&self) {
         self.stats
             .slow_consumers_closed
             .fetch_add(1, Ordering::Relaxed);

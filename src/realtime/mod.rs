@@ -24,11 +24,13 @@ use crate::metrics::Metrics;
 use crate::protocol::ProtocolError;
 use crate::store::{Store, StoreError};
 
-pub use hub::{Hub, Interest, Kind, MAX_HINT_TABLES};
-pub use notify::{listener, LISTENER_NAME};
+pub use hub::MAX_HINT_TABLES;
+pub(crate) use hub::{Hub, Interest, Kind};
+pub(crate) use notify::listener;
+pub use notify::LISTENER_NAME;
 
 /// What sockets, streams and the listener need of the server's shared state.
-pub trait Context: Send + Sync + 'static {
+pub(crate) trait Context: Send + Sync + 'static {
     fn config(&self) -> &Config;
     fn store(&self) -> &Store;
     fn auth(&self) -> &Authenticator;
@@ -46,7 +48,7 @@ pub trait Context: Send + Sync + 'static {
 
 /// Why a socket or stream was not opened; `http::error` gives each its status code.
 #[derive(Debug)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// A plain request to a WebSocket endpoint.
     UpgradeRequired,
     /// The WebSocket handshake was malformed.
@@ -79,18 +81,18 @@ impl From<StoreError> for Refusal {
 /// An upgraded WebSocket takes it over and holds it until it ends; what the place consists of is the
 /// server's business.
 #[derive(Clone)]
-pub struct ConnectionSlot(Arc<Mutex<Option<Box<dyn Send + Sync>>>>);
+pub(crate) struct ConnectionSlot(Arc<Mutex<Option<Box<dyn Send + Sync>>>>);
 
 /// A slot taken over by an upgraded connection: released when dropped.
-pub struct HeldSlot(#[allow(dead_code)] Option<Box<dyn Send + Sync>>);
+pub(crate) struct HeldSlot(#[allow(dead_code)] Option<Box<dyn Send + Sync>>);
 
 impl ConnectionSlot {
-    pub fn new(place: impl Send + Sync + 'static) -> ConnectionSlot {
+    pub(crate) fn new(place: impl Send + Sync + 'static) -> ConnectionSlot {
         ConnectionSlot(Arc::new(Mutex::new(Some(Box::new(place)))))
     }
 
     /// Takes the slot over (once; later calls get an empty one).
-    pub fn take(&self) -> HeldSlot {
+    pub(crate) fn take(&self) -> HeldSlot {
         HeldSlot(self.0.lock().take())
     }
 }

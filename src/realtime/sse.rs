@@ -33,14 +33,14 @@ use crate::protocol::{ErrorCode, WireChange};
 use crate::store::StoreError;
 
 /// Which stream a request opened.
-pub enum Scope {
+pub(crate) enum Scope {
     /// One app; `collections` limits the tables.
     App(String),
     /// Several apps (`apps=`; all of the user's apps when absent).
     Unified,
 }
 
-pub async fn open(
+pub(crate) async fn open(
     context: Arc<dyn Context>,
     request: Request<Incoming>,
     scope: Scope,
@@ -295,7 +295,7 @@ fn group_by_table(changes: Vec<WireChange>) -> Vec<(String, Vec<WireChange>)> {
 }
 
 /// A stream's response body, fed by a channel: each message is one chunk on the wire.
-pub struct EventStream(mpsc::Receiver<Bytes>);
+pub(crate) struct EventStream(mpsc::Receiver<Bytes>);
 
 impl hyper::body::Body for EventStream {
     type Data = Bytes;

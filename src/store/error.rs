@@ -30,7 +30,7 @@ pub struct Cause {
 }
 
 impl Cause {
-    pub fn new(message: impl Into<String>) -> Cause {
+    pub(crate) fn new(message: impl Into<String>) -> Cause {
         Cause {
             message: message.into(),
             source: None,
@@ -38,17 +38,17 @@ impl Cause {
     }
 
     /// The SQLSTATE PostgreSQL reported, if any.
-    pub fn code(&self) -> Option<&SqlState> {
+    pub(crate) fn code(&self) -> Option<&SqlState> {
         self.source.as_deref().and_then(tokio_postgres::Error::code)
     }
 
     /// True when a connection was refused for good (TLS refused, login refused), not merely unreachable.
-    pub fn is_connection_refused(&self) -> bool {
+    pub(crate) fn is_connection_refused(&self) -> bool {
         self.source.as_deref().is_some_and(pool::connection_refused)
     }
 
     /// PostgreSQL's own message (without our prefix), if it sent one.
-    pub fn database_message(&self) -> Option<&str> {
+    pub(crate) fn database_message(&self) -> Option<&str> {
         self.source
             .as_deref()
             .and_then(tokio_postgres::Error::as_db_error)

@@ -21,7 +21,7 @@ const SHARDS: usize = 16;
 /// Users (with someone holding or waiting for their slots) and their slots.
 type Shard = Mutex<HashMap<String, Arc<Slots>>>;
 
-pub struct UserSlots {
+pub(crate) struct UserSlots {
     shards: Box<[Shard]>,
     per_user: usize,
     hasher: std::collections::hash_map::RandomState,
@@ -33,7 +33,7 @@ struct Slots {
 }
 
 /// A user's claim on the database: released (and the entry dropped when unused) on drop.
-pub struct UserPermit<'a> {
+pub(crate) struct UserPermit<'a> {
     slots: &'a UserSlots,
     user: String,
     entry: Option<Arc<Slots>>,
@@ -42,7 +42,7 @@ pub struct UserPermit<'a> {
 }
 
 impl UserSlots {
-    pub fn new(per_user: usize) -> UserSlots {
+    pub(crate) fn new(per_user: usize) -> UserSlots {
         UserSlots {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             per_user: per_user.max(1),
@@ -56,7 +56,7 @@ impl UserSlots {
 
     /// Waits (until `deadline`) for the user's writer slot if `write`, then for one of its connection
     /// slots. `Saturated` when the deadline passes first.
-    pub async fn acquire(
+    pub(crate) async fn acquire(
         &self,
         user: &str,
         write: bool,
@@ -94,7 +94,7 @@ impl UserSlots {
     }
 
     /// Users with an entry (holding or waiting), for tests and metrics.
-    pub fn users(&self) -> usize {
+    pub(crate) fn users(&self) -> usize {
         self.shards.iter().map(|s| s.lock().len()).sum()
     }
 }

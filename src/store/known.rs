@@ -76,7 +76,7 @@ pub struct Ticket {
 
 impl KnownStamps {
     /// `capacity` users at most (0 turns the memory off: every read goes to the database).
-    pub fn new(capacity: usize) -> KnownStamps {
+    pub(crate) fn new(capacity: usize) -> KnownStamps {
         KnownStamps {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             per_shard: capacity.div_ceil(SHARDS),
@@ -103,7 +103,7 @@ impl KnownStamps {
 
     /// True when nothing of `user` was committed after `since` before this call: `nothing_after`, checked
     /// again once every hint committed before the call has been processed.
-    pub async fn answers(&self, user: &str, since: Micros) -> bool {
+    pub(crate) async fn answers(&self, user: &str, since: Micros) -> bool {
         let fresh = self.nothing_after(user, since)
             && self.caught_up().await
             && self.nothing_after(user, since);
@@ -126,7 +126,7 @@ impl KnownStamps {
     /// For the listener: waits for catch-up requests; returns the newest one. The listener then makes a
     /// round trip on its connection, processes every hint received before the answer, and calls
     /// `caught_up_to` with this number.
-    pub async fn catch_up_requested(&self) -> u64 {
+    pub(crate) async fn catch_up_requested(&self) -> u64 {
         loop {
             let requested = self.requested.load(Ordering::Acquire);
             if requested > *self.caught_up_to.borrow() {
@@ -137,7 +137,7 @@ impl KnownStamps {
     }
 
     /// For the listener: requests up to `request` are answered.
-    pub fn caught_up_to(&self, request: u64) {
+    pub(crate) fn caught_up_to(&self, request: u64) {
         self.caught_up_to
             .send_modify(|done| *done = (*done).max(request));
     }
@@ -154,7 +154,7 @@ impl KnownStamps {
 
     /// A clock value read under the user's lock (or committed by this instance): raises the entry, or
     /// creates it when the ticket is still valid.
-    pub fn learn(&self, user: &str, ticket: Option<Ticket>, clock: Micros) {
+    pub(crate) fn learn(&self, user: &str, ticket: Option<Ticket>, clock: Micros) {
         let Some(ticket) = ticket else { return };
         let mut shard = self.shards[ticket.shard].lock();
         if let Some(known) = shard.stamps.get_mut(user) {
@@ -165,7 +165,7 @@ impl KnownStamps {
     }
 
     /// A hint's stamp: a commit of `user` at `stamp`. Must run before the local connections hear of it.
-    pub fn observe(&self, user: &str, stamp: Micros) {
+    pub(crate) fn observe(&self, user: &str, stamp: Micros) {
         if !self.live.load(Ordering::Acquire) || self.per_shard == 0 {
             return;
         }
@@ -177,7 +177,7 @@ impl KnownStamps {
     }
 
     /// A hint without a stamp (from an older server): forget the user, so the next read asks PostgreSQL.
-    pub fn forget(&self, user: &str) {
+    pub(crate) fn forget(&self, user: &str) {
         let mut shard = self.shards[self.shard_of(user)].lock();
         if shard.stamps.remove(user).is_some() {
             shard.generation += 1;
@@ -197,13 +197,13 @@ impl KnownStamps {
     }
 
     /// The listener lost its connection: hints may be lost from now on.
-    pub fn listener_down(&self) {
+    pub(crate) fn listener_down(&self) {
         self.live.store(false, Ordering::Release);
         self.clear();
     }
 
     /// The listener is connected (its `LISTEN` is in effect): every later commit's hint will arrive.
-    pub fn listener_up(&self) {
+    pub(crate) fn listener_up(&self) {
         self.clear();
         self.live.store(true, Ordering::Release);
     }
@@ -216,11 +216,12 @@ impl KnownStamps {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.shards.iter().map(|s| s.lock().stamps.len()).sum()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 

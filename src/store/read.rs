@@ -97,7 +97,7 @@ pub(super) const CLOCK_ADVANCE: &str = concat!(
 
 impl Store {
     /// Changes of one collection since a cursor, excluding the device's own, paged (or a snapshot).
-    pub async fn pull(
+    pub(crate) async fn pull(
         &self,
         user: &str,
         app: &str,

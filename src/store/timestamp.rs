@@ -14,7 +14,7 @@ use crate::protocol::time::Micros;
 const POSTGRES_EPOCH_OFFSET: i64 = 946_684_800_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct PgTimestamp(pub Micros);
+pub(crate) struct PgTimestamp(pub(crate) Micros);
 
 impl ToSql for PgTimestamp {
     fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn Error + Sync + Send>> {

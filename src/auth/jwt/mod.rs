@@ -21,7 +21,7 @@ use super::{AuthError, Claims};
 
 /// Upper bound on the whole token. Real Better Auth tokens are well under
 /// 1 KB; the cap keeps hostile input from costing decode/parse time.
-pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+pub(crate) const MAX_TOKEN_LEN: usize = 8 * 1024;
 
 /// Attacker-controlled strings (the `alg` value) end up in error messages
 /// and logs, so they are truncated to this many characters.
@@ -29,7 +29,7 @@ const MAX_ECHOED_LEN: usize = 32;
 
 /// The only algorithm accepted. Compared byte-for-byte: "eddsa" or
 /// "EdDSA " are not the same algorithm name per RFC 7515.
-pub const ALG_EDDSA: &str = "EdDSA";
+pub(crate) const ALG_EDDSA: &str = "EdDSA";
 
 /// Verification keys indexed by `kid`.
 ///
@@ -62,13 +62,13 @@ impl KeySet {
         self.keys.get(kid)
     }
 
-    pub fn contains(&self, kid: &str) -> bool {
+    pub(crate) fn contains(&self, kid: &str) -> bool {
         self.keys.contains_key(kid)
     }
 
     /// Union of both sets; on a `kid` collision `other` wins because it is
     /// the fresher source in every call site.
-    pub fn merge(&mut self, other: KeySet) {
+    pub(crate) fn merge(&mut self, other: KeySet) {
         self.keys.extend(other.keys);
     }
 
@@ -88,7 +88,7 @@ impl KeySet {
     /// The key [`verify_token`] checks a token with `kid` against: the
     /// key under that `kid`, or for a token without one the only key of a
     /// one-key set. `None` is what `verify_token` reports as `UnknownKey`.
-    pub fn select(&self, kid: Option<&str>) -> Option<&VerifyingKey> {
+    pub(crate) fn select(&self, kid: Option<&str>) -> Option<&VerifyingKey> {
         match kid {
             Some(kid) => self.get(kid),
             None => self.only_key(),
@@ -115,7 +115,7 @@ pub struct Header {
     pub alg: String,
     /// `None` when absent, non-string or empty.
     pub kid: Option<String>,
-    pub typ: Option<String>,
+    pub(crate) typ: Option<String>,
 }
 
 /// The three still-encoded segments of a structurally valid token.
@@ -268,18 +268,18 @@ pub fn verify_token(
 /// window (re-check with [`check_time_window`]) and the key that was used
 /// (re-check with [`KeySet::select`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verified {
-    pub claims: Claims,
+pub(crate) struct Verified {
+    pub(crate) claims: Claims,
     /// The token's `nbf`, if it has one (`exp` is in `claims`).
-    pub nbf: Option<i64>,
+    pub(crate) nbf: Option<i64>,
     /// The `kid` the key was selected by; `None` for a token without one.
-    pub kid: Option<String>,
+    pub(crate) kid: Option<String>,
     /// The public key the signature was verified with.
-    pub key: [u8; ed25519_dalek::PUBLIC_KEY_LENGTH],
+    pub(crate) key: [u8; ed25519_dalek::PUBLIC_KEY_LENGTH],
 }
 
 /// [`verify_token`], also reporting the `nbf`, `kid` and key it used.
-pub fn verify_token_detailed(
+pub(crate) fn verify_token_detailed(
     token: &str,
     keys: &KeySet,
     now_unix: i64,
@@ -320,7 +320,7 @@ pub fn verify_token_detailed(
 /// signature and other claims were already accepted: `Expired` once
 /// `now > exp + leeway`, then `NotYetValid` while `now + leeway < nbf`
 /// (same order, same saturating arithmetic, negative leeway as zero).
-pub fn check_time_window(
+pub(crate) fn check_time_window(
     exp: i64,
     nbf: Option<i64>,
     now_unix: i64,

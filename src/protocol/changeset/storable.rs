@@ -79,7 +79,7 @@ fn map_unstorable_number(map: &Map<String, Value>) -> Option<&str> {
 
 /// PostgreSQL's `numeric` input (`set_var_from_str`): an exponent of at most ±1000, at most 131,072
 /// digits before the decimal point and 16,383 after it, once the exponent is applied.
-pub fn storable_number(text: &str) -> bool {
+pub(crate) fn storable_number(text: &str) -> bool {
     const MAX_EXPONENT: i64 = 1000;
     const MAX_BEFORE_POINT: i64 = 131_072;
     const MAX_AFTER_POINT: i64 = 16_383;

@@ -41,12 +41,12 @@ type Authenticated = (Claims, Option<String>);
 type Hints = (Vec<Hint>, std::time::Instant);
 
 /// Close code for a token that expired without being refreshed.
-pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
+pub(crate) const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 
 const TOKEN_EXPIRED: Close = Close::With(CloseCode::Library(CLOSE_TOKEN_EXPIRED), "token expired");
 
 /// Answers the upgrade and starts the session on its own task.
-pub fn upgrade(
+pub(crate) fn upgrade(
     context: Arc<dyn Context>,
     mut request: Request<Incoming>,
     interest: Interest,

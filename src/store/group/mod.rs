@@ -44,7 +44,7 @@ use write::{write_params, GroupClocks, GroupLog, GroupRecords, WRITE_GROUP};
 
 /// Pushes with at most this many changes may join a group; larger ones gain little and would hold the
 /// group's other pushes up.
-pub const MAX_CHANGES: usize = 20;
+pub(crate) const MAX_CHANGES: usize = 20;
 
 /// The hint for other instances, given the new clock (owned: the group's turn may run on another task).
 pub type Hint = Arc<dyn Fn(Micros) -> String + Send + Sync>;
@@ -76,19 +76,19 @@ const CLOCKS_AND_RECORDS: &str = concat!(
 );
 /// Where `records::LOAD`'s columns begin in `CLOCKS_AND_RECORDS`.
 const RECORDS_FROM: usize = 5;
-pub struct Member {
+pub(crate) struct Member {
     id: u64,
-    pub user: String,
-    pub app: String,
-    pub device: String,
-    pub changes: Vec<NewChange>,
-    pub since: Micros,
-    pub hint: Option<Hint>,
+    pub(crate) user: String,
+    pub(crate) app: String,
+    pub(crate) device: String,
+    pub(crate) changes: Vec<NewChange>,
+    pub(crate) since: Micros,
+    pub(crate) hint: Option<Hint>,
     reply: Option<oneshot::Sender<Outcome>>,
 }
 
 /// What became of a push in a group.
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Written and committed: the response, the user's clock at commit, changes beyond the skew bound.
     Done(SyncResponse, Micros, u64),
     /// Not written; run it alone.
@@ -99,7 +99,7 @@ pub enum Outcome {
 }
 
 /// The queue and the group turns.
-pub struct Groups {
+pub(crate) struct Groups {
     queue: Mutex<VecDeque<Member>>,
     turns: Semaphore,
     max: usize,
@@ -127,7 +127,7 @@ pub struct GroupStats {
 impl Groups {
     /// `turns` groups may be at the database at once, each of at most `max` pushes, once `after` pushes
     /// are at the database; `turns == 0` or `max < 2`: no groups (every push runs alone).
-    pub fn new(turns: usize, max: usize, after: usize) -> Groups {
+    pub(crate) fn new(turns: usize, max: usize, after: usize) -> Groups {
         Groups {
             queue: Mutex::new(VecDeque::new()),
             turns: Semaphore::new(turns),
@@ -139,18 +139,18 @@ impl Groups {
         }
     }
 
-    pub fn stats(&self) -> &GroupStats {
+    pub(crate) fn stats(&self) -> &GroupStats {
         &self.stats
     }
 
     /// Counts a push at the database until the guard is dropped.
-    pub fn pushing(&self) -> Pushing<'_> {
+    pub(crate) fn pushing(&self) -> Pushing<'_> {
         self.busy.fetch_add(1, Ordering::Relaxed);
         Pushing { groups: self }
     }
 
     /// Whether a push of `changes` changes may join a group (the caller's `pushing` guard counted).
-    pub fn admits(&self, changes: usize) -> bool {
+    pub(crate) fn admits(&self, changes: usize) -> bool {
         self.max >= 2
             && (1..=MAX_CHANGES).contains(&changes)
             && self.busy.load(Ordering::Relaxed) >= self.after
@@ -282,7 +282,7 @@ impl Store {
 }
 
 /// A push counted as at the database (`Groups::pushing`).
-pub struct Pushing<'g> {
+pub(crate) struct Pushing<'g> {
     groups: &'g Groups,
 }
 

@@ -17,7 +17,7 @@ const MARK_FOLDED: &str = concat!(
 );
 
 /// Brings the user's record states up to date with log rows not folded yet. Needs the exclusive lock.
-pub async fn fold_pending(
+pub(crate) async fn fold_pending(
     tx: &impl GenericClient,
     user: &str,
     future_skew: Micros,
@@ -29,7 +29,10 @@ pub async fn fold_pending(
 }
 
 /// Where folding must start, or `None` when the state already covers every log row of the user.
-pub async fn fold_start(tx: &impl GenericClient, user: &str) -> Result<Option<Micros>, StoreError> {
+pub(crate) async fn fold_start(
+    tx: &impl GenericClient,
+    user: &str,
+) -> Result<Option<Micros>, StoreError> {
     let state = tx.query_opt(FOLD_STATE, &[&user]).await?;
     Ok(match state {
         Some(row) => pending_from(Some(row.get::<_, PgTimestamp>(0).0), row.get(1)),
@@ -39,7 +42,10 @@ pub async fn fold_start(tx: &impl GenericClient, user: &str) -> Result<Option<Mi
 
 /// Where folding must start given the user's clock and how far its log is folded (`None`: nothing to
 /// fold). A user without a clock may have rows an older server wrote.
-pub fn pending_from(last_at: Option<Micros>, folded_at: Option<PgTimestamp>) -> Option<Micros> {
+pub(crate) fn pending_from(
+    last_at: Option<Micros>,
+    folded_at: Option<PgTimestamp>,
+) -> Option<Micros> {
     match (last_at, folded_at) {
         (Some(last), Some(folded)) if folded.0 >= last => None,
         (Some(_), Some(folded)) => Some(folded.0),
@@ -48,7 +54,7 @@ pub fn pending_from(last_at: Option<Micros>, folded_at: Option<PgTimestamp>) -> 
 }
 
 /// Folds the user's log rows after `from` into the state. True when there were any.
-pub async fn fold_from(
+pub(crate) async fn fold_from(
     tx: &impl GenericClient,
     user: &str,
     from: Micros,

@@ -38,11 +38,10 @@ use crate::protocol::{Conflict, NewChange, Op, WireChange};
 mod fold;
 mod snapshot;
 
-pub use fold::{fold_from, fold_pending, fold_start, pending_from};
-pub use snapshot::{
-    read_mode, snapshot_cursor, snapshot_page, ReadMode, SEQ_MAX, SEQ_START, SNAPSHOT_CEIL,
-    SNAPSHOT_FLOOR,
-};
+pub(crate) use fold::{fold_from, fold_pending, pending_from};
+pub(crate) use snapshot::{read_mode, snapshot_cursor, snapshot_page, ReadMode};
+#[cfg(test)]
+use snapshot::{SEQ_MAX, SEQ_START, SNAPSHOT_CEIL, SNAPSHOT_FLOOR};
 
 /// The record's key in `data`, never listed in `fields` (CLIENTS.md).
 const ID: &str = "id";
@@ -62,7 +61,7 @@ struct Record {
 type Key = (String, String, String); // app, table, record id
 
 /// States of the records a batch touches, loaded in one round trip.
-pub struct Batch {
+pub(crate) struct Batch {
     records: HashMap<Key, Record>,
     /// How far past its arrival a change's times are believed (`MAX_FUTURE_SKEW_SECS`).
     future_skew: Micros,
@@ -120,7 +119,7 @@ const UPSERT: &str = concat!(
     record_conflict!()
 );
 impl Batch {
-    pub async fn load(
+    pub(crate) async fn load(
         tx: &impl GenericClient,
         user: &str,
         keys: Vec<Key>,
@@ -139,18 +138,18 @@ impl Batch {
     }
 
     /// Changes of this batch with a time beyond the future-skew bound.
-    pub fn beyond_skew(&self) -> u64 {
+    pub(crate) fn beyond_skew(&self) -> u64 {
         self.beyond_skew
     }
 
     /// The states `LOAD` returned.
-    pub fn from_rows(rows: &[Row], future_skew: Micros) -> Result<Batch, StoreError> {
+    pub(crate) fn from_rows(rows: &[Row], future_skew: Micros) -> Result<Batch, StoreError> {
         Batch::from_columns(rows, 0, future_skew)
     }
 
     /// The states in `LOAD`'s columns from column `first` on, in rows where that column is not NULL (a
     /// statement that outer-joins the records to something else).
-    pub fn from_columns<'r>(
+    pub(crate) fn from_columns<'r>(
         rows: impl IntoIterator<Item = &'r Row>,
         first: usize,
         future_skew: Micros,
@@ -189,7 +188,7 @@ impl Batch {
     /// `stamp` is the stamp of the change's log row (or the one it would get, should anything win): the
     /// times the server assigns to this change derive from it (`time::assigned`), so that emitting the row
     /// later can derive them again.
-    pub fn apply(
+    pub(crate) fn apply(
         &mut self,
         app: &str,
         change: &NewChange,
@@ -231,14 +230,14 @@ impl Batch {
     }
 
     /// The current state of a record (after `apply`), for answering conflicts.
-    pub fn state(&self, app: &str, table: &str, id: &str) -> Option<&RecordState> {
+    pub(crate) fn state(&self, app: &str, table: &str, id: &str) -> Option<&RecordState> {
         self.records
             .get(&(app.to_owned(), table.to_owned(), id.to_owned()))
             .map(|r| &r.state)
     }
 
     /// The record's whole current state as a snapshot entry: what a device gets instead of older values.
-    pub fn current_entry(&self, app: &str, table: &str, id: &str) -> Option<WireChange> {
+    pub(crate) fn current_entry(&self, app: &str, table: &str, id: &str) -> Option<WireChange> {
         let record = self
             .records
             .get(&(app.to_owned(), table.to_owned(), id.to_owned()))?;
@@ -255,7 +254,7 @@ impl Batch {
     }
 
     /// Notes which log row (id, if known yet, and stamp) last changed a record.
-    pub fn stamped(
+    pub(crate) fn stamped(
         &mut self,
         app: &str,
         table: &str,
@@ -276,7 +275,7 @@ impl Batch {
 
     /// Every changed record, as the columns the push's write statement takes. Borrowed: the states are
     /// serialised straight into the statement's parameters, never copied into a JSON tree first.
-    pub fn changed_columns(&self) -> RecordColumns<'_> {
+    pub(crate) fn changed_columns(&self) -> RecordColumns<'_> {
         let mut columns = RecordColumns::default();
         for ((_, table, id), record) in self.records.iter().filter(|(_, r)| r.changed) {
             columns.tables.push(table);
@@ -294,7 +293,7 @@ impl Batch {
     }
 
     /// Gives every record last changed at one of `events`' stamps that row's id.
-    pub fn set_event_ids(&mut self, events: &HashMap<Micros, String>) {
+    pub(crate) fn set_event_ids(&mut self, events: &HashMap<Micros, String>) {
         for record in self.records.values_mut().filter(|r| r.changed) {
             if let Some(id) = events.get(&record.updated_at) {
                 record.event_id = Some(id.clone());
@@ -303,7 +302,7 @@ impl Batch {
     }
 
     /// Writes every changed record back in one round trip.
-    pub async fn save(self, tx: &impl GenericClient, user: &str) -> Result<(), StoreError> {
+    pub(crate) async fn save(self, tx: &impl GenericClient, user: &str) -> Result<(), StoreError> {
         let changed: Vec<(Key, Record)> = self
             .records
             .into_iter()
@@ -366,7 +365,7 @@ fn kind_of(op: Op) -> ChangeKind {
 
 /// The log row a change leaves after merging: only the fields that won. `None` when nothing won; the
 /// change itself (borrowed, not copied) when it is an insert that won everywhere, the common case.
-pub fn winning_row<'c>(
+pub(crate) fn winning_row<'c>(
     change: &'c NewChange,
     winners: &[String],
     state: &RecordState,
@@ -417,21 +416,21 @@ fn state_fields_of(change: &NewChange) -> Vec<&String> {
 
 /// The changed records of a batch, one array per column of `sync_records`, borrowed from the batch.
 #[derive(Default)]
-pub struct RecordColumns<'b> {
-    pub tables: Vec<&'b str>,
-    pub ids: Vec<&'b str>,
-    pub states: Vec<Json<&'b RecordState>>,
-    pub deleted: Vec<bool>,
-    pub updated: Vec<PgTimestamp>,
-    pub events: Vec<Option<&'b str>>,
-    pub actors: Vec<Option<&'b Value>>,
-    pub origins: Vec<Option<&'b str>>,
-    pub spaces: Vec<Option<&'b str>>,
-    pub versions: Vec<i32>,
+pub(crate) struct RecordColumns<'b> {
+    pub(crate) tables: Vec<&'b str>,
+    pub(crate) ids: Vec<&'b str>,
+    pub(crate) states: Vec<Json<&'b RecordState>>,
+    pub(crate) deleted: Vec<bool>,
+    pub(crate) updated: Vec<PgTimestamp>,
+    pub(crate) events: Vec<Option<&'b str>>,
+    pub(crate) actors: Vec<Option<&'b Value>>,
+    pub(crate) origins: Vec<Option<&'b str>>,
+    pub(crate) spaces: Vec<Option<&'b str>>,
+    pub(crate) versions: Vec<i32>,
 }
 
 /// A conflict as the push response reports it.
-pub fn conflict(table: &str, id: &str, conflict: merge::FieldConflict) -> Conflict {
+pub(crate) fn conflict(table: &str, id: &str, conflict: merge::FieldConflict) -> Conflict {
     Conflict {
         table: table.to_owned(),
         id: id.to_owned(),

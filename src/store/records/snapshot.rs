@@ -9,26 +9,27 @@ use crate::protocol::WireChange;
 use crate::store::{Cause, StoreError};
 
 /// Where snapshot cursors start: anything before is "no cursor", i.e. a fresh snapshot.
-pub const SNAPSHOT_FLOOR: Micros = 86_400_000_000; // 1970-01-02T00:00:00Z
+pub(crate) const SNAPSHOT_FLOOR: Micros = 86_400_000_000; // 1970-01-02T00:00:00Z
 /// Where snapshot cursors end and log cursors begin.
-pub const SNAPSHOT_CEIL: Micros = 946_684_800_000_000; // 2000-01-01T00:00:00Z
+pub(crate) const SNAPSHOT_CEIL: Micros = 946_684_800_000_000; // 2000-01-01T00:00:00Z
 /// The first position `sync_records_seq` hands out (`START` in schema.sql; keep the two equal).
 ///
 /// Older versions encoded a record's stamp at 2 µs resolution in the cursor range, so their cursors
 /// decode to positions below (stamp − 2000-01-01) / 2, about 4.3e14 in 2026 and still below this until
 /// 2031. Such a cursor therefore decodes to a position before every record, and the snapshot simply starts
 /// again: duplicates, never a gap.
-pub const SEQ_START: i64 = 500_000_000_000_000;
+#[cfg(test)]
+pub(super) const SEQ_START: i64 = 500_000_000_000_000;
 /// The last position a snapshot cursor can carry (`SNAPSHOT_FLOOR + SEQ_MAX` is the last µs before
 /// `SNAPSHOT_CEIL`). That leaves about 4.47e14 positions after `SEQ_START`: 14 years of one million record
 /// writes per second, 140 years of 100,000. Should the sequence ever get there, a snapshot page that would
 /// need a cursor past it is refused with an internal error (`snapshot_cursor` returns `None`) rather than
 /// answered with a cursor outside the range; the remedy is to renumber `seq` and restart the sequence.
-pub const SEQ_MAX: i64 = SNAPSHOT_CEIL - SNAPSHOT_FLOOR - 1;
+pub(crate) const SEQ_MAX: i64 = SNAPSHOT_CEIL - SNAPSHOT_FLOOR - 1;
 
 /// How a `since` is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReadMode {
+pub(crate) enum ReadMode {
     /// Log rows after this cursor.
     Log(Micros),
     /// Records whose position (`seq`) is after this one.
@@ -38,7 +39,7 @@ pub enum ReadMode {
 /// A `since` before the snapshot range (the epoch, or nothing), or older than the retention horizon,
 /// starts a snapshot; one inside the range continues one after the position it encodes; anything else
 /// reads the log.
-pub fn read_mode(since: Micros, horizon: Option<Micros>) -> ReadMode {
+pub(crate) fn read_mode(since: Micros, horizon: Option<Micros>) -> ReadMode {
     if since < SNAPSHOT_FLOOR {
         ReadMode::Snapshot(0)
     } else if since < SNAPSHOT_CEIL {
@@ -52,7 +53,7 @@ pub fn read_mode(since: Micros, horizon: Option<Micros>) -> ReadMode {
 
 /// The cursor of a snapshot page that has more and ended at the record at `position`: the next page
 /// starts after it. `None` when the position does not fit the range (see `SEQ_MAX`).
-pub fn snapshot_cursor(position: i64) -> Option<Micros> {
+pub(crate) fn snapshot_cursor(position: i64) -> Option<Micros> {
     (0..=SEQ_MAX)
         .contains(&position)
         .then(|| SNAPSHOT_FLOOR + position)
@@ -60,7 +61,7 @@ pub fn snapshot_cursor(position: i64) -> Option<Micros> {
 
 /// A snapshot page: records of one app (optionally some tables) positioned after `from`, in position
 /// order, each with its position; and whether more remain.
-pub async fn snapshot_page(
+pub(crate) async fn snapshot_page(
     tx: &impl GenericClient,
     user: &str,
     app: &str,
