@@ -16,7 +16,7 @@ mod listen;
 mod pool;
 mod push;
 mod read;
-pub mod records;
+pub(crate) mod records;
 mod timestamp;
 mod user_tx;
 mod write;
@@ -31,8 +31,8 @@ use crate::protocol::time::Micros;
 pub use error::{Cause, StoreError};
 pub use group::{GroupStats, Hint};
 pub use known::KnownStamps;
-pub use listen::Listener;
-pub use pool::{Pool, PoolStatus, PooledConnection};
+pub use pool::PoolStatus;
+pub(crate) use pool::{Pool, PooledConnection};
 use read::{log_page, page_params, read_page, Page, Tables, CLOCK_ADVANCE};
 #[cfg(feature = "test-support")]
 pub use user_tx::USER_LOCK_CLASS;
@@ -170,7 +170,7 @@ impl Store {
 
     /// A connection of its own, outside the pool (the notification listener keeps one open for good),
     /// named `application_name` in `pg_stat_activity`.
-    pub async fn connect_dedicated(
+    pub(crate) async fn connect_dedicated(
         &self,
         application_name: &str,
     ) -> Result<
@@ -197,7 +197,7 @@ impl Store {
     }
 
     /// Changes whose times were beyond `MAX_FUTURE_SKEW_SECS` (ordered at that bound), since start.
-    pub fn times_beyond_skew(&self) -> u64 {
+    pub(crate) fn times_beyond_skew(&self) -> u64 {
         self.beyond_skew.load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -263,7 +263,7 @@ impl Store {
     }
 
     /// True when the connected role is a superuser or has BYPASSRLS, i.e. row-level security does not bind it.
-    pub async fn bypasses_row_level_security(&self) -> Result<bool, StoreError> {
+    pub(crate) async fn bypasses_row_level_security(&self) -> Result<bool, StoreError> {
         let connection = self.pool.get().await?;
         let row = connection
             .client()
@@ -283,20 +283,24 @@ impl Store {
     }
 
     /// The tables a user has written in one app (for the nudge a legacy socket gets after `auth-ok`).
-    pub async fn app_tables(&self, user: &str, app: &str) -> Result<Vec<String>, StoreError> {
+    pub(crate) async fn app_tables(
+        &self,
+        user: &str,
+        app: &str,
+    ) -> Result<Vec<String>, StoreError> {
         self.with_user_transaction(user, APP_TABLES, &[&user, &app], |row| row.get(0))
             .await
     }
 
     /// The apps a user has written to (for nudging a unified socket to pull everything).
-    pub async fn user_apps(&self, user: &str) -> Result<Vec<String>, StoreError> {
+    pub(crate) async fn user_apps(&self, user: &str) -> Result<Vec<String>, StoreError> {
         self.with_user_transaction(user, USER_APPS, &[&user], |row| row.get(0))
             .await
     }
 
     /// Runs `body` on a connection inside a transaction bound to `user` by row-level security (without the
-    /// cursor lock). Used by tests and tools that need to look at a user's rows the way the server does.
-    pub async fn with_user_transaction<T>(
+    /// cursor lock): the nudges' reads of which tables and apps a user has written.
+    pub(crate) async fn with_user_transaction<T>(
         &self,
         user: &str,
         sql: &str,
