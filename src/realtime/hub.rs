@@ -75,7 +75,8 @@ pub(crate) struct Subscriber {
     pub(crate) user: String,
     pub(crate) kind: Kind,
     interest: Interest,
-    client_id: Mutex<Option<String>>,
+    /// The device this connection belongs to (`X-Client-Id`, `clientId`): its own pushes are not echoed.
+    device: Mutex<Option<String>>,
     queue: Mutex<Queue>,
     wake: Notify,
 }
@@ -102,8 +103,8 @@ impl Subscriber {
     }
 
     /// The device id used for echo suppression; a WebSocket may set it late (in its auth message).
-    pub(crate) fn set_client_id(&self, client_id: Option<String>) {
-        *self.client_id.lock() = client_id;
+    pub(crate) fn set_device(&self, device: Option<String>) {
+        *self.device.lock() = device;
     }
 }
 
@@ -168,14 +169,14 @@ impl Hub {
         user: &str,
         interest: Interest,
         kind: Kind,
-        client_id: Option<String>,
+        device: Option<String>,
     ) -> Result<Registration, RegisterError> {
         let subscriber = Arc::new(Subscriber {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             user: user.to_owned(),
             kind,
             interest,
-            client_id: Mutex::new(client_id),
+            device: Mutex::new(device),
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
         });
@@ -212,7 +213,7 @@ impl Hub {
         user: &str,
         app: &str,
         tables: Option<&BTreeSet<String>>,
-        origin: Option<&str>,
+        device: Option<&str>,
     ) {
         let tables = tables.filter(|tables| tables.len() <= MAX_HINT_TABLES);
         let shard = self.shard(user).lock();
@@ -223,7 +224,7 @@ impl Hub {
             if !subscriber.interest.wants(app) {
                 continue;
             }
-            if origin.is_some() && subscriber.client_id.lock().as_deref() == origin {
+            if device.is_some() && subscriber.device.lock().as_deref() == device {
                 continue;
             }
             self.enqueue(
@@ -341,7 +342,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn notifies_only_interested_connections_of_that_user_and_never_the_origin() {
+    async fn notifies_only_interested_connections_of_that_user_and_never_the_pushing_device() {
         let hub = Arc::new(Hub::new(8, 10));
         let unified = hub
             .register(

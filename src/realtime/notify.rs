@@ -1,6 +1,6 @@
 //! Fan-out across server instances through PostgreSQL `LISTEN`/`NOTIFY`.
 //!
-//! A push queues a small hint (`{"i":instance,"u":user,"a":app,"t":[tables],"c":client,"s":stamp}`) with
+//! A push queues a small hint (`{"i":instance,"u":user,"a":app,"t":[tables],"c":device,"s":stamp}`) with
 //! `pg_notify` inside its own transaction, so PostgreSQL delivers it to every listening instance exactly
 //! when the change commits, never for a rolled-back one. Direct writers get the same hint from the schema's
 //! statement trigger. `s` is the user's clock after the commit (the newest stamp written): it raises what
@@ -36,15 +36,15 @@ pub fn hint_payload(
     user: &str,
     app: &str,
     tables: &BTreeSet<String>,
-    client: Option<&str>,
+    device: Option<&str>,
     stamp: Micros,
 ) -> String {
     let stamp = time::format_cursor(stamp);
-    let app_changed = || json!({"i": instance, "u": user, "a": app, "c": client, "s": stamp});
+    let app_changed = || json!({"i": instance, "u": user, "a": app, "c": device, "s": stamp});
     if tables.len() > MAX_HINT_TABLES {
         return app_changed().to_string();
     }
-    let payload = json!({"i": instance, "u": user, "a": app, "t": tables, "c": client, "s": stamp})
+    let payload = json!({"i": instance, "u": user, "a": app, "t": tables, "c": device, "s": stamp})
         .to_string();
     if payload.len() <= MAX_PAYLOAD {
         payload
@@ -60,7 +60,8 @@ pub struct RemoteHint {
     pub user: String,
     pub app: String,
     pub tables: Option<BTreeSet<String>>,
-    pub client: Option<String>,
+    /// The device that pushed (`c`), whose own connections are not told.
+    pub device: Option<String>,
     /// The user's clock after the commit; `None` from servers that did not send it.
     pub stamp: Option<Micros>,
 }
@@ -80,7 +81,7 @@ pub fn parse_hint(payload: &str) -> Option<RemoteHint> {
         user: text("u")?,
         app: text("a")?,
         tables,
-        client: text("c"),
+        device: text("c"),
         stamp: value
             .get("s")
             .and_then(Value::as_str)
@@ -197,7 +198,7 @@ fn deliver(context: &dyn Context, payload: &str) {
         &hint.user,
         &hint.app,
         hint.tables.as_ref(),
-        hint.client.as_deref(),
+        hint.device.as_deref(),
     );
 }
 
@@ -217,7 +218,7 @@ mod tests {
                 user: "u".into(),
                 app: "todo".into(),
                 tables: Some(tables),
-                client: Some("dev".into()),
+                device: Some("dev".into()),
                 stamp: Some(stamp),
             })
         );

@@ -158,8 +158,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// way the session closes.
     async fn serve(&mut self) -> Result<Infallible, Close> {
         let shutdown = self.context.shutdown().clone();
-        let (claims, client_id) = self.auth(&shutdown).await?;
-        let mut live = self.register(&claims, client_id).await?;
+        let (claims, device) = self.auth(&shutdown).await?;
+        let mut live = self.register(&claims, device).await?;
         loop {
             tokio::select! {
                 hints = live.registration.subscriber.next_hints() => self.on_hints(&live, hints).await?,
@@ -194,12 +194,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn authenticate(&mut self, text: &str) -> Result<Authenticated, Close> {
         const REQUIRED: &str = "authentication required";
         match parse_client_message(text) {
-            Ok(ClientMessage::Auth { token, client_id }) => {
-                match self.context.auth().verify(&token).await {
-                    Ok(claims) => Ok((claims, client_id)),
-                    Err(e) => Err(self.auth_failed(e).await),
-                }
-            }
+            Ok(ClientMessage::Auth {
+                token,
+                client_id: device,
+            }) => match self.context.auth().verify(&token).await {
+                Ok(claims) => Ok((claims, device)),
+                Err(e) => Err(self.auth_failed(e).await),
+            },
             Ok(ClientMessage::Ping) => Err(self
                 .refuse("authenticate first", CloseCode::Policy, REQUIRED)
                 .await),
@@ -211,16 +212,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Phase 2: takes the user's place in the hub, answers `auth-ok` and nudges a legacy client once.
-    async fn register(
-        &mut self,
-        claims: &Claims,
-        client_id: Option<String>,
-    ) -> Result<Live, Close> {
+    async fn register(&mut self, claims: &Claims, device: Option<String>) -> Result<Live, Close> {
         self.unauthenticated.take();
         let user = claims.sub.clone();
         let hub = self.context.hub();
-        let registration = match hub.register(&user, self.interest.clone(), Kind::Socket, client_id)
-        {
+        let registration = match hub.register(&user, self.interest.clone(), Kind::Socket, device) {
             Ok(registration) => registration,
             Err(RegisterError::TooManyConnections { limit }) => {
                 let message = format!(
@@ -272,9 +268,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         match parse_client_message(&text) {
             Ok(ClientMessage::Ping) => self.send_or_stall(&ServerMessage::Pong).await,
-            Ok(ClientMessage::Auth { token, client_id }) => {
-                self.reauthenticate(live, &token, client_id).await
-            }
+            Ok(ClientMessage::Auth {
+                token,
+                client_id: device,
+            }) => self.reauthenticate(live, &token, device).await,
             Err(e) => {
                 self.send_error(&e).await;
                 Ok(())
@@ -287,13 +284,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         &mut self,
         live: &mut Live,
         token: &str,
-        client_id: Option<String>,
+        device: Option<String>,
     ) -> Result<(), Close> {
         match self.context.auth().verify(token).await {
             Ok(fresh) if fresh.sub == live.user => {
                 live.expires = token_deadline(&fresh, self.context.config().ws_token_leeway);
-                if client_id.is_some() {
-                    live.registration.subscriber.set_client_id(client_id);
+                if device.is_some() {
+                    live.registration.subscriber.set_device(device);
                 }
                 self.send_or_stall(&ServerMessage::AuthOk).await
             }
