@@ -230,9 +230,11 @@ async fn a_user_whose_lock_is_busy_holds_up_no_one_else_in_the_group() {
     // The busy push may have reached the queue after the others' group was taken; its own group then tries
     // the lock, finds it busy and hands the push back to wait alone.
     let stats = server.app.store.push_groups();
-    wait_until("the busy push is handed back", Duration::from_secs(30), || async {
-        stats.bounced.load(Ordering::Relaxed) >= 1
-    })
+    wait_until(
+        "the busy push is handed back",
+        Duration::from_secs(30),
+        || async { stats.bounced.load(Ordering::Relaxed) >= 1 },
+    )
     .await;
     assert_eq!(stats.failed.load(Ordering::Relaxed), 0);
     assert!(!busy_push.is_finished(), "it waits alone for the lock");
