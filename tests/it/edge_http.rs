@@ -234,6 +234,15 @@ async fn read_reply(response: Response<Incoming>) -> Reply {
     }
 }
 
+/// A stream's response when it is 200; otherwise fails showing the status and the (error) body.
+async fn ok_stream(response: Response<Incoming>) -> Response<Incoming> {
+    if response.status() != 200 {
+        let reply = read_reply(response).await;
+        panic!("the stream was refused: {} {}", reply.status, reply.text);
+    }
+    response
+}
+
 fn empty() -> RequestBody {
     Empty::new().boxed_unsync()
 }
@@ -338,8 +347,8 @@ async fn https_serves_push_pull_streams_sockets_and_health_over_h2_and_http1() {
             "/sync/todo/stream?since={}",
             crate::support::percent_encode(LOG_START)
         );
-        let response = streamer.send(get(&stream_path, Some(&user))).await.unwrap();
-        assert_eq!(response.status(), 200);
+        let response =
+            ok_stream(streamer.send(get(&stream_path, Some(&user))).await.unwrap()).await;
         assert_eq!(response.version(), client.version());
         let mut events = response.into_body();
         sse_until(&mut events, "\"t1\"").await; // the backlog
@@ -441,8 +450,7 @@ async fn an_open_stream_keeps_its_http2_connection_from_idling_out() {
         "/sync/todo/stream?since={}",
         crate::support::percent_encode(LOG_START)
     );
-    let response = client.send(get(&stream_path, Some(&user))).await.unwrap();
-    assert_eq!(response.status(), 200);
+    let response = ok_stream(client.send(get(&stream_path, Some(&user))).await.unwrap()).await;
     let mut events = response.into_body();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let pushed = client.call(push_of(&user, "laptop", "t1")).await;

@@ -155,7 +155,8 @@ async fn sockets_and_streams_of_one_user_share_one_cap() {
     let stream_url = server.url("/sync/todo/stream");
     let first = SseClient::open(&stream_url, &[("authorization", &auth)]).await;
     let second = SseClient::open(&stream_url, &[("authorization", &auth)]).await;
-    assert_eq!((first.status, second.status), (200, 200));
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(second.status, 200, "{}", second.text());
 
     let refused = server
         .request(
@@ -185,7 +186,7 @@ async fn sockets_and_streams_of_one_user_share_one_cap() {
         &[("authorization", &format!("Bearer {}", token(&other)))],
     )
     .await;
-    assert_eq!(theirs.status, 200);
+    assert_eq!(theirs.status, 200, "{}", theirs.text());
     server.stop().await;
 }
 

@@ -529,7 +529,7 @@ async fn an_app_stream_delivers_a_backlog_of_2500_complete_and_in_order_then_liv
         &[("authorization", &auth), ("x-client-id", "phone")],
     )
     .await;
-    assert_eq!(stream.status, 200);
+    assert_eq!(stream.status, 200, "{}", stream.text());
     let mut ids = Vec::new();
     while !ids.iter().any(|id| id == "t2499") {
         let event = stream.next_change(WAIT).await.expect("backlog event");
@@ -619,7 +619,7 @@ async fn the_unified_stream_covers_many_apps_and_resumes_from_last_event_id_with
     let auth = bearer(&user);
     let url = server.url("/sync/stream?apps=todo,calendar");
     let mut stream = SseClient::open(&url, &[("authorization", &auth)]).await;
-    assert_eq!(stream.status, 200);
+    assert_eq!(stream.status, 200, "{}", stream.text());
     let mut seen = std::collections::BTreeSet::new();
     let mut last_id = None;
     while seen.len() < 50 {
@@ -699,7 +699,7 @@ async fn a_stream_ends_at_token_expiry_with_an_event_that_says_why() {
         let url = server.url(path);
         let auth = format!("Bearer {short}");
         let mut stream = SseClient::open(&url, &[("authorization", &auth)]).await;
-        assert_eq!(stream.status, 200, "{path}");
+        assert_eq!(stream.status, 200, "{path}: {}", stream.text());
         // Still delivering before the expiry.
         let pushed = server
             .push(

@@ -597,7 +597,16 @@ impl SseClient {
                 Ok(response) => response,
                 Err(_) => return,
             };
-            let _ = status_tx.send(response.status().as_u16());
+            let status = response.status().as_u16();
+            if status != 200 {
+                // Not a stream: the (short) error body goes to `raw` before the status is handed over, so a
+                // failed assert on the status can show it.
+                let body = response.body_mut().read_to_string().unwrap_or_default();
+                raw_writer.lock().unwrap().push_str(&body);
+                let _ = status_tx.send(status);
+                return;
+            }
+            let _ = status_tx.send(status);
             let reader =
                 std::io::BufReader::new(response.body_mut().with_config().limit(u64::MAX).reader());
             let (mut event, mut id, mut data) = (String::new(), None, String::new());
@@ -631,6 +640,11 @@ impl SseClient {
             events,
             raw,
         }
+    }
+
+    /// What was received so far: for a status other than 200, the whole error body.
+    pub fn text(&self) -> String {
+        self.raw.lock().unwrap().clone()
     }
 
     /// The next event other than a heartbeat, within `wait`.
