@@ -8,7 +8,8 @@ use mana_sync::devdb::{EmbeddedOptions, EmbeddedPostgres};
 use serde_json::{json, Value};
 
 use crate::support::{
-    self, changeset, insert, request, token, unique_user, Reply, TestServer, EPOCH, USER_LOCK_CLASS,
+    self, changeset, insert, request, token, unique_user, wait_until, Reply, TestServer, EPOCH,
+    USER_LOCK_CLASS,
 };
 
 const ORIGIN: &str = "https://app.example";
@@ -581,33 +582,18 @@ async fn saturated_pool_is_503_and_nothing_queues_forever() {
         .await
     });
     let observer = support::superuser().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let waiting: i64 = observer
-            .query_one(
-                &format!(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-                     AND classid::bigint = {USER_LOCK_CLASS} \
-                     AND objid::bigint = (hashtext($1)::bigint & 4294967295)"
-                ),
-                &[&writer],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the push never waited on the lock"
-        );
-        assert!(
-            !blocked.is_finished(),
-            "the push finished while the lock was held"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "the push waits on the lock",
+        Duration::from_secs(30),
+        || async {
+            assert!(
+                !blocked.is_finished(),
+                "the push finished while the lock was held"
+            );
+            support::lock_waiters(&observer, &writer).await > 0
+        },
+    )
+    .await;
     assert_eq!(server.app.store.pool_status().in_use, 1);
 
     // Another user's request finds no free connection within the acquire timeout.

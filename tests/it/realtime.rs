@@ -257,6 +257,7 @@ async fn a_socket_closes_at_token_expiry_unless_it_re_authenticates() {
         next_frame(&mut socket, WAIT).await,
         Received::Json(json!({"type": "auth-ok"}))
     );
+    // Past the first token's expiry (2 s).
     tokio::time::sleep(Duration::from_secs(4)).await;
     send_json(&mut socket, &json!({"type": "ping"})).await;
     assert_eq!(
@@ -345,17 +346,12 @@ async fn a_slow_consumer_is_closed_while_other_users_keep_receiving() {
     }
     assert!(closed, "the slow consumer was closed");
     // The server dropped it: its registration is gone.
-    for _ in 0..50 {
-        if server.app.hub.counts(None) == (1, 1) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        server.app.hub.counts(None),
-        (1, 1),
-        "only the fast user's socket remains"
-    );
+    wait_until(
+        "only the fast user's socket remains",
+        Duration::from_secs(5),
+        || async { server.app.hub.counts(None) == (1, 1) },
+    )
+    .await;
 
     server
         .push(
@@ -381,8 +377,8 @@ async fn a_push_on_one_instance_reaches_a_socket_on_another() {
     assert_ne!(a.app.instance_id, b.app.instance_id);
     let user = unique_user("fanout");
     let mut on_b = b.authed_socket("/ws", &user, Some("phone")).await;
-    // Give B's listener time to be LISTENing (it starts with the server).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // B's listener starts with the server: the hint reaches B only once its LISTEN is in effect.
+    wait_for_listener(&b).await;
     a.push(
         &user,
         "todo",
