@@ -586,7 +586,8 @@ async fn a_jwks_endpoint_answering_garbage_or_hanging_keeps_the_cached_keys() {
     .await;
     let user = unique_user("fault-jwks");
     let good = token_of("k-good", &key, &user);
-    assert_eq!(pull_status(&server, &good).await.0, 200);
+    let (status, body) = pull_status(&server, &good).await;
+    assert_eq!(status, 200, "{body}");
 
     let rsa_only =
         json!({"keys": [{"kty": "RSA", "kid": "r1", "n": "AQAB", "e": "AQAB"}]}).to_string();
@@ -639,7 +640,8 @@ async fn a_jwks_endpoint_answering_garbage_or_hanging_keeps_the_cached_keys() {
         || async { endpoint.hanging.load(Ordering::SeqCst) > 0 },
     )
     .await;
-    assert_eq!(pull_status(&server, &good).await.0, 200);
+    let (status, body) = pull_status(&server, &good).await;
+    assert_eq!(status, 200, "{body}");
     assert!(
         !refresh.is_finished(),
         "a known key was verified only after the hanging JWKS fetch gave up"
@@ -648,7 +650,8 @@ async fn a_jwks_endpoint_answering_garbage_or_hanging_keeps_the_cached_keys() {
         refresh.await.unwrap().is_err(),
         "the hanging fetch times out"
     );
-    assert_eq!(pull_status(&server, &good).await.0, 200);
+    let (status, body) = pull_status(&server, &good).await;
+    assert_eq!(status, 200, "{body}");
 
     // A well-formed answer is believed: the JWKS endpoint is the root of trust. If it lies (drops the
     // real key, publishes an attacker's), the cache follows it — documented in SECURITY.md.
