@@ -7,6 +7,9 @@
 /// for tests and benchmarks that take or look for the lock from outside the server: the store's own.
 pub use crate::store::USER_LOCK_CLASS;
 
+mod rng;
+pub use rng::Rng;
+
 /// Percent-encodes `text` for a query string: every byte but the unreserved characters of RFC 3986
 /// (`A-Z a-z 0-9 - . _ ~`) becomes `%XX`.
 pub fn percent_encode(text: &str) -> String {
@@ -18,37 +21,6 @@ pub fn percent_encode(text: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-/// A small deterministic generator (xorshift64), so a failing run can be replayed from its seed and a
-/// benchmark makes the same picks every run, without a dependency. The state must not be 0: build it
-/// with [`Rng::new`] from any seed, or as `Rng(seed)` from a seed known to be non-zero.
-#[derive(Debug, Clone)]
-pub struct Rng(pub u64);
-
-impl Rng {
-    /// From any seed, 0 included (mixed with a constant, since xorshift stays at 0 forever).
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
-    }
-
-    #[allow(clippy::should_implement_trait)] // not an iterator: it never ends
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// A number in `0..n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// An index into something of length `len`.
-    pub fn index(&mut self, len: usize) -> usize {
-        self.below(len as u64) as usize
-    }
 }
 
 #[cfg(test)]
@@ -71,5 +43,17 @@ mod tests {
         let mut zero = Rng::new(0);
         assert_ne!(zero.next(), 0);
         assert!((0..100).all(|_| zero.index(3) < 3));
+    }
+
+    #[test]
+    fn picks_chances_and_shuffles_stay_within_their_input() {
+        let mut rng = Rng::new(7);
+        assert!((0..100).all(|_| [1, 2, 3].contains(&rng.pick(&[1, 2, 3]))));
+        assert!((0..100).all(|_| !rng.chance(0) && rng.chance(100)));
+        let mut items: Vec<u32> = (0..50).collect();
+        rng.shuffle(&mut items);
+        assert_ne!(items, (0..50).collect::<Vec<_>>());
+        items.sort_unstable();
+        assert_eq!(items, (0..50).collect::<Vec<_>>());
     }
 }

@@ -170,6 +170,7 @@ fn sigkill_helper() {
     rt.block_on(async {
         let pg = EmbeddedPostgres::start(test_options(&dir)).await.unwrap();
         fs::write(dir.join("ready"), b"").unwrap();
+        // Holds PostgreSQL until the test SIGKILLs this process.
         tokio::time::sleep(Duration::from_secs(120)).await;
         drop(pg);
     });

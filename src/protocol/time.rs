@@ -202,8 +202,16 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// The test generator, included rather than named: `test_support` is a higher layer (see its `rng.rs`).
+#[cfg(test)]
+#[path = "../test_support/rng.rs"]
+#[allow(dead_code)] // the tests use only some of its methods
+#[allow(clippy::duplicate_mod)] // one source, a copy per layer that may not name test_support
+mod test_rng;
+
 #[cfg(test)]
 mod tests {
+    use super::test_rng::Rng;
     use super::*;
 
     #[test]
@@ -292,21 +300,13 @@ mod tests {
         assert_eq!(format_millis(i64::MAX), "9999-12-31T23:59:59.999Z");
     }
 
-    /// A deterministic xorshift generator: enough randomness for property tests without a dependency.
-    fn xorshift(state: &mut u64) -> u64 {
-        *state ^= *state << 13;
-        *state ^= *state >> 7;
-        *state ^= *state << 17;
-        *state
-    }
-
     #[test]
     fn property_format_then_parse_round_trips_and_preserves_order() {
-        let mut state = 0x9E37_79B9_7F4A_7C15;
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         let range = 253_402_300_799_999_999i64 + 62_135_596_800_000_000;
         let mut previous: Option<(i64, String)> = None;
         for _ in 0..20_000 {
-            let micros = (xorshift(&mut state) % range as u64) as i64 - 62_135_596_800_000_000;
+            let micros = rng.below(range as u64) as i64 - 62_135_596_800_000_000;
             let text = format_cursor(micros);
             assert_eq!(text.len(), 27);
             assert_eq!(parse_rfc3339(&text), Ok(micros), "{text}");
@@ -322,13 +322,11 @@ mod tests {
 
     #[test]
     fn property_never_panics_on_arbitrary_bytes() {
-        let mut state = 42;
+        let mut rng = Rng(42);
         let alphabet = b"0123456789-:.TZz+ tx\xff";
         for _ in 0..50_000 {
-            let len = (xorshift(&mut state) % 40) as usize;
-            let bytes: Vec<u8> = (0..len)
-                .map(|_| alphabet[(xorshift(&mut state) % alphabet.len() as u64) as usize])
-                .collect();
+            let len = rng.index(40);
+            let bytes: Vec<u8> = (0..len).map(|_| rng.pick(alphabet)).collect();
             let text = String::from_utf8_lossy(&bytes);
             let _ = parse_rfc3339(&text);
         }

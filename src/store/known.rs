@@ -234,8 +234,16 @@ impl KnownStamps {
     }
 }
 
+/// The test generator, included rather than named: `test_support` is a higher layer (see its `rng.rs`).
+#[cfg(test)]
+#[path = "../test_support/rng.rs"]
+#[allow(dead_code)] // the tests use only some of its methods
+#[allow(clippy::duplicate_mod)] // one source, a copy per layer that may not name test_support
+mod test_rng;
+
 #[cfg(test)]
 mod tests {
+    use super::test_rng::Rng;
     use super::*;
 
     fn live(capacity: usize) -> KnownStamps {
@@ -348,13 +356,7 @@ mod tests {
     /// `since` may have had its hint processed or lost, and `since` is never ahead of the clock.
     #[test]
     fn never_hides_a_processed_hint() {
-        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         for _ in 0..200 {
             let known = live(64 * 2);
             let users: Vec<String> = (0..300).map(|i| format!("u{i}")).collect();
@@ -363,10 +365,10 @@ mod tests {
             let mut pending: Vec<(usize, i64)> = Vec::new(); // hints in flight, in commit order
             let mut reads: Vec<(usize, Option<Ticket>, i64)> = Vec::new(); // reads in flight
             for _ in 0..2_000 {
-                let u = (next() % users.len() as u64) as usize;
-                match next() % 6 {
+                let u = rng.index(users.len());
+                match rng.below(6) {
                     0 => {
-                        clock[u] += 1 + (next() % 3) as i64;
+                        clock[u] += 1 + rng.below(3) as i64;
                         pending.push((u, clock[u]));
                     }
                     1 if !pending.is_empty() => {
@@ -376,10 +378,10 @@ mod tests {
                     }
                     2 => reads.push((u, known.ticket(&users[u]), clock[u])),
                     3 if !reads.is_empty() => {
-                        let (v, ticket, at) = reads.remove((next() % reads.len() as u64) as usize);
+                        let (v, ticket, at) = reads.remove(rng.index(reads.len()));
                         known.learn(&users[v], ticket, at);
                     }
-                    4 if next() % 50 == 0 => {
+                    4 if rng.below(50) == 0 => {
                         // Hints are lost while the listener is down; their commits must not be hidden
                         // either, so they count as processed.
                         known.listener_down();
@@ -389,7 +391,7 @@ mod tests {
                         known.listener_up();
                     }
                     _ => {
-                        let since = (next() % (clock[u] as u64 + 2)) as i64;
+                        let since = rng.below(clock[u] as u64 + 2) as i64;
                         if known.nothing_after(&users[u], since) {
                             assert!(
                                 since <= clock[u],

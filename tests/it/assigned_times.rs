@@ -268,6 +268,7 @@ async fn a_device_that_was_behind_keeps_the_later_edit() {
         )
         .await;
     assert_eq!(created.status, 200, "{}", created.text);
+    // The edit is stamped later than the insert's assigned time.
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let edited_at = time::format_millis(mana_sync::clock::now_micros());
     let edited = server
@@ -302,6 +303,7 @@ async fn a_device_that_was_behind_keeps_the_later_edit() {
         fields.values().all(|f| is_assigned_form(&f["at"])),
         "{insert_entry}"
     );
+    // Applied a little later by the laptop's clock.
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     changes.iter().for_each(|c| laptop.apply(c));
     assert_eq!(laptop.value("tasks", "t", "title"), Some(&json!("final")));

@@ -446,18 +446,15 @@ async fn server_on(endpoint: &JwksEndpoint) -> TestServer {
     })
     .await;
     endpoint.wait_for_hits(2).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (ok, failed) = server.app.auth.refresh_stats();
-        if ok + failed >= 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "start-up refreshes did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::wait_until(
+        "start-up refreshes finish",
+        Duration::from_secs(30),
+        || async {
+            let (ok, failed) = server.app.auth.refresh_stats();
+            ok + failed >= 2
+        },
+    )
+    .await;
     server
 }
 

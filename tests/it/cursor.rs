@@ -11,6 +11,8 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
+const WAIT: Duration = Duration::from_secs(30);
+
 /// A direct writer as the real system has them: its own connection, a transaction that declares the user,
 /// `id` and `created_at` left to their defaults, an `update` with per-field timestamps.
 const DIRECT_INSERT: &str = "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data, field_meta, client_id, origin) \
@@ -64,6 +66,7 @@ async fn a_write_in_flight_while_another_device_pulls_is_not_skipped() {
     let (first, ()) = tokio::join!(
         server.pull(&user, "app", Some("reader"), "t", LOG_START, None),
         async {
+            // Into the pull: nothing observable says the pull has begun, so give it a head start.
             tokio::time::sleep(Duration::from_millis(300)).await;
             writer.batch_execute("COMMIT").await.unwrap();
         }
@@ -99,6 +102,7 @@ async fn a_transaction_that_began_before_the_cursor_and_wrote_after_it_is_delive
 
     // Today's server stamps rows with the transaction's start time: this row would land behind the cursor.
     begin_as(&writer, &user).await;
+    // The transaction's start time must be older than the cursor the pull hands out.
     tokio::time::sleep(Duration::from_millis(20)).await;
     let first = server
         .pull(&user, "app", Some("reader"), "t", LOG_START, None)
@@ -132,7 +136,11 @@ async fn a_transaction_that_began_before_the_cursor_and_wrote_after_it_is_delive
             .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let observer = superuser().await;
+    wait_until("the push waits on the open transaction", WAIT, || async {
+        lock_waiters(&observer, &user).await > 0
+    })
+    .await;
     writer.batch_execute("COMMIT").await.unwrap();
     blocked.await.unwrap().assert_status(200);
     let (rest, _) = server
@@ -481,6 +489,7 @@ async fn answers_from_memory_hide_nothing_across_instances_and_listener_restarts
             let admin = superuser().await;
             let mut kills = 0;
             for _ in 0..3 {
+                // Spread over the writers' run.
                 tokio::time::sleep(Duration::from_millis(700)).await;
                 let killed = admin
                     .query(
@@ -524,14 +533,15 @@ async fn answers_from_memory_hide_nothing_across_instances_and_listener_restarts
     });
     let pullers = futures_util::future::join_all(pullers);
     let writers = async {
-        let (mut written, direct) = tokio::join!(http_writer, direct_writer);
+        let (mut written, direct, kills) = tokio::join!(http_writer, direct_writer, chaos);
         written.extend(direct);
-        // Let the listeners come back from the last kill, so the final round is a fair test of memory.
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        // The listeners are back from the last kill, so the final round is a fair test of memory.
+        wait_for_listener(&writer_instance).await;
+        wait_for_listener(&reader_instance).await;
         done.store(true, std::sync::atomic::Ordering::SeqCst);
-        written
+        (written, kills)
     };
-    let (written, seen_by, kills) = tokio::join!(writers, pullers, chaos);
+    let ((written, kills), seen_by) = tokio::join!(writers, pullers);
     let expected: BTreeSet<String> = written.into_iter().collect();
     for (p, seen) in seen_by.iter().enumerate() {
         let missing: Vec<_> = expected.difference(seen).collect();

@@ -234,6 +234,15 @@ async fn read_reply(response: Response<Incoming>) -> Reply {
     }
 }
 
+/// A stream's response when it is 200; otherwise fails showing the status and the (error) body.
+async fn ok_stream(response: Response<Incoming>) -> Response<Incoming> {
+    if response.status() != 200 {
+        let reply = read_reply(response).await;
+        panic!("the stream was refused: {} {}", reply.status, reply.text);
+    }
+    response
+}
+
 fn empty() -> RequestBody {
     Empty::new().boxed_unsync()
 }
@@ -338,8 +347,8 @@ async fn https_serves_push_pull_streams_sockets_and_health_over_h2_and_http1() {
             "/sync/todo/stream?since={}",
             crate::support::percent_encode(LOG_START)
         );
-        let response = streamer.send(get(&stream_path, Some(&user))).await.unwrap();
-        assert_eq!(response.status(), 200);
+        let response =
+            ok_stream(streamer.send(get(&stream_path, Some(&user))).await.unwrap()).await;
         assert_eq!(response.version(), client.version());
         let mut events = response.into_body();
         sse_until(&mut events, "\"t1\"").await; // the backlog
@@ -441,9 +450,9 @@ async fn an_open_stream_keeps_its_http2_connection_from_idling_out() {
         "/sync/todo/stream?since={}",
         crate::support::percent_encode(LOG_START)
     );
-    let response = client.send(get(&stream_path, Some(&user))).await.unwrap();
-    assert_eq!(response.status(), 200);
+    let response = ok_stream(client.send(get(&stream_path, Some(&user))).await.unwrap()).await;
     let mut events = response.into_body();
+    // Longer than the idle timeout (300 ms) with only the stream open.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let pushed = client.call(push_of(&user, "laptop", "t1")).await;
     assert_eq!(pushed.status, 200, "{}", pushed.text);
@@ -590,6 +599,7 @@ async fn a_certificate_swapped_on_disk_is_served_to_new_connections_without_drop
 
     // Files that cannot be used keep the certificate in use.
     std::fs::write(dir.join("cert.pem"), "-----BEGIN CERTIFICATE-----\nnot one").unwrap();
+    // Several periodic checks (every 100 ms) see the bad files: a non-event, nothing to wait for.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let fresh = tls_connect(server.addr, ca.client_config(&[H2]))
         .await
@@ -636,11 +646,10 @@ async fn sighup_reloads_the_certificate_of_the_running_binary() {
         let stream = tls_connect(addr, ca.client_config(&[H2])).await.ok()?;
         Some(leaf_of(&stream))
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while leaf_now().await.is_none() {
-        assert!(Instant::now() < deadline, "the binary never served TLS");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until("the binary serves TLS", Duration::from_secs(30), || async {
+        leaf_now().await.is_some()
+    })
+    .await;
     assert_eq!(leaf_now().await, Some(first_leaf.clone()));
     // The container HEALTHCHECK: with TLS configured it asks the HTTPS port (plain HTTP would fail).
     let healthcheck = |tls: bool| {
@@ -664,6 +673,7 @@ async fn sighup_reloads_the_certificate_of_the_running_binary() {
         "plain HTTP to the TLS port: {checked:?}"
     );
     let (_, second_leaf) = ca.issue(&dir);
+    // Time for a wrong reload to happen, if one would (a non-event: nothing to wait for).
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         leaf_now().await,
@@ -677,11 +687,10 @@ async fn sighup_reloads_the_certificate_of_the_running_binary() {
             .unwrap()
     };
     assert!(signal("-HUP").success());
-    let deadline = Instant::now() + WAIT;
-    while leaf_now().await.as_ref() != Some(&second_leaf) {
-        assert!(Instant::now() < deadline, "SIGHUP did not reload");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("SIGHUP reloads", WAIT, || async {
+        leaf_now().await.as_ref() == Some(&second_leaf)
+    })
+    .await;
     assert!(signal("-TERM").success());
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -879,6 +888,7 @@ async fn a_silent_tls_client_is_dropped_at_the_handshake_deadline_and_frees_its_
             (client.call(get("/health", None)).await, Instant::now())
         }
     });
+    // Half the handshake deadline: the waiting client must not be served yet.
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(
         !waiting.is_finished(),
@@ -928,6 +938,7 @@ async fn drain_finishes_http2_streams_in_flight_and_refuses_new_ones() {
     })
     .await;
     let stopping = tokio::spawn(server.stop());
+    // Stopping must wait for the stream: it has not finished a while later.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!stopping.is_finished(), "the server waits for the stream");
     let refused = tokio::time::timeout(WAIT, client.send(get("/health", None))).await;

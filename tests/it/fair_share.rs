@@ -56,7 +56,12 @@ async fn one_users_burst_of_pushes_leaves_the_pool_to_others() {
         }
     }));
     let victim_pulls = async {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_until(
+            "the flood is at the database",
+            Duration::from_secs(10),
+            || async { server.app.store.users_at_the_database() > 0 },
+        )
+        .await;
         let mut statuses = Vec::new();
         for _ in 0..8 {
             let reply = server
@@ -66,6 +71,7 @@ async fn one_users_burst_of_pushes_leaves_the_pool_to_others() {
                 reply.status,
                 reply.text.chars().take(200).collect::<String>(),
             ));
+            // Spread over the flood, not all at its start.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         statuses
@@ -155,7 +161,8 @@ async fn sockets_and_streams_of_one_user_share_one_cap() {
     let stream_url = server.url("/sync/todo/stream");
     let first = SseClient::open(&stream_url, &[("authorization", &auth)]).await;
     let second = SseClient::open(&stream_url, &[("authorization", &auth)]).await;
-    assert_eq!((first.status, second.status), (200, 200));
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(second.status, 200, "{}", second.text());
 
     let refused = server
         .request(
@@ -185,7 +192,7 @@ async fn sockets_and_streams_of_one_user_share_one_cap() {
         &[("authorization", &format!("Bearer {}", token(&other)))],
     )
     .await;
-    assert_eq!(theirs.status, 200);
+    assert_eq!(theirs.status, 200, "{}", theirs.text());
     server.stop().await;
 }
 
@@ -240,6 +247,7 @@ async fn upgraded_sockets_keep_counting_against_the_connection_cap() {
     assert_eq!(server.app.open_connections(), 3);
     let url = server.url("/health");
     let waiting = tokio::spawn(async move { request("GET", &url, &[], None).await });
+    // Not served for a while: nothing to wait for, only time that must pass without an answer.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         !waiting.is_finished(),
@@ -420,6 +428,7 @@ async fn a_time_far_in_the_future_cannot_pin_a_field_forever() {
         json!("9999-12-31T23:59:59.999Z"),
         "the original string is kept"
     );
+    // Past the 1 s bound: a time stamped now is later than where the far-future one is ordered.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let now = mana_sync::protocol::time::format_millis(mana_sync::clock::now_micros());
     let reply = server
@@ -670,16 +679,15 @@ async fn large_bodies_in_flight_are_bounded_per_user_and_in_all() {
     // The slow bodies end (their clients go away): the budget comes back, and a large push is served.
     drop(_held_a);
     drop(_held_b);
-    let mut freed = false;
-    for _ in 0..50 {
-        let metrics = server.request("GET", "/metrics", &[], None).await.text;
-        if metrics.contains("mana_sync_inflight_body_bytes 0") {
-            freed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(freed, "the reservations of abandoned bodies are given back");
+    wait_until(
+        "the reservations of abandoned bodies are given back",
+        Duration::from_secs(5),
+        || async {
+            let metrics = server.request("GET", "/metrics", &[], None).await.text;
+            metrics.contains("mana_sync_inflight_body_bytes 0")
+        },
+    )
+    .await;
     let served = raw_request(server.addr, head(&third_user, 150_000), body(150_000)).await;
     assert_eq!(served.status, 200, "{}", served.text);
     assert_eq!(count_rows(&third_user).await, 1);

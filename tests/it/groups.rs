@@ -169,10 +169,7 @@ async fn a_user_whose_lock_is_busy_holds_up_no_one_else_in_the_group() {
     let busy = users[0].clone();
     // Only pushes whose `since` memory knows to be current may group, and memory knows nothing until the
     // listener is up (on a loaded machine that can take longer than the first pushes).
-    wait_until("the listener is up", Duration::from_secs(30), || async {
-        server.app.store.known().ticket(&busy).is_some()
-    })
-    .await;
+    wait_for_listener(&server).await;
     // A first push each: the server then knows each user's clock, so the next push may join a group.
     let mut cursors = Vec::new();
     for user in &users {

@@ -587,33 +587,18 @@ async fn take_the_only_connection(
         .await
     });
     let observer = support::superuser().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let waiting: i64 = observer
-            .query_one(
-                &format!(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-                     AND classid::bigint = {USER_LOCK_CLASS} \
-                     AND objid::bigint = (hashtext($1)::bigint & 4294967295)"
-                ),
-                &[&writer],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the push never waited on the lock"
-        );
-        assert!(
-            !blocked.is_finished(),
-            "the push finished while the lock was held"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "the push waits on the lock",
+        Duration::from_secs(30),
+        || async {
+            assert!(
+                !blocked.is_finished(),
+                "the push finished while the lock was held"
+            );
+            support::lock_waiters(&observer, &writer).await > 0
+        },
+    )
+    .await;
     assert_eq!(server.app.store.pool_status().in_use, 1);
     (holder, blocked)
 }

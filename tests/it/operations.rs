@@ -58,6 +58,7 @@ impl Credits {
                     let (status, body) = match credits.mode.load(Ordering::SeqCst) {
                         1 => ("500 Internal Server Error", "{}".to_owned()),
                         2 => {
+                            // Hangs: never answers within any test's timeout.
                             tokio::time::sleep(Duration::from_secs(30)).await;
                             return;
                         }
@@ -374,12 +375,12 @@ async fn the_request_concurrency_limit_answers_503_and_health_stays_up() {
             async move { request("POST", &url, &[("authorization", &auth)], Some(body)).await },
         )
     };
-    for _ in 0..100 {
-        if server.app.request_permits.available_permits() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "the push holds the only permit",
+        Duration::from_secs(10),
+        || async { server.app.request_permits.available_permits() == 0 },
+    )
+    .await;
     let refused = server
         .pull(
             &unique_user("other"),
@@ -427,6 +428,7 @@ async fn excess_connections_wait_and_idle_keep_alive_connections_are_closed() {
         let url = server.url("/health");
         async move { request("GET", &url, &[], None).await }
     });
+    // Not served for a while: a non-event, only time can show it.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         !second.is_finished(),
@@ -485,15 +487,10 @@ async fn logs_are_json_lines_with_request_ids_and_never_tokens() {
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let mut up = false;
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(up, "server came up");
+    wait_until("server came up", Duration::from_secs(10), || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await;
     let user = unique_user("logs");
     let token = token(&user);
     let body = changeset(vec![insert(

@@ -257,6 +257,7 @@ async fn a_socket_closes_at_token_expiry_unless_it_re_authenticates() {
         next_frame(&mut socket, WAIT).await,
         Received::Json(json!({"type": "auth-ok"}))
     );
+    // Past the first token's expiry (2 s).
     tokio::time::sleep(Duration::from_secs(4)).await;
     send_json(&mut socket, &json!({"type": "ping"})).await;
     assert_eq!(
@@ -345,17 +346,12 @@ async fn a_slow_consumer_is_closed_while_other_users_keep_receiving() {
     }
     assert!(closed, "the slow consumer was closed");
     // The server dropped it: its registration is gone.
-    for _ in 0..50 {
-        if server.app.hub.counts(None) == (1, 1) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        server.app.hub.counts(None),
-        (1, 1),
-        "only the fast user's socket remains"
-    );
+    wait_until(
+        "only the fast user's socket remains",
+        Duration::from_secs(5),
+        || async { server.app.hub.counts(None) == (1, 1) },
+    )
+    .await;
 
     server
         .push(
@@ -381,8 +377,8 @@ async fn a_push_on_one_instance_reaches_a_socket_on_another() {
     assert_ne!(a.app.instance_id, b.app.instance_id);
     let user = unique_user("fanout");
     let mut on_b = b.authed_socket("/ws", &user, Some("phone")).await;
-    // Give B's listener time to be LISTENing (it starts with the server).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // B's listener starts with the server: the hint reaches B only once its LISTEN is in effect.
+    wait_for_listener(&b).await;
     a.push(
         &user,
         "todo",
@@ -529,7 +525,7 @@ async fn an_app_stream_delivers_a_backlog_of_2500_complete_and_in_order_then_liv
         &[("authorization", &auth), ("x-client-id", "phone")],
     )
     .await;
-    assert_eq!(stream.status, 200);
+    assert_eq!(stream.status, 200, "{}", stream.text());
     let mut ids = Vec::new();
     while !ids.iter().any(|id| id == "t2499") {
         let event = stream.next_change(WAIT).await.expect("backlog event");
@@ -619,7 +615,7 @@ async fn the_unified_stream_covers_many_apps_and_resumes_from_last_event_id_with
     let auth = bearer(&user);
     let url = server.url("/sync/stream?apps=todo,calendar");
     let mut stream = SseClient::open(&url, &[("authorization", &auth)]).await;
-    assert_eq!(stream.status, 200);
+    assert_eq!(stream.status, 200, "{}", stream.text());
     let mut seen = std::collections::BTreeSet::new();
     let mut last_id = None;
     while seen.len() < 50 {
@@ -699,7 +695,7 @@ async fn a_stream_ends_at_token_expiry_with_an_event_that_says_why() {
         let url = server.url(path);
         let auth = format!("Bearer {short}");
         let mut stream = SseClient::open(&url, &[("authorization", &auth)]).await;
-        assert_eq!(stream.status, 200, "{path}");
+        assert_eq!(stream.status, 200, "{path}: {}", stream.text());
         // Still delivering before the expiry.
         let pushed = server
             .push(

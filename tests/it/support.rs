@@ -357,6 +357,23 @@ pub async fn app_role() -> tokio_postgres::Client {
     connect(&cluster().conn_string).await
 }
 
+/// How many transactions wait for `user`'s advisory lock (asked for, not granted), as `observer` (a
+/// superuser) sees it: the way to know that a push is blocked, instead of sleeping and hoping it is.
+pub async fn lock_waiters(observer: &tokio_postgres::Client, user: &str) -> i64 {
+    observer
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                 AND classid::bigint = {USER_LOCK_CLASS} \
+                 AND objid::bigint = (hashtext($1)::bigint & 4294967295)"
+            ),
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// A connection (no TLS) whose connection task runs until the client is dropped.
 pub async fn connect(conn_string: &str) -> tokio_postgres::Client {
     devdb::connect(conn_string).await.expect("connect")
@@ -391,6 +408,15 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits until `server`'s notification listener is up (its `LISTEN` in effect): only then does the store's
+/// memory hand out tickets, and only then does a commit's hint reach this instance's sockets.
+pub async fn wait_for_listener(server: &TestServer) {
+    wait_until("the listener is up", Duration::from_secs(30), || async {
+        server.app.store.known().ticket("listener-probe").is_some()
+    })
+    .await;
 }
 
 /// An insert change of `table`/`id` with `data`.
@@ -597,7 +623,16 @@ impl SseClient {
                 Ok(response) => response,
                 Err(_) => return,
             };
-            let _ = status_tx.send(response.status().as_u16());
+            let status = response.status().as_u16();
+            if status != 200 {
+                // Not a stream: the (short) error body goes to `raw` before the status is handed over, so a
+                // failed assert on the status can show it.
+                let body = response.body_mut().read_to_string().unwrap_or_default();
+                raw_writer.lock().unwrap().push_str(&body);
+                let _ = status_tx.send(status);
+                return;
+            }
+            let _ = status_tx.send(status);
             let reader =
                 std::io::BufReader::new(response.body_mut().with_config().limit(u64::MAX).reader());
             let (mut event, mut id, mut data) = (String::new(), None, String::new());
@@ -631,6 +666,11 @@ impl SseClient {
             events,
             raw,
         }
+    }
+
+    /// What was received so far: for a status other than 200, the whole error body.
+    pub fn text(&self) -> String {
+        self.raw.lock().unwrap().clone()
     }
 
     /// The next event other than a heartbeat, within `wait`.

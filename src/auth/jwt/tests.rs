@@ -1,6 +1,13 @@
 use super::*;
 use crate::auth::devkeys::sign_raw;
 use ed25519_dalek::SigningKey;
+use rng::Rng;
+
+/// The test generator, included rather than named: `test_support` is a higher layer (see its `rng.rs`).
+#[path = "../../test_support/rng.rs"]
+#[allow(dead_code)] // uses only some of its methods
+#[allow(clippy::duplicate_mod)] // one source, a copy per layer that may not name test_support
+mod rng;
 
 const NOW: i64 = 1_700_000_000;
 
@@ -401,20 +408,6 @@ fn keyset_merge() {
     assert!(a.contains("k2") && !a.is_empty());
 }
 
-/// Deterministic xorshift64* so failures reproduce without a rand crate.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 #[test]
 fn property_mutations_never_panic_or_forge() {
     let original = good_token();
@@ -424,23 +417,23 @@ fn property_mutations_never_panic_or_forge() {
     let mut accepted_changed = 0;
     for _ in 0..3000 {
         let mut bytes = original.clone().into_bytes();
-        for _ in 0..=rng.below(3) {
-            match rng.below(4) {
+        for _ in 0..=rng.index(3) {
+            match rng.index(4) {
                 0 => {
-                    let i = rng.below(bytes.len());
-                    bytes[i] = alphabet[rng.below(alphabet.len())];
+                    let i = rng.index(bytes.len());
+                    bytes[i] = alphabet[rng.index(alphabet.len())];
                 }
                 1 => {
-                    let i = rng.below(bytes.len());
+                    let i = rng.index(bytes.len());
                     bytes[i] = rng.next() as u8;
                 }
                 2 if bytes.len() > 1 => {
-                    let i = rng.below(bytes.len());
+                    let i = rng.index(bytes.len());
                     bytes.remove(i);
                 }
                 _ => {
-                    let i = rng.below(bytes.len() + 1);
-                    bytes.insert(i, alphabet[rng.below(alphabet.len())]);
+                    let i = rng.index(bytes.len() + 1);
+                    bytes.insert(i, alphabet[rng.index(alphabet.len())]);
                 }
             }
         }

@@ -1,36 +1,13 @@
 //! Property tests: random changes, states and orders, from a deterministic generator.
 
 use super::*;
+use rng::Rng;
 
-/// Deterministic xorshift64 generator, so failures reproduce without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len())]
-    }
-
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-
-    fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            items.swap(i, self.below(i + 1));
-        }
-    }
-}
+/// The test generator, included rather than named: `test_support` is a higher layer (see its `rng.rs`).
+#[path = "../../test_support/rng.rs"]
+#[allow(dead_code)] // uses only some of its methods
+#[allow(clippy::duplicate_mod)] // one source, a copy per layer that may not name test_support
+mod rng;
 
 const RECORDS: usize = 3;
 const FIELDS: [&str; 4] = ["title", "done", "updatedAt", "deletedAt"];
@@ -57,7 +34,7 @@ const RECEIVED_TIMES: [&str; 4] = [
 
 fn random_value(rng: &mut Rng, field: &str) -> Value {
     if field == DELETED_AT || field == UPDATED_AT {
-        return match rng.below(3) {
+        return match rng.index(3) {
             0 => Value::Null,
             _ => json!(rng.pick(&TIMES)),
         };
@@ -79,7 +56,7 @@ fn random_value(rng: &mut Rng, field: &str) -> Value {
 }
 
 fn random_change(rng: &mut Rng) -> (usize, Change) {
-    let record = rng.below(RECORDS);
+    let record = rng.index(RECORDS);
     let kind = rng.pick(&[
         ChangeKind::Insert,
         ChangeKind::Update,
@@ -116,7 +93,7 @@ fn random_change(rng: &mut Rng) -> (usize, Change) {
 }
 
 fn random_changes(rng: &mut Rng, max: usize) -> Vec<(usize, Change)> {
-    let count = rng.below(max + 1);
+    let count = rng.index(max + 1);
     (0..count).map(|_| random_change(rng)).collect()
 }
 
@@ -130,7 +107,7 @@ fn apply_all(changes: &[(usize, Change)]) -> Vec<RecordState> {
 
 fn random_state(rng: &mut Rng) -> RecordState {
     let mut state = RecordState::default();
-    for _ in 0..rng.below(5) {
+    for _ in 0..rng.index(5) {
         state.merge(&versions_of(&random_change(rng).1.view()));
     }
     state
@@ -156,7 +133,7 @@ fn property_every_order_of_the_same_changes_converges() {
             rng.shuffle(&mut changes);
             // Replays are harmless too: repeat a random prefix at the end.
             let mut replayed = changes.clone();
-            let repeat = rng.below(changes.len() + 1);
+            let repeat = rng.index(changes.len() + 1);
             replayed.extend_from_slice(&changes[..repeat]);
             assert_eq!(apply_all(&replayed), expected, "case {case}: {changes:#?}");
         }

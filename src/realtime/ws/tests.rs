@@ -146,6 +146,7 @@ async fn the_default_auth_deadline_is_ten_seconds() {
 #[tokio::test(start_paused = true)]
 async fn shutting_down_closes_an_unauthenticated_socket_with_going_away() {
     let (mut client, shutdown) = start(Config::defaults()).await;
+    // Open for a while (paused time: no real wait) before the shutdown.
     tokio::time::sleep(Duration::from_secs(1)).await;
     shutdown.cancel();
     assert_closed(
