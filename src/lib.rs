@@ -7,7 +7,8 @@
 
 // Layers, highest first; a module names only modules below it (`.ci/layers` holds the table and checks it):
 // startup → server → http → state → realtime → {store, auth, billing, devdb} → merge → protocol, with
-// server_tls, config, metrics, log, clock and client_tls as leaves below them.
+// server_tls, config, metrics, log, clock and client_tls as leaves below them, and the tests' generator
+// (test_rng) lowest of all.
 pub mod startup;
 
 pub mod server;
@@ -32,5 +33,7 @@ pub mod devdb;
 pub mod log;
 pub(crate) mod metrics;
 
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_rng;
 #[cfg(feature = "test-support")]
 pub mod test_support;

@@ -7,8 +7,7 @@
 /// for tests and benchmarks that take or look for the lock from outside the server: the store's own.
 pub use crate::store::USER_LOCK_CLASS;
 
-mod rng;
-pub use rng::Rng;
+pub use crate::test_rng::Rng;
 
 /// Percent-encodes `text` for a query string: every byte but the unreserved characters of RFC 3986
 /// (`A-Z a-z 0-9 - . _ ~`) becomes `%XX`.

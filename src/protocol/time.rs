@@ -202,17 +202,10 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// The test generator, included rather than named: `test_support` is a higher layer (see its `rng.rs`).
-#[cfg(test)]
-#[path = "../test_support/rng.rs"]
-#[allow(dead_code)] // the tests use only some of its methods
-#[allow(clippy::duplicate_mod)] // one source, a copy per layer that may not name test_support
-mod test_rng;
-
 #[cfg(test)]
 mod tests {
-    use super::test_rng::Rng;
     use super::*;
+    use crate::test_rng::Rng;
 
     #[test]
     fn assigned_times_are_whole_seconds_in_to_iso_string_form() {

@@ -234,17 +234,10 @@ impl KnownStamps {
     }
 }
 
-/// The test generator, included rather than named: `test_support` is a higher layer (see its `rng.rs`).
-#[cfg(test)]
-#[path = "../test_support/rng.rs"]
-#[allow(dead_code)] // the tests use only some of its methods
-#[allow(clippy::duplicate_mod)] // one source, a copy per layer that may not name test_support
-mod test_rng;
-
 #[cfg(test)]
 mod tests {
-    use super::test_rng::Rng;
     use super::*;
+    use crate::test_rng::Rng;
 
     fn live(capacity: usize) -> KnownStamps {
         let known = KnownStamps::new(capacity);

@@ -1,13 +1,7 @@
 use super::*;
 use crate::auth::devkeys::sign_raw;
+use crate::test_rng::Rng;
 use ed25519_dalek::SigningKey;
-use rng::Rng;
-
-/// The test generator, included rather than named: `test_support` is a higher layer (see its `rng.rs`).
-#[path = "../../test_support/rng.rs"]
-#[allow(dead_code)] // uses only some of its methods
-#[allow(clippy::duplicate_mod)] // one source, a copy per layer that may not name test_support
-mod rng;
 
 const NOW: i64 = 1_700_000_000;
 

@@ -1,13 +1,7 @@
 //! Property tests: random changes, states and orders, from a deterministic generator.
 
 use super::*;
-use rng::Rng;
-
-/// The test generator, included rather than named: `test_support` is a higher layer (see its `rng.rs`).
-#[path = "../../test_support/rng.rs"]
-#[allow(dead_code)] // uses only some of its methods
-#[allow(clippy::duplicate_mod)] // one source, a copy per layer that may not name test_support
-mod rng;
+use crate::test_rng::Rng;
 
 const RECORDS: usize = 3;
 const FIELDS: [&str; 4] = ["title", "done", "updatedAt", "deletedAt"];

@@ -1,7 +1,6 @@
-//! The test random generator, in one place. `test_support` exports it to `tests/`, `bench/` and `fuzz/`;
-//! the unit tests of lower layers, which may not name `test_support` (a higher layer, see .ci/layers),
-//! include this file with `#[path]` instead. So it names nothing of the crate; where it is included, the
-//! include allows `dead_code` (a test uses only some methods) and `clippy::duplicate_mod` (on purpose).
+//! The test random generator, in one place: the lowest layer (it names nothing of the crate), so the unit
+//! tests of every layer may use it, and `test_support` re-exports it to `tests/`, `bench/` and `fuzz/`.
+//! Compiled only for tests and with the `test-support` feature.
 
 /// A small deterministic generator (xorshift64), so a failing run can be replayed from its seed and a
 /// benchmark makes the same picks every run, without a dependency. The state must not be 0: build it
