@@ -249,7 +249,7 @@ pub fn server_config(cluster: &Cluster, keys: &Keys) -> Config {
 
 pub struct InProcess {
     pub addr: SocketAddr,
-    pub app: Arc<Shared>,
+    pub shared: Arc<Shared>,
     handle: Option<ServerHandle>,
 }
 
@@ -266,13 +266,13 @@ impl InProcess {
     ) -> Result<InProcess> {
         let mut config = server_config(cluster, keys);
         adjust(&mut config);
-        let app = startup::build(config, cluster.app_conn.parse()?)
+        let shared = startup::build(config, cluster.app_conn.parse()?)
             .await
             .map_err(|e| err(e.0))?;
-        let handle = ServerHandle::start(app.clone(), "127.0.0.1:0".parse().unwrap()).await?;
+        let handle = ServerHandle::start(shared.clone(), "127.0.0.1:0".parse().unwrap()).await?;
         Ok(InProcess {
             addr: handle.addr,
-            app,
+            shared,
             handle: Some(handle),
         })
     }
@@ -281,7 +281,7 @@ impl InProcess {
         if let Some(h) = self.handle.take() {
             h.stop().await;
         }
-        self.app.store.close();
+        self.shared.store.close();
     }
 }
 

@@ -588,7 +588,7 @@ async fn run_inner(
         srv_runs.push(srv);
         sql_runs.push(sql);
     }
-    let groups = server.app.store.push_groups();
+    let groups = server.shared.store.push_groups();
     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
         "  push groups: {} committed, {} failed; pushes {} written in groups, {} bounced",

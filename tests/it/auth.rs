@@ -450,7 +450,7 @@ async fn server_on(endpoint: &JwksEndpoint) -> TestServer {
         "start-up refreshes finish",
         Duration::from_secs(30),
         || async {
-            let (ok, failed) = server.app.auth.refresh_stats();
+            let (ok, failed) = server.shared.auth.refresh_stats();
             ok + failed >= 2
         },
     )
@@ -523,16 +523,16 @@ async fn jwks_endpoint_down_keeps_cached_keys() {
 
     let reply = pull_bearer(&server, &token_from("k1", &k1, &user)).await;
     assert_eq!(reply.status, 200, "{}", reply.text);
-    let (ok, failed) = server.app.auth.refresh_stats();
+    let (ok, failed) = server.shared.auth.refresh_stats();
     assert_eq!((ok, failed), (1, 1), "one good fetch, then a 500");
 
     // More failing refreshes: a 500, then the endpoint gone altogether.
-    assert!(server.app.auth.refresh().await.is_err());
+    assert!(server.shared.auth.refresh().await.is_err());
     pull_bearer(&server, &token_from("k1", &k1, &user))
         .await
         .assert_status(200);
     endpoint.close();
-    assert!(server.app.auth.refresh().await.is_err());
+    assert!(server.shared.auth.refresh().await.is_err());
     let body = changeset(vec![insert("tasks", "t1", json!({"title": "still here"}))]);
     let reply = server
         .request(
@@ -556,7 +556,7 @@ async fn jwks_endpoint_down_keeps_cached_keys() {
         &pull_bearer(&server, &token_from("k9", &stranger, &user)).await,
         "unknown_key",
     );
-    assert_eq!(server.app.auth.key_count(), 1);
+    assert_eq!(server.shared.auth.key_count(), 1);
     server.stop().await;
 }
 

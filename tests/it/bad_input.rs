@@ -1478,7 +1478,7 @@ async fn a_value_the_database_refuses_is_a_client_error_and_writes_nothing() {
         ],
     );
     let error = server
-        .app
+        .shared
         .store
         .push(&user, "todo", Some("dev"), &batch, 100, None)
         .await

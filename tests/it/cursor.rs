@@ -257,7 +257,7 @@ async fn rows_sharing_a_timestamp_at_a_page_boundary_are_all_delivered() {
     // they too deliver every row exactly once.
     let only_t = ["t".to_owned()];
     for tables in [None, Some(&only_t[..])] {
-        let store = &server.app.store;
+        let store = &server.shared.store;
         let mut since = mana_sync::protocol::time::parse_rfc3339(LOG_START).unwrap();
         let mut seen = Vec::new();
         for _ in 0..10 {
@@ -551,7 +551,7 @@ async fn answers_from_memory_hide_nothing_across_instances_and_listener_restarts
         );
     }
     assert!(kills > 0, "the listeners were never restarted");
-    let (from_memory, from_database) = reader_instance.app.store.known().stats();
+    let (from_memory, from_database) = reader_instance.shared.store.known().stats();
     println!("answered from memory {from_memory}, from the database {from_database}, {kills} listener kills");
     assert!(from_memory > 0, "no read was answered from memory");
     writer_instance.stop().await;

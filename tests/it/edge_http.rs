@@ -876,7 +876,7 @@ async fn a_silent_tls_client_is_dropped_at_the_handshake_deadline_and_frees_its_
     let started = Instant::now();
     let mut silent = TcpStream::connect(server.addr).await.unwrap();
     wait_until("the silent client is accepted", WAIT, || async {
-        server.app.open_connections() == 1
+        server.shared.open_connections() == 1
     })
     .await;
     let waiting = tokio::spawn({
@@ -932,9 +932,9 @@ async fn drain_finishes_http2_streams_in_flight_and_refuses_new_ones() {
         let request = push_request(&user, "laptop", body);
         async move { read_reply(stream.send(request).await.unwrap()).await }
     });
-    let permits = server.app.config.max_concurrent_requests;
+    let permits = server.shared.config.max_concurrent_requests;
     wait_until("the push is in flight", WAIT, || async {
-        server.app.request_permits.available_permits() < permits
+        server.shared.request_permits.available_permits() < permits
     })
     .await;
     let stopping = tokio::spawn(server.stop());

@@ -59,7 +59,7 @@ async fn one_users_burst_of_pushes_leaves_the_pool_to_others() {
         wait_until(
             "the flood is at the database",
             Duration::from_secs(10),
-            || async { server.app.store.users_at_the_database() > 0 },
+            || async { server.shared.store.users_at_the_database() > 0 },
         )
         .await;
         let mut statuses = Vec::new();
@@ -89,7 +89,7 @@ async fn one_users_burst_of_pushes_leaves_the_pool_to_others() {
     );
     assert_eq!(count_rows(&attacker).await as usize, done * 2_000);
     assert_eq!(
-        server.app.store.users_at_the_database(),
+        server.shared.store.users_at_the_database(),
         0,
         "every share was given back"
     );
@@ -244,7 +244,7 @@ async fn upgraded_sockets_keep_counting_against_the_connection_cap() {
                 .await,
         );
     }
-    assert_eq!(server.app.open_connections(), 3);
+    assert_eq!(server.shared.open_connections(), 3);
     let url = server.url("/health");
     let waiting = tokio::spawn(async move { request("GET", &url, &[], None).await });
     // Not served for a while: nothing to wait for, only time that must pass without an answer.
@@ -626,10 +626,10 @@ async fn large_bodies_in_flight_are_bounded_per_user_and_in_all() {
     wait_until(
         "the first large body is counted",
         Duration::from_secs(10),
-        || async { server.app.body_budget.used() > 0 },
+        || async { server.shared.body_budget.used() > 0 },
     )
     .await;
-    let counted_a = server.app.body_budget.used();
+    let counted_a = server.shared.body_budget.used();
 
     // The attacker's second large body is over its share.
     let second = raw_request(server.addr, head(&attacker, 150_000), body(150_000)).await;
@@ -641,7 +641,7 @@ async fn large_bodies_in_flight_are_bounded_per_user_and_in_all() {
     wait_until(
         "the second user's large body is counted",
         Duration::from_secs(10),
-        || async { server.app.body_budget.used() > counted_a },
+        || async { server.shared.body_budget.used() > counted_a },
     )
     .await;
     let third_user = unique_user("big-c");

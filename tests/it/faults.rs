@@ -614,11 +614,11 @@ async fn a_jwks_endpoint_answering_garbage_or_hanging_keeps_the_cached_keys() {
     for (name, body) in garbage {
         endpoint.serve(Some(&body));
         assert!(
-            server.app.auth.refresh().await.is_err(),
+            server.shared.auth.refresh().await.is_err(),
             "{name}: the refresh must fail"
         );
         assert_eq!(
-            server.app.auth.key_count(),
+            server.shared.auth.key_count(),
             1,
             "{name}: the cached key stays"
         );
@@ -632,7 +632,7 @@ async fn a_jwks_endpoint_answering_garbage_or_hanging_keeps_the_cached_keys() {
 
     // Hanging: a refresh waits for the fetch timeout, and meanwhile known keys verify without waiting.
     endpoint.serve(None);
-    let auth = server.app.auth.clone();
+    let auth = server.shared.auth.clone();
     let refresh = tokio::spawn(async move { auth.refresh().await });
     wait_until(
         "the refresh's fetch hangs",
@@ -657,7 +657,7 @@ async fn a_jwks_endpoint_answering_garbage_or_hanging_keeps_the_cached_keys() {
     // real key, publishes an attacker's), the cache follows it — documented in SECURITY.md.
     let attacker = SigningKey::from_bytes(&[23; 32]);
     endpoint.serve(Some(&jwks_of("k-evil", &attacker)));
-    assert_eq!(server.app.auth.refresh().await, Ok(1));
+    assert_eq!(server.shared.auth.refresh().await, Ok(1));
     let (status, body) = pull_status(&server, &good).await;
     assert_eq!((status, body["error"].clone()), (401, json!("unknown_key")));
     assert_eq!(

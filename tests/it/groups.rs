@@ -135,7 +135,7 @@ async fn pushes_in_groups_answer_and_store_exactly_as_pushes_alone() {
         assert_eq!(a, b, "user {u}: grouped (left) and alone (right) differ");
     }
 
-    let stats = grouped.app.store.push_groups();
+    let stats = grouped.shared.store.push_groups();
     let (committed, written, bounced) = (
         stats.committed.load(Ordering::Relaxed),
         stats.written.load(Ordering::Relaxed),
@@ -151,7 +151,7 @@ async fn pushes_in_groups_answer_and_store_exactly_as_pushes_alone() {
         written < committed * 8 + 1,
         "a group held more than PUSH_GROUP_MAX pushes"
     );
-    let alone_stats = alone.app.store.push_groups();
+    let alone_stats = alone.shared.store.push_groups();
     assert_eq!(alone_stats.written.load(Ordering::Relaxed), 0);
     grouped.stop().await;
     alone.stop().await;
@@ -185,7 +185,7 @@ async fn a_user_whose_lock_is_busy_holds_up_no_one_else_in_the_group() {
         cursors.push(reply.body["syncedUntil"].as_str().unwrap().to_owned());
     }
 
-    let known = server.app.store.known();
+    let known = server.shared.store.known();
     for (user, cursor) in users.iter().zip(&cursors) {
         let since = mana_sync::protocol::time::parse_rfc3339(cursor).unwrap();
         assert!(
@@ -226,7 +226,7 @@ async fn a_user_whose_lock_is_busy_holds_up_no_one_else_in_the_group() {
     assert!(!busy_push.is_finished());
     // The busy push may have reached the queue after the others' group was taken; its own group then tries
     // the lock, finds it busy and hands the push back to wait alone.
-    let stats = server.app.store.push_groups();
+    let stats = server.shared.store.push_groups();
     wait_until(
         "the busy push is handed back",
         Duration::from_secs(30),

@@ -595,11 +595,11 @@ async fn take_the_only_connection(
                 !blocked.is_finished(),
                 "the push finished while the lock was held"
             );
-            support::lock_waiters(&observer, &writer).await > 0
+            support::lock_waiters(&observer, writer).await > 0
         },
     )
     .await;
-    assert_eq!(server.app.store.pool_status().in_use, 1);
+    assert_eq!(server.shared.store.pool_status().in_use, 1);
     (holder, blocked)
 }
 
@@ -610,28 +610,28 @@ async fn a_request_cancelled_while_waiting_for_a_connection_stops_counting() {
     let server = one_connection_server(Duration::from_secs(60)).await;
     let writer = unique_user("pool-cancel-w");
     let (holder, blocked) = take_the_only_connection(&server, &writer).await;
-    let store = server.app.clone();
-    let waiter = tokio::spawn(async move { store.store.ping().await });
+    let shared = server.shared.clone();
+    let waiter = tokio::spawn(async move { shared.store.ping().await });
     wait_until(
         "the ping waits for a connection",
         Duration::from_secs(30),
-        || async { server.app.store.pool_status().waiting == 1 },
+        || async { server.shared.store.pool_status().waiting == 1 },
     )
     .await;
     waiter.abort();
     assert!(waiter.await.unwrap_err().is_cancelled());
-    assert_eq!(server.app.store.pool_status().waiting, 0);
+    assert_eq!(server.shared.store.pool_status().waiting, 0);
 
     holder.batch_execute("COMMIT").await.unwrap();
     let reply = blocked.await.unwrap();
     assert_eq!(reply.status, 200, "{}", reply.text);
     server
-        .app
+        .shared
         .store
         .ping()
         .await
         .expect("the pool serves again");
-    let pool = server.app.store.pool_status();
+    let pool = server.shared.store.pool_status();
     assert_eq!((pool.in_use, pool.waiting), (0, 0), "{pool:?}");
     server.stop().await;
 }

@@ -180,7 +180,7 @@ async fn the_billing_gate_allows_active_refuses_inactive_and_fails_open() {
 async fn concurrent_misses_make_one_request_the_cache_expires_and_stays_bounded() {
     let credits = Credits::start().await;
     let server = billed_server(&credits, Duration::from_secs(1)).await;
-    let billing = server.app.billing.as_ref().expect("gate on");
+    let billing = server.shared.billing.as_ref().expect("gate on");
 
     // 1,000 concurrent checks of one cold user: one outbound request.
     let cold = unique_user("cold");
@@ -378,7 +378,7 @@ async fn the_request_concurrency_limit_answers_503_and_health_stays_up() {
     wait_until(
         "the push holds the only permit",
         Duration::from_secs(10),
-        || async { server.app.request_permits.available_permits() == 0 },
+        || async { server.shared.request_permits.available_permits() == 0 },
     )
     .await;
     let refused = server

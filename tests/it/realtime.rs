@@ -316,7 +316,7 @@ async fn a_slow_consumer_is_closed_while_other_users_keep_receiving() {
         .map(|i| insert(&format!("{:0>60}", i), "r", json!({})))
         .collect();
     let before = server
-        .app
+        .shared
         .hub
         .stats
         .slow_consumers_closed
@@ -333,7 +333,7 @@ async fn a_slow_consumer_is_closed_while_other_users_keep_receiving() {
             .await
             .assert_status(200);
         if server
-            .app
+            .shared
             .hub
             .stats
             .slow_consumers_closed
@@ -349,7 +349,7 @@ async fn a_slow_consumer_is_closed_while_other_users_keep_receiving() {
     wait_until(
         "only the fast user's socket remains",
         Duration::from_secs(5),
-        || async { server.app.hub.counts(None) == (1, 1) },
+        || async { server.shared.hub.counts(None) == (1, 1) },
     )
     .await;
 
@@ -374,7 +374,7 @@ async fn a_slow_consumer_is_closed_while_other_users_keep_receiving() {
 async fn a_push_on_one_instance_reaches_a_socket_on_another() {
     let a = TestServer::start().await;
     let b = TestServer::start().await;
-    assert_ne!(a.app.instance_id, b.app.instance_id);
+    assert_ne!(a.shared.instance_id, b.shared.instance_id);
     let user = unique_user("fanout");
     let mut on_b = b.authed_socket("/ws", &user, Some("phone")).await;
     // B's listener starts with the server: the hint reaches B only once its LISTEN is in effect.

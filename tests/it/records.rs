@@ -351,7 +351,7 @@ async fn compaction_prunes_old_rows_and_a_stale_client_still_converges() {
     let before = count_rows(&user).await;
     assert_eq!(before, 11);
     let pruned = server
-        .app
+        .shared
         .store
         .compact(4)
         .await
@@ -382,7 +382,7 @@ async fn compaction_prunes_old_rows_and_a_stale_client_still_converges() {
     );
 
     // A second pass finds nothing, and writing goes on as before.
-    assert_eq!(server.app.store.compact(4).await.unwrap(), Some(0));
+    assert_eq!(server.shared.store.compact(4).await.unwrap(), Some(0));
     server
         .push(
             &user,
@@ -535,7 +535,7 @@ async fn a_batch_larger_than_a_chunk_is_one_transaction_with_one_outcome() {
         batch,
     );
     let error = server
-        .app
+        .shared
         .store
         .push(&other, "todo", Some("dev"), &changeset, 100, None)
         .await

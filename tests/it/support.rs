@@ -95,7 +95,7 @@ pub fn test_config() -> Config {
 
 pub struct TestServer {
     pub addr: SocketAddr,
-    pub app: Arc<Shared>,
+    pub shared: Arc<Shared>,
     handle: Option<ServerHandle>,
 }
 
@@ -111,15 +111,15 @@ impl TestServer {
             .database_url
             .clone()
             .expect("tests name their database");
-        let app = startup::build(config, database.parse().expect("valid connection string"))
+        let shared = startup::build(config, database.parse().expect("valid connection string"))
             .await
             .expect("server starts");
-        let handle = ServerHandle::start(app.clone(), "127.0.0.1:0".parse().unwrap())
+        let handle = ServerHandle::start(shared.clone(), "127.0.0.1:0".parse().unwrap())
             .await
             .expect("bind");
         TestServer {
             addr: handle.addr,
-            app,
+            shared,
             handle: Some(handle),
         }
     }
@@ -414,7 +414,12 @@ where
 /// memory hand out tickets, and only then does a commit's hint reach this instance's sockets.
 pub async fn wait_for_listener(server: &TestServer) {
     wait_until("the listener is up", Duration::from_secs(30), || async {
-        server.app.store.known().ticket("listener-probe").is_some()
+        server
+            .shared
+            .store
+            .known()
+            .ticket("listener-probe")
+            .is_some()
     })
     .await;
 }

@@ -622,7 +622,7 @@ async fn a_redirect_over_https_to_another_host_is_not_followed() {
     let user = unique_user("billing-redirect");
     let pulled = server.pull(&user, "todo", None, "tasks", EPOCH, None).await;
     assert_eq!(pulled.status, 200, "fails open: {}", pulled.text);
-    let billing = server.app.billing.as_ref().unwrap();
+    let billing = server.shared.billing.as_ref().unwrap();
     assert_eq!(billing.stats.failed_open.load(Ordering::Relaxed), 1);
     server.stop().await;
     assert_eq!(redirecting.hits(), 2, "both were asked");
@@ -660,7 +660,7 @@ async fn billing_over_https_is_trusted_through_the_ca_file_and_refused_without_i
     .await;
     let pulled = server.pull(&user, "todo", None, "tasks", EPOCH, None).await;
     assert_eq!(pulled.status, 200, "fails open: {}", pulled.text);
-    let billing = server.app.billing.as_ref().unwrap();
+    let billing = server.shared.billing.as_ref().unwrap();
     assert_eq!(billing.stats.failed_open.load(Ordering::Relaxed), 1);
     assert_eq!(billing.stats.inactive.load(Ordering::Relaxed), 0);
     server.stop().await;
