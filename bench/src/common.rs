@@ -11,14 +11,14 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use mana_sync::startup;
-use mana_sync::state::Shared;
 use mana_sync::auth::devkeys;
 use mana_sync::config::Config;
-use mana_sync::devdb::{EmbeddedOptions, EmbeddedPostgres};
-use mana_sync::server::ServerHandle;
 /// The helpers tests and benchmarks share (`mana_sync::test_support`), and connecting to a cluster.
 pub use mana_sync::devdb::connect as connect_pg;
+use mana_sync::devdb::{EmbeddedOptions, EmbeddedPostgres};
+use mana_sync::server::ServerHandle;
+use mana_sync::startup;
+use mana_sync::state::Shared;
 pub use mana_sync::test_support::{percent_encode, Rng, USER_LOCK_CLASS};
 use serde_json::Value;
 

@@ -48,7 +48,10 @@ impl CpuMeter {
         let mut postgres = 0;
         if let (Some(postmaster), Ok(entries)) = (postmaster, std::fs::read_dir("/proc")) {
             for entry in entries.flatten() {
-                let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok())
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<u32>().ok())
                 else {
                     continue;
                 };

@@ -368,7 +368,10 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
             let tag = format!("otx{nonce}r{run}c{c}");
             let (v, cpu) = one_tx_cell(cluster, &tag, c, args.warm, args.dur).await?;
             let changes = v * args.dur.as_secs_f64();
-            let (own, pg) = (micros_per(cpu.own, changes), micros_per(cpu.postgres, changes));
+            let (own, pg) = (
+                micros_per(cpu.own, changes),
+                micros_per(cpu.postgres, changes),
+            );
             eprintln!("  run {run}: one-tx-per-change, {c} connections: {v:.0} changes/s; CPU per change: client {own:.0} µs, postgres {pg:.0} µs");
             results.write(
                 "push",
@@ -418,13 +421,19 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
                     .or_else(|| tx_run.values().copied().last())
                     .unwrap_or(f64::NAN);
                 let changes = v * args.dur.as_secs_f64();
-                let (own, pg) = (micros_per(out.cpu.own, changes), micros_per(out.cpu.postgres, changes));
+                let (own, pg) = (
+                    micros_per(out.cpu.own, changes),
+                    micros_per(out.cpu.postgres, changes),
+                );
                 eprintln!(
                     "  run {run}: push batch {b}, {d} devices ({}): {v:.0} changes/s, p50 {:.2} ms, p99 {:.2} ms; /raw {:.2}, /1tx {:.1}; CPU per change: server+client {own:.0} µs, postgres {pg:.0} µs",
                     if one_user { "one user" } else { "distinct users" },
                     ms(out.hist.quantile(0.5)), ms(out.hist.quantile(0.99)), v / raw_v, v / tx_base
                 );
-                push_cpu.entry((b, d, one_user)).or_default().push((own, pg));
+                push_cpu
+                    .entry((b, d, one_user))
+                    .or_default()
+                    .push((own, pg));
                 results.write("push", "run", json!({"run": run, "batch": b, "devices": d,
                     "users": if one_user { "one" } else { "distinct" }, "changes_per_s": v,
                     "latency": out.hist.summary_ms(), "raw_ingest_changes_per_s": raw_v,
@@ -498,7 +507,10 @@ async fn run_inner(args: &Args, cluster: &Cluster, results: &mut Results) -> Res
     };
     for ((b, d, one_user), values) in &push_cpu {
         let (own, pg) = medians(values);
-        let (tx_own, tx_pg) = one_tx_cpu.get(d).map(|v| medians(v)).unwrap_or((f64::NAN, f64::NAN));
+        let (tx_own, tx_pg) = one_tx_cpu
+            .get(d)
+            .map(|v| medians(v))
+            .unwrap_or((f64::NAN, f64::NAN));
         let users = if *one_user { "one" } else { "distinct" };
         println!("| {b} | {d} | {users} | {own:.0} | {pg:.0} | {tx_own:.0} | {tx_pg:.0} |");
     }
