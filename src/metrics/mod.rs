@@ -137,53 +137,44 @@ impl Metrics {
     }
 }
 
-/// The label a request is recorded under (`http`'s router gives each request one). The discriminant indexes
-/// the counters; the variants are in the order of their labels, which is the order `/metrics` lists them in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouteLabel {
-    Health,
-    Metrics,
-    /// Anything that is not one of the routes (404, 405, a bad app id).
-    Other,
-    Preflight,
-    Pull,
-    Push,
-    Stream,
-    UnifiedStream,
-    Ws,
-    WsApp,
-}
-
-impl RouteLabel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RouteLabel::Health => "health",
-            RouteLabel::Metrics => "metrics",
-            RouteLabel::Other => "other",
-            RouteLabel::Preflight => "preflight",
-            RouteLabel::Pull => "pull",
-            RouteLabel::Push => "push",
-            RouteLabel::Stream => "stream",
-            RouteLabel::UnifiedStream => "unified_stream",
-            RouteLabel::Ws => "ws",
-            RouteLabel::WsApp => "ws_app",
+/// Declares `RouteLabel`, its label text and `ROUTES` (every variant, in discriminant order) from one list.
+macro_rules! route_labels {
+    ($($(#[$doc:meta])* $variant:ident => $label:literal,)*) => {
+        /// The label a request is recorded under (`http`'s router gives each request one). The discriminant
+        /// indexes the counters; the variants are in the order of their labels, which is the order
+        /// `/metrics` lists them in.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum RouteLabel {
+            $($(#[$doc])* $variant,)*
         }
-    }
+
+        impl RouteLabel {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(RouteLabel::$variant => $label,)*
+                }
+            }
+        }
+
+        /// Every label, in discriminant order.
+        const ROUTES: &[RouteLabel] = &[$(RouteLabel::$variant,)*];
+    };
 }
 
-/// Every label, in discriminant order (a new variant goes here too; `metrics::tests` checks the order).
-const ROUTES: [RouteLabel; 10] = [
-    RouteLabel::Health,
-    RouteLabel::Metrics,
-    RouteLabel::Other,
-    RouteLabel::Preflight,
-    RouteLabel::Pull,
-    RouteLabel::Push,
-    RouteLabel::Stream,
-    RouteLabel::UnifiedStream,
-    RouteLabel::Ws,
-    RouteLabel::WsApp,
-];
+route_labels! {
+    Health => "health",
+    Metrics => "metrics",
+    /// Anything that is not one of the routes (404, 405, a bad app id).
+    Other => "other",
+    Preflight => "preflight",
+    Pull => "pull",
+    Push => "push",
+    Stream => "stream",
+    UnifiedStream => "unified_stream",
+    Ws => "ws",
+    WsApp => "ws_app",
+}
+
 const FIRST_STATUS: u16 = 100;
 const LAST_STATUS: u16 = 999;
 const STATUSES: usize = (LAST_STATUS - FIRST_STATUS + 1) as usize;
