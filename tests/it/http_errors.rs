@@ -549,13 +549,9 @@ async fn one_connection_server(acquire_timeout: Duration) -> TestServer {
     .await
 }
 
-/// Makes a push of `writer` take the pool's only connection and wait on the user's lock, which the returned
-/// client holds (until it commits); answers that client and the push's task.
-async fn take_the_only_connection(
-    server: &TestServer,
-    writer: &str,
-) -> (tokio_postgres::Client, tokio::task::JoinHandle<Reply>) {
-    // Hold the writer's advisory lock exactly as a push does, from outside the server.
+/// Holds `user`'s advisory lock exactly as a push does, from outside the server, until the returned client
+/// ends its transaction.
+async fn hold_user_lock(user: &str) -> tokio_postgres::Client {
     let holder = support::superuser().await;
     holder.batch_execute("BEGIN").await.unwrap();
     holder
@@ -564,11 +560,77 @@ async fn take_the_only_connection(
                 "SELECT set_config('app.current_user_id', $1, true), \
                  pg_advisory_xact_lock({USER_LOCK_CLASS}, hashtext($1))"
             ),
-            &[&writer],
+            &[&user],
         )
         .await
         .unwrap();
+    holder
+}
 
+/// A push cancelled inside its transaction (here while it waits for its user's lock) gives its connection
+/// back closed, not to the pool: PostgreSQL ends the session, which ends the lock wait and rolls back what
+/// the push began, and the next request gets a fresh connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_cancelled_inside_its_transaction_closes_its_connection() {
+    let server = one_connection_server(Duration::from_secs(30)).await;
+    let writer = unique_user("pool-abort-w");
+    let holder = hold_user_lock(&writer).await;
+    let push = {
+        let (shared, user) = (server.shared.clone(), writer.clone());
+        tokio::spawn(async move {
+            let body = bytes::Bytes::from(one_insert().to_string());
+            let changeset = mana_sync::protocol::parse_changeset(body).expect("a valid push");
+            let pushed = shared
+                .store
+                .push(&user, "todo", Some("dev-a"), &changeset, 100, None);
+            pushed.await.map(drop)
+        })
+    };
+    let observer = support::superuser().await;
+    wait_until(
+        "the push waits on the lock",
+        Duration::from_secs(30),
+        || async { support::lock_waiters(&observer, &writer).await > 0 },
+    )
+    .await;
+    assert_eq!(server.shared.store.pool_status().in_use, 1);
+
+    push.abort();
+    assert!(push.await.unwrap_err().is_cancelled());
+    // Closed: PostgreSQL drops the session's lock wait while the lock is still held.
+    wait_until(
+        "the cancelled push's session ended",
+        Duration::from_secs(30),
+        || async { support::lock_waiters(&observer, &writer).await == 0 },
+    )
+    .await;
+    let pool = server.shared.store.pool_status();
+    assert_eq!(
+        (pool.in_use, pool.idle),
+        (0, 0),
+        "not back in the pool: {pool:?}"
+    );
+
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    let reply = server
+        .push(&writer, "todo", Some("dev-a"), &one_insert())
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(
+        support::count_rows(&writer).await,
+        1,
+        "only the second push wrote"
+    );
+    server.stop().await;
+}
+
+/// Makes a push of `writer` take the pool's only connection and wait on the user's lock, which the returned
+/// client holds (until it commits); answers that client and the push's task.
+async fn take_the_only_connection(
+    server: &TestServer,
+    writer: &str,
+) -> (tokio_postgres::Client, tokio::task::JoinHandle<Reply>) {
+    let holder = hold_user_lock(writer).await;
     // A push of that user takes the pool's only connection and waits on the lock.
     let url = server.url("/sync/todo");
     let auth = bearer(writer);
