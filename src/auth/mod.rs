@@ -184,7 +184,6 @@ struct Inner {
     refresh_lock: tokio::sync::Mutex<()>,
     ok: AtomicU64,
     failures: AtomicU64,
-    last_error: Mutex<Option<String>>,
 }
 
 /// Verifies tokens against a cached, periodically refreshed JWKS.
@@ -217,7 +216,6 @@ impl Authenticator {
                 refresh_lock: tokio::sync::Mutex::new(()),
                 ok: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
-                last_error: Mutex::new(None),
             }),
         }
     }
@@ -247,13 +245,6 @@ impl Authenticator {
         self.inner.verified.len()
     }
 
-    /// The error of the latest refresh, cleared by the next success (only
-    /// the tests read it).
-    #[cfg(test)]
-    pub(crate) fn last_refresh_error(&self) -> Option<String> {
-        self.inner.last_error.lock().clone()
-    }
-
     /// Fetches all configured sources now.
     ///
     /// On full success the cache is replaced, so keys removed upstream stop
@@ -275,7 +266,6 @@ impl Authenticator {
                 let n = loaded.len();
                 self.update_keys(|keys| *keys = loaded);
                 inner.ok.fetch_add(1, Ordering::Relaxed);
-                *inner.last_error.lock() = None;
                 Ok(n)
             }
             (loaded, errors) => {
@@ -284,7 +274,6 @@ impl Authenticator {
                 }
                 let msg = errors.join("; ");
                 inner.failures.fetch_add(1, Ordering::Relaxed);
-                *inner.last_error.lock() = Some(msg.clone());
                 Err(msg)
             }
         };
@@ -356,7 +345,12 @@ impl Authenticator {
             while let Some(inner) = weak.upgrade() {
                 let auth = Authenticator { inner };
                 tokio::select! {
-                    _ = auth.refresh() => {}
+                    refreshed = auth.refresh() => if let Err(e) = refreshed {
+                        crate::log::warn(
+                            "signing key refresh failed; keeping the keys already loaded",
+                            &[("keys", auth.key_count().into()), ("error", e.into())],
+                        );
+                    },
                     () = shutdown.cancelled() => return,
                 }
                 drop(auth);

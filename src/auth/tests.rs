@@ -313,7 +313,6 @@ async fn cached_keys_survive_endpoint_failures() {
     let (ok, failed) = auth.refresh_stats();
     assert_eq!(ok, 1);
     assert!(failed >= 4, "{failed}");
-    assert!(auth.last_refresh_error().is_some());
 }
 
 #[tokio::test]
