@@ -2,6 +2,10 @@
 //! sockets, prints a table per scenario and appends JSON lines to a results file. Exits non-zero only on
 //! errors (failed or lost requests, a socket that missed its notification), never on timing.
 
+/// The allocator the shipped binary uses (src/bin/mana-sync.rs), for the server compiled in here.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod common;
 mod connections;
 mod cpu;

@@ -13,6 +13,10 @@ use mana_sync::auth::devkeys;
 use mana_sync::config::Config;
 use mana_sync::{log, server, startup};
 
+/// mimalloc instead of the C library's allocator (Cargo.toml says why).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "\
 mana-sync: sync server for local-first apps
 
