@@ -327,9 +327,10 @@ impl Authenticator {
         (union, errors)
     }
 
-    /// The periodic refresh (first run immediately), as a task for the server's tracker: it ends when
-    /// `shutdown` is cancelled or once every `Authenticator` clone is dropped (it holds only a weak
-    /// reference). Failures are recorded in the stats, never fatal.
+    /// The periodic refresh, as a task for the server's tracker: every `refresh_interval`, the first one
+    /// interval after start (start-up has just refreshed; a token naming an unknown kid refreshes sooner).
+    /// It ends when `shutdown` is cancelled or once every `Authenticator` clone is dropped (it holds only a
+    /// weak reference). A failure is logged and counted, never fatal: the keys already loaded stay.
     pub(crate) fn refresher(
         &self,
         shutdown: CancellationToken,
@@ -342,20 +343,20 @@ impl Authenticator {
             .refresh_interval
             .max(Duration::from_secs(1));
         async move {
-            while let Some(inner) = weak.upgrade() {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(interval) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                let Some(inner) = weak.upgrade() else { return };
                 let auth = Authenticator { inner };
                 tokio::select! {
                     refreshed = auth.refresh() => if let Err(e) = refreshed {
                         crate::log::warn(
-                            "signing key refresh failed; keeping the keys already loaded",
+                            "periodic signing key refresh failed; the keys already loaded stay in use",
                             &[("keys", auth.key_count().into()), ("error", e.into())],
                         );
                     },
-                    () = shutdown.cancelled() => return,
-                }
-                drop(auth);
-                tokio::select! {
-                    () = tokio::time::sleep(interval) => {}
                     () = shutdown.cancelled() => return,
                 }
             }
